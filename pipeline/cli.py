@@ -1,0 +1,240 @@
+"""The ``proseco`` command line (also ``python -m pipeline``).
+
+Every verb resolves one :class:`~pipeline.config.Config` the same way (preset file(s), then
+dotted overrides) and hands it to the stage that does the work; the stage modules are imported
+lazily so that ``--help``, ``--dry-run`` and ``proseco config`` stay instant and work even when a
+stage (or torch) is unavailable. User errors (:class:`~pipeline.errors.ProsecoError`) become one
+``error: ...`` line and exit code 2; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import textwrap
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import pipeline
+from pipeline.config import Config, dump_yaml, load_config
+from pipeline.errors import ProsecoError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_PRESET = PRESET_DIR / "tiny.yaml"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+OVERRIDES_HELP = """\
+configuration:
+  Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
+  <- overrides. An override is section.key=value with the value parsed as YAML:
+{examples}
+  Sections: model, diffusion, sampler, train, data, demo. Unknown keys, wrong types and
+  out-of-range values are errors. Without --config, configs/tiny.yaml is used.
+  --dry-run prints the resolved YAML and what would run, then exits.
+"""
+
+
+def _presets_help() -> str:
+    """`presets:` block listing configs/*.yaml with the description from each file's first line."""
+    lines = []
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        first = next(iter(path.read_text(encoding="utf-8").splitlines()), "")
+        desc = first.lstrip("# ").split(":", 1)[-1].strip().rstrip(".") if first.startswith("#") else ""
+        lines.append(f"  {path.stem:<12} {desc}")
+    return "presets (--config NAME or a path):\n" + ("\n".join(lines) or "  (none found)") + "\n"
+
+
+DEMO_EXAMPLES = (
+    "proseco demo train.steps=200 train.lr=1e-3 model.time_conditioning=true",
+    "proseco demo demo.steps_grid=[2,4,8] sampler.corrector_steps=2 --dry-run",
+)
+
+
+def _epilog(*examples: str) -> str:
+    listed = "\n".join(f"    {e}" for e in examples or DEMO_EXAMPLES)
+    return OVERRIDES_HELP.format(examples=listed) + "\n" + _presets_help()
+
+
+def _describe(text: str) -> str:
+    """Wrap a verb description (RawDescriptionHelpFormatter keeps the epilog's layout, so the
+    description has to be wrapped by hand)."""
+    return textwrap.fill(" ".join(text.split()), width=88)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every verb; added after the verb's own positionals."""
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. model.hidden=128 train.steps=500",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML preset: a path or a name in configs/ (e.g. owt_small); repeatable, "
+        "later files win (default: configs/tiny.yaml)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and what would run, then exit without running",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,  # keep a top-level `proseco --debug VERB` from being reset
+        help="show full tracebacks for errors",
+    )
+
+
+def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
+    return _exit_code(_import_stage("pipeline.demo").run(cfg))
+
+
+def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
+    return _exit_code(_import_stage(f"data_prep.{args.target}").main(cfg, args.out))
+
+
+def _run_config(args: argparse.Namespace, cfg: Config) -> int:
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+# verb -> (runner, description of what it runs, for --dry-run)
+VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace], str]]] = {
+    "demo": (_run_demo, lambda a: "pipeline.demo.run(cfg)"),
+    "prep": (_run_prep, lambda a: f"data_prep.{a.target}.main(cfg, out_dir={a.out!r})"),
+    "config": (_run_config, lambda a: "nothing (proseco config only prints the resolved config)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argparse tree; exposed so tests and docs can inspect it."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="proseco",
+        description="Train and sample self-correcting masked diffusion LMs (ProSeCo).",
+        epilog=_epilog(),
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"proseco {pipeline.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train MDM and ProSeCo on 4x4 Sudoku and compare them (CPU, minutes)",
+        description=_describe(
+            """Train a plain masked diffusion model (MDM) and a ProSeCo model at a matched training
+            budget (demo.proseco_steps; MDM gets demo.mdm_step_ratio times as many steps) on 4x4
+            Sudoku, then sweep sampling steps (demo.steps_grid) and corrector passes
+            (demo.corrector_grid) and report puzzle accuracy against the number of function
+            evaluations. Results go to demo.out_dir."""
+        ),
+        epilog=_epilog(*DEMO_EXAMPLES),
+        formatter_class=fmt,
+    )
+    _add_config_args(demo)
+    demo.set_defaults(verb_parser=demo)
+
+    prep = sub.add_parser(
+        "prep",
+        help="build a data set (e.g. `proseco prep sudoku --out data/sudoku4`)",
+        description=_describe(
+            """Build a data set on disk. `sudoku`: enumerate all 4x4 Sudoku grids and write the
+            train / held-out infilling splits (sized by data.holdout_fraction, data.puzzle_clues
+            and data.split_seed) to --out DIR."""
+        ),
+        epilog=_epilog("proseco prep sudoku --out data/sudoku4 data.holdout_fraction=0.1 data.split_seed=7"),
+        formatter_class=fmt,
+    )
+    prep.add_argument("target", choices=["sudoku"], help="which data set to build")
+    prep.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    _add_config_args(prep)
+    prep.set_defaults(verb_parser=prep)
+
+    config = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML (nothing runs)",
+        description=_describe(
+            """Print the fully resolved configuration (defaults <- presets <- overrides) as YAML.
+            The output is itself a valid preset: save it and pass it to --config."""
+        ),
+        epilog=_epilog("proseco config --config owt_small sampler.steps=128 > my_preset.yaml"),
+        formatter_class=fmt,
+    )
+    _add_config_args(config)
+    config.set_defaults(verb_parser=config)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_known_args, so overrides may also follow options (`demo --dry-run a.b=1`)."""
+    args, extras = parser.parse_known_args(argv)
+    unknown = [e for e in extras if e.startswith("-") or "=" not in e]
+    if unknown:
+        getattr(args, "verb_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.verb is not None:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
+def _preset_paths(names: list[str]) -> list[str]:
+    """--config values as paths; a bare name like `owt_small` means configs/owt_small.yaml."""
+    if not names:
+        return [str(DEFAULT_PRESET)] if DEFAULT_PRESET.is_file() else []
+    paths = []
+    for name in names:
+        preset = PRESET_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        paths.append(str(preset) if not Path(name).exists() and preset.is_file() else name)
+    return paths
+
+
+def _import_stage(module: str) -> ModuleType:
+    """Import a stage lazily; a missing stage module is a user-facing error, not a crash."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise  # a dependency of the stage is missing: a real bug / broken install
+        raise ProsecoError(f"{module} is not available in this installation") from exc
+
+
+def _exit_code(result: int | None) -> int:
+    """Stages return an exit code; a stage that returns nothing succeeded."""
+    return 0 if result is None else int(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `proseco` console script; returns the process exit code."""
+    parser = build_parser()
+    args = _parse(parser, argv)
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    runner, describe = VERBS[args.verb]
+    try:
+        cfg = load_config(_preset_paths(args.config), args.overrides)
+        if args.dry_run:
+            print(dump_yaml(cfg), end="")
+            print(f"# dry run: would run {describe(args)}")
+            return 0
+        return runner(args, cfg)
+    except ProsecoError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

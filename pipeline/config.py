@@ -1,0 +1,369 @@
+"""Configuration: one dataclass per component, composed into :class:`Config`.
+
+Precedence is ``defaults <- YAML preset(s) <- dotted CLI overrides`` (``model.hidden=512``).
+Every key is checked: an unknown key or a value of the wrong type/range raises
+:class:`pipeline.errors.ConfigError` with a message that names the dotted key.
+
+The field list below is the contract; loading/merging/validation helpers live at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Bidirectional transformer backbone (MDLM / DiT style)."""
+
+    vocab_size: int | None = None  # rows of the embedding incl. special ids; None = take from the data
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_seq_len: int = 16
+    time_conditioning: bool = False  # adaLN modulation from t (MDLM's OWT model runs without it)
+    cond_dim: int = 128  # width of the time embedding when time_conditioning is on
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    rope_base: float = 10000.0
+    learned_positions: bool = False  # add absolute position embeddings (grid tasks need absolute cells)
+
+
+@dataclass
+class DiffusionConfig:
+    """Training objective (paper Alg. 1; DESIGN.md "The algorithm")."""
+
+    schedule: str = "loglinear"  # the only schedule so far: mask prob = t, weight 1/t
+    t_eps: float = 0.1  # t ~ U[t_eps, 1] (antithetic); the paper's scripts use 0.1
+    antithetic: bool = True
+    mdm_weight: float = 1.0
+    corrector_weight: float = 1.0  # 0.0 = plain MDLM
+    corrector_input: str = "model_outputs"  # model_outputs | masked_only
+    errors_upweighted: bool = False
+    split_backward: bool = True  # pass 1 backward before pass 2: same gradient, ~half the activations
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling (paper Alg. 2-3)."""
+
+    name: str = "ancestral"  # ancestral | confidence | remdm
+    steps: int = 8  # T unmasking steps
+    nucleus_p: float = 1.0
+    temperature: float = 1.0  # confidence sampler only; 0 = greedy
+    block_size: int = 0  # semi-autoregressive blocks (confidence sampler); 0 = one block
+    corrector_steps: int = 0  # S, max corrector passes per loop; 0 = corrector off
+    corrector_every: int = 1  # omega: a corrector loop every omega unmasking steps
+    corrector_start: int = 0  # first unmasking step (1-based index) that may run the corrector
+    remdm_strategy: str = "cap"  # cap | rescale (remdm sampler only)
+    remdm_eta: float = 0.02
+    float64: bool = True
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+    ema: float = 0.0  # 0 = off; the paper uses 0.9999
+    seed: int = 0
+    log_every: int = 100
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass
+class DataConfig:
+    task: str = "sudoku4"  # built-in synthetic tasks; corpus shards arrive with the data issue
+    seq_len: int = 16
+    holdout_fraction: float = 0.2  # fraction of grids held out for the infilling evaluation
+    puzzle_clues: int = 6  # given cells per held-out puzzle
+    split_seed: int = 1234
+
+
+@dataclass
+class DemoConfig:
+    """`proseco demo`: MDM vs ProSeCo at a matched training budget, then an NFE sweep."""
+
+    proseco_steps: int = 1500
+    mdm_step_ratio: float = 2.0  # MDM steps = ratio x ProSeCo steps (a ProSeCo step costs ~2 MDM steps)
+    eval_samples: int = 512
+    steps_grid: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    corrector_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
+    out_dir: str = "runs/demo"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+# ---- Loading: defaults <- YAML file(s) (with `include:`) <- dotted overrides, strictly typed ----
+
+# Resolved annotations (the module uses postponed annotations, so `Field.type` is a string).
+_FIELD_TYPES: dict[str, dict[str, Any]] = {
+    name: typing.get_type_hints(cls) for name, cls in typing.get_type_hints(Config).items()
+}
+_ALL_KEYS: list[str] = [f"{s}.{k}" for s, keys in _FIELD_TYPES.items() for k in keys]
+# PyYAML (YAML 1.1) reads `2e-3` as a string; a float field accepts such numeric strings.
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _suggest(dotted: str) -> str:
+    """`; did you mean 'x.y'?` for a near miss on the full key or on its last part, else ''."""
+    guess = difflib.get_close_matches(dotted, _ALL_KEYS, n=1, cutoff=0.6)
+    if not guess:
+        leaves = [k.split(".")[1] for k in _ALL_KEYS]
+        leaf = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], leaves, n=1, cutoff=0.75)
+        guess = [k for k in _ALL_KEYS if leaf and k.endswith("." + leaf[0])]
+    return f"; did you mean '{guess[0]}'?" if guess else ""
+
+
+def _unknown_key(dotted: str, source: str) -> ConfigError:
+    section = dotted.split(".", 1)[0]
+    if "." not in dotted:
+        what = "key without a section (use section.key, e.g. model.hidden)"
+    elif section not in _FIELD_TYPES:
+        what = f"unknown section '{section}' (sections: {', '.join(_FIELD_TYPES)})"
+    else:
+        what = "unknown key"
+    return ConfigError(f"config key '{dotted}': {what}{_suggest(dotted)}{source}")
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return f"list of {_type_name(args[0])}" if typing.get_origin(tp) is list else tp.__name__
+
+
+def _try_coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, converted). Strict on purpose: a bool is not an int and 1.0 is not an int (a typo
+    like `hidden=7.5` must not become 7), but an int is a float (`lr: 1` means 1.0)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return True, None
+        tries = [_try_coerce(value, a) for a in typing.get_args(tp) if a is not type(None)]
+        return next((t for t in tries if t[0]), (False, None))
+    if origin is list:
+        if not isinstance(value, list):
+            return False, None
+        tries = [_try_coerce(v, typing.get_args(tp)[0]) for v in value]
+        return all(ok for ok, _ in tries), [out for _, out in tries]
+    if tp is bool or tp is str:
+        return isinstance(value, tp), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False, None
+        try:
+            return math.isfinite(value), float(value)
+        except OverflowError:
+            return False, None
+    raise TypeError(f"unsupported config annotation {tp!r}: teach _try_coerce about it")
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    section, _, key = dotted.partition(".")
+    if key not in _FIELD_TYPES.get(section, {}):
+        raise _unknown_key(dotted, source)
+    tp = _FIELD_TYPES[section][key]
+    ok, out = _try_coerce(value, tp)
+    if not ok:
+        raise ConfigError(f"config key '{dotted}': expected {_type_name(tp)}, got {value!r}{source}")
+    setattr(getattr(cfg, section), key, out)
+
+
+def _apply_mapping(cfg: Config, data: Any, source: str) -> None:
+    """Apply a nested `{section: {key: value}}` mapping onto `cfg` in place."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections (model:, train:, ...), got {data!r}{source}")
+    for section, values in data.items():
+        section = str(section)
+        if section not in _FIELD_TYPES:  # name the first key too, so `modle: {hidden: 8}` gets a hint
+            first = next(iter(values), None) if isinstance(values, dict) else None
+            raise _unknown_key(section if first is None else f"{section}.{first}", source)
+        if values is None:  # `demo:` with only comments below it
+            continue
+        if not isinstance(values, dict):
+            want = f"expected a mapping of {section}.* keys"
+            raise ConfigError(f"config key '{section}': {want}, got {values!r}{source}")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value, source)
+
+
+def _apply_override(cfg: Config, text: str) -> None:
+    """`section.key=value`; the value is parsed as YAML (`8`, `0.1`, `true`, `[2,4]`, `null`)."""
+    key, sep, raw = text.partition("=")
+    key, source = key.strip(), f" (from override '{text}')"
+    if not sep or not key:
+        raise ConfigError(f"malformed override '{text}': expected section.key=value, e.g. model.hidden=128")
+    section, _, name = key.partition(".")
+    value = _yaml_load(raw, source)
+    if _FIELD_TYPES.get(section, {}).get(name) is str and not isinstance(value, str):
+        value = raw  # a str field takes the text verbatim: `demo.out_dir=2024` means "2024"
+    _set(cfg, key, value, source)
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse YAML{source}: {' '.join(str(exc).split())}") from exc
+
+
+def _file_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The mappings of `path` and of its includes, in application order (includes first)."""
+    resolved, source = path.resolve(), f" (in {path})"
+    if resolved in stack:
+        raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in (*stack, resolved))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = _yaml_load(path.read_text(encoding="utf-8"), source)
+    data = {} if data is None else data  # a non-mapping is reported by _apply_mapping
+    includes = (data.pop("include", None) if isinstance(data, dict) else None) or []
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"'include' must be a file name or a list of file names{source}")
+    layers = [layer for inc in includes for layer in _file_layers(path.parent / inc, (*stack, resolved))]
+    return [*layers, (data, source)]
+
+
+def load_config(paths: list[str] | str | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults <- each YAML file in order (each after its `include:`s) <- overrides; validated."""
+    cfg = Config()
+    for p in [paths] if isinstance(paths, str | Path) else paths or []:
+        for data, source in _file_layers(Path(p)):
+            _apply_mapping(cfg, data, source)
+    for text in overrides or []:
+        _apply_override(cfg, text)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from a (possibly partial) nested dict, e.g. one stored in a checkpoint;
+    as strict as `load_config`, so a stale or hand-edited dict fails loudly."""
+    cfg = Config()
+    _apply_mapping(cfg, d, " (in config dict)")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Nested plain dict, sections and keys in dataclass order."""
+    return dataclasses.asdict(cfg)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with one-line lists (`steps_grid: [2, 4, 8, 16]`)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML; `load_config` of it gives back an equal Config."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+# ---- Validation: value ranges and cross-field constraints, each error naming its key ----
+
+# interval (as written in the message; brackets say open/closed ends) -> keys that must lie in it
+_RANGES: dict[str, str] = {
+    "(0, inf)": "model.hidden model.layers model.heads model.max_seq_len model.cond_dim model.mlp_ratio "
+    "model.rope_base train.steps train.batch_size train.lr train.adam_eps train.log_every sampler.steps "
+    "sampler.batch_size data.seq_len demo.proseco_steps demo.mdm_step_ratio demo.eval_samples",
+    "[0, inf)": "diffusion.mdm_weight diffusion.corrector_weight sampler.temperature sampler.block_size "
+    "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed train.weight_decay "
+    "train.warmup_steps train.grad_clip train.threads train.seed data.split_seed data.puzzle_clues",
+    "[1, inf)": "sampler.corrector_every",
+    "[0, 1)": "model.dropout train.beta1 train.beta2 train.ema",
+    "(0, 1)": "diffusion.t_eps data.holdout_fraction",
+    "(0, 1]": "sampler.nucleus_p",
+    "[0, 1]": "train.min_lr_ratio",
+}
+_LABELS = {  # the paper's symbols, and what the edge value means
+    "sampler.corrector_steps": ("sampler.corrector_steps (S)", " (0 turns the corrector off)"),
+    "sampler.corrector_every": ("sampler.corrector_every (omega)", " (1 = a corrector loop every step)"),
+}
+_CHOICES = {
+    "diffusion.schedule": ("loglinear",),
+    "diffusion.corrector_input": ("model_outputs", "masked_only"),
+    "sampler.name": ("ancestral", "confidence", "remdm"),
+    "sampler.remdm_strategy": ("cap", "rescale"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "data.task": ("sudoku4",),
+}
+_TASK_CELLS = {"sudoku4": 16}
+
+
+def _check_range(key: str, value: float, spec: str) -> None:
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    above = lo < value if spec[0] == "(" else lo <= value
+    if not (above and (value < hi if spec[-1] == ")" else value <= hi)):
+        label, hint = _LABELS.get(key, (key, ""))
+        lo_op = ">" if spec[0] == "(" else ">="
+        want = f"{lo_op} {lo:g}" if hi == math.inf else f"in {spec}"
+        raise ConfigError(f"{label} must be {want}{hint}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises ConfigError naming the first offending key."""
+    for spec, keys in _RANGES.items():
+        for key in keys.split():
+            section, name = key.split(".")
+            _check_range(key, getattr(getattr(cfg, section), name), spec)
+    for key, choices in _CHOICES.items():
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of: {', '.join(choices)}; got {value!r}")
+    m, d, s, data, demo = cfg.model, cfg.diffusion, cfg.sampler, cfg.data, cfg.demo
+    cells, head_dim, vocab = _TASK_CELLS[data.task], m.hidden // m.heads, m.vocab_size
+    n, n_max, eta, clues = data.seq_len, m.max_seq_len, s.remdm_eta, data.puzzle_clues
+    grids = [(f"demo.{k}", getattr(demo, k)) for k in ("steps_grid", "corrector_grid")]
+    checks = [
+        (m.hidden % m.heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})"),
+        (head_dim % 2 == 0, f"model.hidden / model.heads = {head_dim} must be even (rotary embeddings)"),
+        (vocab is None or vocab >= 2, f"model.vocab_size must be null (from the data) or >= 2, got {vocab}"),
+        (d.mdm_weight + d.corrector_weight > 0, "diffusion.mdm_weight and corrector_weight are both 0"),
+        (s.remdm_strategy != "cap" or eta <= 1, f"sampler.remdm_eta must be <= 1 with cap, got {eta}"),
+        (clues < cells, f"data.puzzle_clues must be < {cells} (cells of {data.task}), got {clues}"),
+        (n <= n_max, f"data.seq_len ({n}) exceeds model.max_seq_len ({n_max})"),
+        *((bool(g) and min(g) > 0, f"{k} must be a non-empty list of ints > 0: {g}") for k, g in grids),
+        (bool(demo.out_dir.strip()), "demo.out_dir must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

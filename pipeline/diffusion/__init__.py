@@ -1,0 +1,1 @@
+"""Masked diffusion: the ProSeCo objective and samplers."""

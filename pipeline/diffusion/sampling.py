@@ -1,0 +1,254 @@
+"""Batched samplers for masked diffusion models, with ProSeCo's corrector loop (Algorithms 2-3).
+
+One loop, three unmasking policies:
+
+* ``ancestral``  MDLM posterior sampling: a masked position unmasks with probability
+  (t - s) / t to a token drawn from x_theta (nucleus ``p``, float64 Gumbel-max); decoded tokens
+  are carried over.
+* ``confidence`` LLaDA low-confidence unmasking: per step, the k masked positions whose
+  predicted token is most probable are committed; optional semi-autoregressive blocks.
+* ``remdm``      ReMDM remasking baseline (cap / rescale): decoded tokens are re-masked with
+  probability sigma_t and re-predicted later. Training-free; the paper's main baseline.
+
+The ProSeCo corrector loop (Alg. 2, the highlighted lines) runs every ``omega`` unmasking steps
+from ``corrector_start`` on: y <- argmax at every position; then at most ``S`` times
+y <- argmax x_theta(y), stopping at the argmax fixed point; the already-decoded positions of z
+take y (masked positions stay masked; prompt/clue positions never change); the corrector's
+logits drive the next unmasking step.
+
+NFE accounting is exact and per sample: every row passed through the network counts one NFE
+for that row, as ``predictor`` or ``corrector``. A row whose input has not changed since its
+logits were computed is not recomputed and costs nothing (MDLM's cached sampler; the fixed-point
+exit of the corrector). Randomness is drawn per sample from its own seed, so a sample does not
+depend on which other samples share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import SamplerConfig
+from pipeline.diffusion.objective import denoiser_logits
+from pipeline.errors import ProsecoError
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+POLICIES = ("ancestral", "confidence", "remdm")
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # [B, L] long, no mask id left
+    nfe_predictor: torch.Tensor  # [B] network evaluations spent unmasking
+    nfe_corrector: torch.Tensor  # [B] network evaluations spent in corrector loops
+    calls: int  # batched network calls actually made
+
+    @property
+    def nfe(self) -> torch.Tensor:
+        return self.nfe_predictor + self.nfe_corrector
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "nfe": float(self.nfe.float().mean()),
+            "nfe_predictor": float(self.nfe_predictor.float().mean()),
+            "nfe_corrector": float(self.nfe_corrector.float().mean()),
+            "calls": self.calls,
+        }
+
+
+class Denoiser:
+    """Runs the network on the rows that need it and counts NFE per row."""
+
+    def __init__(self, model_fn: ModelFn, mask_id: int, batch: int, device):
+        self.model_fn, self.mask_id = model_fn, mask_id
+        self.nfe = {k: torch.zeros(batch, dtype=torch.long, device=device) for k in ("predictor", "corrector")}
+        self.calls = 0
+
+    def __call__(self, tokens: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, kind: str,
+                 previous: torch.Tensor | None) -> torch.Tensor:
+        """Logits (mask logit -inf) for ``rows``; other rows keep ``previous``."""
+        if previous is None or bool(rows.all()):
+            self.calls += 1
+            self.nfe[kind] += 1
+            return denoiser_logits(self.model_fn(tokens, t, None), self.mask_id)
+        if not bool(rows.any()):
+            return previous
+        idx = rows.nonzero().squeeze(1)
+        fresh = denoiser_logits(self.model_fn(tokens[idx], t[idx], None), self.mask_id)
+        self.calls += 1
+        self.nfe[kind][idx] += 1
+        return previous.index_put((idx,), fresh)
+
+
+class Noise:
+    """Per-sample random streams: row b draws from its own generator seeded with seeds[b]."""
+
+    def __init__(self, seeds: list[int], device):
+        self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def uniform(self, *shape: int, dtype=torch.float64) -> torch.Tensor:
+        return torch.stack([torch.rand(shape, generator=g, dtype=dtype, device=self.device) for g in self.gens])
+
+    def gumbel(self, *shape: int) -> torch.Tensor:
+        u = self.uniform(*shape).clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
+        return -torch.log(-torch.log(u))
+
+
+def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool) -> torch.Tensor:
+    """Log-probabilities restricted to the smallest set of tokens with mass >= p, renormalised."""
+    logp = torch.log_softmax(logits.double() if float64 else logits.float(), dim=-1)
+    if p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    mass_before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+    sorted_logp = sorted_logp.masked_fill(mass_before >= p, float("-inf"))
+    return torch.log_softmax(torch.empty_like(logp).scatter_(-1, order, sorted_logp), dim=-1)
+
+
+# ----------------------------------------------------------------------------- unmasking policies
+def ancestral_step(logp, z, t, s, mask_id, noise: Noise):
+    """MDLM posterior q(z_s | z_t, x_theta): token v w.p. p(v)(t-s)/t, stay masked w.p. s/t."""
+    b, seq, vocab = logp.shape
+    log_q = torch.cat([logp + math.log((t - s) / t), torch.full_like(logp[..., :1], s / t).log()], dim=-1)
+    draw = (log_q + noise.gumbel(seq, vocab + 1)).argmax(-1)
+    draw = torch.where(draw == vocab, torch.full_like(draw, mask_id), draw)
+    return torch.where(z == mask_id, draw, z)
+
+
+def remdm_step(logp, z, t, s, mask_id, noise: Noise, fixed, strategy: str, eta: float):
+    """ReMDM posterior (Wang et al. 2025) with alpha = 1 - t: decoded tokens re-mask w.p. sigma_t,
+    masked ones unmask w.p. (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t)."""
+    b, seq, vocab = logp.shape
+    alpha_t, alpha_s = 1.0 - t, 1.0 - s
+    sigma_max = min(1.0, (1.0 - alpha_s) / alpha_t) if alpha_t > 0 else 1.0
+    sigma = min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
+    p_unmask = (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)
+    token = (logp + noise.gumbel(seq, vocab)).argmax(-1)
+    u = noise.uniform(seq)
+    masked = z == mask_id
+    unmask = masked & (u < p_unmask)
+    remask = ~masked & ~fixed & (u < sigma)
+    z = torch.where(unmask, token, z)
+    return torch.where(remask, torch.full_like(z, mask_id), z)
+
+
+def confidence_step(logp, z, mask_id, noise: Noise, temperature: float, candidates, k):
+    """LLaDA low-confidence unmasking: commit the k[b] most confident masked ``candidates``."""
+    b, seq, vocab = logp.shape
+    scores = logp if temperature == 0 else logp + temperature * noise.gumbel(seq, vocab)
+    token = scores.argmax(-1)
+    confidence = logp.gather(-1, token[..., None]).squeeze(-1)
+    confidence = confidence.masked_fill(~(candidates & (z == mask_id)), float("-inf"))
+    rank = confidence.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+    commit = (rank < k[:, None]) & torch.isfinite(confidence)
+    return torch.where(commit, token, z)
+
+
+# ----------------------------------------------------------------------------- the loop
+def corrector_loop(denoise: Denoiser, logits, z, t, fixed, mask_id, max_passes: int):
+    """Alg. 2, highlighted lines: y <- argmax; repeat y <- argmax f(y) until fixed point or S passes."""
+    y = torch.where(z == mask_id, logits.argmax(-1), z)  # decoded positions start as themselves
+    active = torch.ones(len(z), dtype=torch.bool, device=z.device)
+    for _ in range(max_passes):
+        logits = denoise(y, t, active, "corrector", logits)
+        y_new = torch.where(fixed, z, logits.argmax(-1))
+        active = active & (y_new != y).any(-1)  # a row at its fixed point stops (its check pass counted)
+        y = y_new
+        if not bool(active.any()):
+            break
+    z = torch.where((z != mask_id) & ~fixed, y, z)  # overwrite already-decoded positions only
+    return z, logits
+
+
+@torch.no_grad()
+def sample(model_fn: ModelFn, cfg: SamplerConfig, *, seq_len: int, mask_id: int, batch: int | None = None,
+           prompt: torch.Tensor | None = None, fixed: torch.Tensor | None = None,
+           seeds: list[int] | None = None, time_conditioned: bool = False, max_seq_len: int | None = None,
+           device=None) -> SampleOutput:
+    """Generate ``batch`` sequences (or infill ``prompt`` where ``fixed`` is False).
+
+    ``seeds``: one seed per sample (default ``cfg.seed * 1_000_003 + i``); a sample depends only on
+    its seed, the model and ``cfg``. ``time_conditioned``: the model reads t, so logits are never
+    reused across steps.
+    """
+    check_sampler(cfg, seq_len, max_seq_len)
+    if prompt is None:
+        if batch is None:
+            raise ProsecoError("sample(): give batch or prompt")
+        prompt = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
+        fixed = torch.zeros_like(prompt, dtype=torch.bool)
+    if fixed is None:
+        fixed = prompt != mask_id
+    batch, device = prompt.shape[0], prompt.device
+    seeds = seeds if seeds is not None else [cfg.seed * 1_000_003 + i for i in range(batch)]
+    noise, denoise = Noise(seeds, device), Denoiser(model_fn, mask_id, batch, device)
+
+    z = torch.where(fixed, prompt, torch.full_like(prompt, mask_id))
+    steps = cfg.steps
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    blocks = _blocks(cfg, seq_len, steps, device)
+    logits, z_ref = None, None
+    for i in range(steps):
+        t, s = ts[i], ts[i + 1]
+        t_vec = torch.full((batch,), t, device=device)
+        stale = torch.ones(batch, dtype=torch.bool, device=device) if (logits is None or time_conditioned) \
+            else (z != z_ref).any(-1)
+        logits = denoise(z, t_vec, stale, "predictor", logits)
+        k = i + 1
+        if cfg.corrector_steps > 0 and k % cfg.corrector_every == 0 and k >= cfg.corrector_start:
+            z, logits = corrector_loop(denoise, logits, z, t_vec, fixed, mask_id, cfg.corrector_steps)
+        z_ref = z
+        logp = nucleus_log_probs(logits, cfg.nucleus_p, cfg.float64)
+        if cfg.name == "ancestral":
+            z = ancestral_step(logp, z, t, s, mask_id, noise)
+        elif cfg.name == "remdm":
+            z = remdm_step(logp, z, t, s, mask_id, noise, fixed, cfg.remdm_strategy, cfg.remdm_eta)
+        else:
+            z = confidence_step(logp, z, mask_id, noise, cfg.temperature, *blocks.step(i, z, mask_id))
+    assert not bool((z == mask_id).any()), "sampler left masked positions"  # guaranteed by s = 0 at the end
+    return SampleOutput(z, denoise.nfe["predictor"], denoise.nfe["corrector"], denoise.calls)
+
+
+class _blocks:
+    """Semi-autoregressive schedule for the confidence sampler (LLaDA ``get_num_transfer_tokens``)."""
+
+    def __init__(self, cfg: SamplerConfig, seq_len: int, steps: int, device):
+        size = cfg.block_size if cfg.name == "confidence" and cfg.block_size > 0 else seq_len
+        self.n_blocks = -(-seq_len // size)
+        self.size, self.per_block, self.device = size, max(steps // self.n_blocks, 1), device
+        self.seq_len = seq_len
+
+    def step(self, i: int, z: torch.Tensor, mask_id: int):
+        block, j = divmod(i, self.per_block)
+        pos = torch.arange(self.seq_len, device=self.device)
+        candidates = ((pos >= block * self.size) & (pos < (block + 1) * self.size))[None].expand_as(z)
+        if j == 0:
+            self.start_masked = ((z == mask_id) & candidates).sum(-1)
+        base, rest = self.start_masked // self.per_block, self.start_masked % self.per_block
+        k = base + (j < rest).long()
+        if j == self.per_block - 1:  # the block's last step commits whatever is still masked in it
+            k = torch.full_like(k, self.seq_len)
+        return candidates, k
+
+
+def check_sampler(cfg: SamplerConfig, seq_len: int, max_seq_len: int | None) -> None:
+    """User errors a model cannot run, raised before any work."""
+    if cfg.name not in POLICIES:
+        raise ProsecoError(f"unknown sampler {cfg.name!r}; choose one of {', '.join(POLICIES)}")
+    if cfg.steps < 1:
+        raise ProsecoError(f"sampler.steps must be >= 1, got {cfg.steps}")
+    if cfg.corrector_steps < 0:
+        raise ProsecoError(f"sampler.corrector_steps (S) must be >= 0, got {cfg.corrector_steps}")
+    if cfg.corrector_every < 1:
+        raise ProsecoError(f"sampler.corrector_every (omega) must be >= 1, got {cfg.corrector_every}")
+    if max_seq_len is not None and seq_len > max_seq_len:
+        raise ProsecoError(f"sequence length {seq_len} is longer than the model's max_seq_len {max_seq_len}")
+    if cfg.name == "confidence" and cfg.block_size > 0:
+        n_blocks = -(-seq_len // cfg.block_size)
+        if cfg.steps % n_blocks:
+            raise ProsecoError(f"sampler.steps ({cfg.steps}) must be a multiple of the number of blocks "
+                               f"({n_blocks} = ceil({seq_len} / sampler.block_size {cfg.block_size}))")

@@ -1,0 +1,211 @@
+"""The `proseco` CLI: dry runs, dispatch, error handling and help. Nothing here trains a model:
+stages are either dry-run or replaced through `sys.modules`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pipeline
+from pipeline.cli import main
+from pipeline.config import Config, dump_yaml, load_config
+from pipeline.errors import ProsecoError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_stage(monkeypatch, name: str, attr: str, fn) -> list:
+    """Install a stand-in module `name` whose `attr` records its arguments and calls `fn`."""
+    calls: list = []
+
+    def stage(*args):
+        calls.append(args)
+        return fn(*args)
+
+    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**{attr: stage}))
+    return calls
+
+
+# --- dry runs and `proseco config` ---------------------------------------------------------
+
+
+def test_dry_run_prints_parseable_yaml_with_override(capsys):
+    assert main(["demo", "--dry-run", "model.hidden=128", "train.steps=5"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)  # the "would run" line is a YAML comment
+    assert resolved["model"]["hidden"] == 128 and resolved["train"]["steps"] == 5
+    assert "would run pipeline.demo.run" in out
+
+
+def test_overrides_may_come_before_and_after_options(capsys):
+    assert main(["demo", "model.hidden=128", "--dry-run", "train.steps=5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["model"]["hidden"], resolved["train"]["steps"]) == (128, 5)
+
+
+def test_dry_run_does_not_import_the_stage(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pipeline.demo", None)  # importing it would fail
+    assert main(["demo", "--dry-run"]) == 0
+
+
+def test_default_preset_is_tiny(capsys):
+    assert main(["config"]) == 0
+    assert capsys.readouterr().out == dump_yaml(load_config(str(ROOT / "configs" / "tiny.yaml")))
+
+
+def test_config_by_preset_name_and_path(tmp_path, capsys):
+    assert main(["config", "--config", "owt_small", "sampler.steps=128"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["model"]["hidden"], resolved["sampler"]["steps"]) == (768, 128)
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model: {hidden: 32}\n")
+    assert main(["config", "-c", str(ROOT / "configs" / "tiny.yaml"), "-c", str(mine)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["hidden"] == 32
+
+
+def test_config_output_round_trips(tmp_path, capsys):
+    assert main(["config", "demo.steps_grid=[2,4]", "train.lr=1e-3"]) == 0
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(capsys.readouterr().out)
+    assert load_config(str(saved)) == load_config(overrides=["demo.steps_grid=[2,4]", "train.lr=1e-3"])
+
+
+def test_prep_dry_run_names_the_output_dir(capsys):
+    assert main(["prep", "sudoku", "--out", "data/s4", "--dry-run", "data.split_seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["data"]["split_seed"] == 3
+    assert "data_prep.sudoku.main(cfg, out_dir='data/s4')" in out
+
+
+# --- dispatch ------------------------------------------------------------------------------
+
+
+def test_demo_dispatches_resolved_config_and_returns_its_code(monkeypatch):
+    calls = fake_stage(monkeypatch, "pipeline.demo", "run", lambda cfg: 3)
+    assert main(["demo", "train.steps=7"]) == 3
+    (cfg,) = calls[0]
+    assert isinstance(cfg, Config) and cfg.train.steps == 7
+
+
+def test_stage_returning_none_means_success(monkeypatch):
+    fake_stage(monkeypatch, "pipeline.demo", "run", lambda cfg: None)
+    assert main(["demo"]) == 0
+
+
+def test_prep_dispatches(monkeypatch, tmp_path):
+    calls = fake_stage(monkeypatch, "data_prep.sudoku", "main", lambda cfg, out: 0)
+    assert main(["prep", "sudoku", "--out", str(tmp_path), "data.puzzle_clues=5"]) == 0
+    cfg, out = calls[0]
+    assert out == str(tmp_path) and cfg.data.puzzle_clues == 5
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_unknown_key_exits_2_with_one_error_line_in_a_real_process():
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "demo", "model.hiden=3"],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "model.hiden" in lines[0] and "did you mean 'model.hidden'" in lines[0]
+    assert proc.stdout == ""
+
+
+def test_debug_shows_the_traceback(capsys):
+    assert main(["demo", "model.hiden=3", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert main(["--debug", "config", "model.hidden=abc"]) == 2  # top-level flag works too
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "model.hidden=abc"],
+        ["demo", "sampler.corrector_every=0"],
+        ["demo", "notanoverride"],
+        ["config", "--config", "no_such_preset"],
+    ],
+)
+def test_config_errors_exit_2_without_traceback(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_stage_errors_are_reported_like_config_errors(monkeypatch, capsys):
+    def fail(cfg):
+        raise ProsecoError("checkpoint runs/x is from another model")
+
+    fake_stage(monkeypatch, "pipeline.demo", "run", fail)
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == "error: checkpoint runs/x is from another model\n"
+
+
+def test_missing_stage_module_is_a_user_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pipeline.demo", None)
+    assert main(["demo"]) == 2
+    assert "pipeline.demo is not available" in capsys.readouterr().err
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+
+    fake_stage(monkeypatch, "pipeline.demo", "run", interrupt)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--bogus"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["prep", "sudoku"])  # --out is required
+    assert main([]) == 2  # no verb: help on stderr
+    assert "usage" in capsys.readouterr().err
+
+
+# --- help and version ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], ["demo", "prep", "config", "section.key=value", "tiny", "owt_small"]),
+        (["demo"], ["MDM", "ProSeCo", "--dry-run", "section.key=value", "proseco demo", "tiny"]),
+        (["prep"], ["sudoku", "--out", "section.key=value", "data.holdout_fraction"]),
+        (["config"], ["YAML", "--config", "section.key=value", "owt_small"]),
+    ],
+)
+def test_help_for_each_verb(argv, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for word in expected:
+        assert word in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert pipeline.__version__ == "0.1.0"
+    assert capsys.readouterr().out.strip() == "proseco 0.1.0"
