@@ -110,7 +110,7 @@ class DemoConfig:
     proseco_steps: int = 1500
     mdm_step_ratio: float = 2.0  # MDM steps = ratio x ProSeCo steps (a ProSeCo step costs ~2 MDM steps)
     eval_samples: int = 512
-    steps_grid: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    steps_grid: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     corrector_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
     out_dir: str = "runs/demo"
 

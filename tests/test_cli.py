@@ -73,7 +73,8 @@ def test_config_output_round_trips(tmp_path, capsys):
     assert main(["config", "demo.steps_grid=[2,4]", "train.lr=1e-3"]) == 0
     saved = tmp_path / "resolved.yaml"
     saved.write_text(capsys.readouterr().out)
-    assert load_config(str(saved)) == load_config(overrides=["demo.steps_grid=[2,4]", "train.lr=1e-3"])
+    tiny = str(ROOT / "configs" / "tiny.yaml")  # the CLI's default preset
+    assert load_config(str(saved)) == load_config(tiny, overrides=["demo.steps_grid=[2,4]", "train.lr=1e-3"])
 
 
 def test_prep_dry_run_names_the_output_dir(capsys):

@@ -189,7 +189,7 @@ def test_accepted_conversions():
 
 def test_overrides_do_not_mutate_shared_defaults():
     load_config(overrides=["demo.steps_grid=[1]"])
-    assert Config().demo.steps_grid == DemoConfig().steps_grid == [2, 4, 8, 16]
+    assert Config().demo.steps_grid == DemoConfig().steps_grid == [2, 4, 8, 16, 32]
 
 
 # --- values --------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def denoiser_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     No carry-over: visible tokens are not copied, so pass 1's argmax may change them and the
     corrector pass may rewrite any position (paper.md 1.3, ``parameterization=d3pm`` +
     ``subs_masking``)."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
     return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
 

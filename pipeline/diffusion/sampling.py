@@ -25,7 +25,6 @@ depend on which other samples share its batch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,21 +83,22 @@ class Denoiser:
 
 
 class Noise:
-    """Per-sample random streams: row b draws from its own generator seeded with seeds[b]."""
+    """Per-sample random streams: row b draws from its own generator seeded with seeds[b].
+
+    Every row draws the same amount at every step whatever its state, so a sample's stream,
+    and hence the sample, does not depend on the rest of the batch."""
 
     def __init__(self, seeds: list[int], device):
         self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         self.device = device
 
-    def uniform(self, *shape: int, dtype=torch.float64) -> torch.Tensor:
-        return torch.stack([torch.rand(shape, generator=g, dtype=dtype, device=self.device) for g in self.gens])
-
-    def gumbel(self, *shape: int) -> torch.Tensor:
-        u = self.uniform(*shape).clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
-        return -torch.log(-torch.log(u))
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """float64 U[0, 1) of shape [B, *shape]."""
+        return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64, device=self.device)
+                            for g in self.gens])
 
 
-def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool) -> torch.Tensor:
+def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool = True) -> torch.Tensor:
     """Log-probabilities restricted to the smallest set of tokens with mass >= p, renormalised."""
     logp = torch.log_softmax(logits.double() if float64 else logits.float(), dim=-1)
     if p >= 1.0:
@@ -109,42 +109,68 @@ def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool) -> torch.Te
     return torch.log_softmax(torch.empty_like(logp).scatter_(-1, order, sorted_logp), dim=-1)
 
 
+def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: bool = True) -> torch.Tensor:
+    """One draw per row of ``logits`` [N, V] (nucleus ``p``) by inverting the CDF at ``u`` [N].
+
+    Exact categorical sampling; computed in float64 by default, since lower precision lowers
+    the effective temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler)."""
+    probs = nucleus_log_probs(logits, p, float64).exp()
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1:]).contiguous())
+    return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def _draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
+                p: float, float64: bool) -> torch.Tensor:
+    """z with a token drawn from ``logits`` at the positions ``where`` (only those are computed)."""
+    if not bool(where.any()):
+        return z
+    drawn = categorical(logits[where], u[where][:, None], p, float64)
+    return z.masked_scatter(where, drawn)
+
+
 # ----------------------------------------------------------------------------- unmasking policies
-def ancestral_step(logp, z, t, s, mask_id, noise: Noise):
-    """MDLM posterior q(z_s | z_t, x_theta): token v w.p. p(v)(t-s)/t, stay masked w.p. s/t."""
-    b, seq, vocab = logp.shape
-    log_q = torch.cat([logp + math.log((t - s) / t), torch.full_like(logp[..., :1], s / t).log()], dim=-1)
-    draw = (log_q + noise.gumbel(seq, vocab + 1)).argmax(-1)
-    draw = torch.where(draw == vocab, torch.full_like(draw, mask_id), draw)
-    return torch.where(z == mask_id, draw, z)
+def ancestral_step(logits, z, t: float, s: float, mask_id: int, noise: Noise, p: float = 1.0,
+                   float64: bool = True):
+    """MDLM posterior q(z_s | z_t, x_theta): a masked position unmasks w.p. (t - s) / t to a
+    token v ~ x_theta (so token v w.p. x_theta(v)(t - s)/t, stay masked w.p. s/t); decoded
+    tokens are carried over. Tokens are drawn only where a position unmasks."""
+    u = noise.uniform(2, z.shape[1])
+    unmask = (z == mask_id) & (u[:, 0] < (t - s) / t)
+    return _draw_where(unmask, logits, u[:, 1], z, p, float64)
 
 
-def remdm_step(logp, z, t, s, mask_id, noise: Noise, fixed, strategy: str, eta: float):
+def remdm_step(logits, z, t: float, s: float, mask_id: int, noise: Noise, fixed, strategy: str, eta: float,
+               p: float = 1.0, float64: bool = True):
     """ReMDM posterior (Wang et al. 2025) with alpha = 1 - t: decoded tokens re-mask w.p. sigma_t,
     masked ones unmask w.p. (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t)."""
-    b, seq, vocab = logp.shape
     alpha_t, alpha_s = 1.0 - t, 1.0 - s
     sigma_max = min(1.0, (1.0 - alpha_s) / alpha_t) if alpha_t > 0 else 1.0
     sigma = min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
     p_unmask = (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)
-    token = (logp + noise.gumbel(seq, vocab)).argmax(-1)
-    u = noise.uniform(seq)
+    u = noise.uniform(2, z.shape[1])
     masked = z == mask_id
-    unmask = masked & (u < p_unmask)
-    remask = ~masked & ~fixed & (u < sigma)
-    z = torch.where(unmask, token, z)
-    return torch.where(remask, torch.full_like(z, mask_id), z)
+    remask = ~masked & ~fixed & (u[:, 0] < sigma)
+    z = _draw_where(masked & (u[:, 0] < p_unmask), logits, u[:, 1], z, p, float64)
+    return z.masked_fill(remask, mask_id)
 
 
-def confidence_step(logp, z, mask_id, noise: Noise, temperature: float, candidates, k):
-    """LLaDA low-confidence unmasking: commit the k[b] most confident masked ``candidates``."""
-    b, seq, vocab = logp.shape
-    scores = logp if temperature == 0 else logp + temperature * noise.gumbel(seq, vocab)
-    token = scores.argmax(-1)
-    confidence = logp.gather(-1, token[..., None]).squeeze(-1)
-    confidence = confidence.masked_fill(~(candidates & (z == mask_id)), float("-inf"))
+def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, candidates, k,
+                    p: float = 1.0, float64: bool = True):
+    """LLaDA low-confidence unmasking: commit the k[b] most confident masked ``candidates``.
+
+    The token is the argmax (temperature 0) or a draw from softmax(logits / temperature); its
+    confidence is its probability under softmax(logits), as in LLaDA's ``low_confidence``."""
+    u = noise.uniform(z.shape[1])
+    open_ = candidates & (z == mask_id)
+    if temperature == 0:
+        token = logits.argmax(-1)
+    else:
+        token = _draw_where(open_, logits / temperature, u, logits.argmax(-1), p, float64)
+    logp = torch.log_softmax(logits.double() if float64 else logits.float(), dim=-1)
+    confidence = logp.gather(-1, token[..., None]).squeeze(-1).masked_fill(~open_, float("-inf"))
     rank = confidence.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-    commit = (rank < k[:, None]) & torch.isfinite(confidence)
+    commit = (rank < k[:, None]) & open_
     return torch.where(commit, token, z)
 
 
@@ -191,24 +217,23 @@ def sample(model_fn: ModelFn, cfg: SamplerConfig, *, seq_len: int, mask_id: int,
     steps = cfg.steps
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     blocks = _blocks(cfg, seq_len, steps, device)
-    logits, z_ref = None, None
+    pred, pred_input = None, None  # the predictor's logits and the z they were computed on
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
         t_vec = torch.full((batch,), t, device=device)
-        stale = torch.ones(batch, dtype=torch.bool, device=device) if (logits is None or time_conditioned) \
-            else (z != z_ref).any(-1)
-        logits = denoise(z, t_vec, stale, "predictor", logits)
-        k = i + 1
+        stale = torch.ones(batch, dtype=torch.bool, device=device) if (pred is None or time_conditioned) \
+            else (z != pred_input).any(-1)
+        pred, pred_input = denoise(z, t_vec, stale, "predictor", pred), z
+        logits, k = pred, i + 1
         if cfg.corrector_steps > 0 and k % cfg.corrector_every == 0 and k >= cfg.corrector_start:
             z, logits = corrector_loop(denoise, logits, z, t_vec, fixed, mask_id, cfg.corrector_steps)
-        z_ref = z
-        logp = nucleus_log_probs(logits, cfg.nucleus_p, cfg.float64)
+        p, f64 = cfg.nucleus_p, cfg.float64
         if cfg.name == "ancestral":
-            z = ancestral_step(logp, z, t, s, mask_id, noise)
+            z = ancestral_step(logits, z, t, s, mask_id, noise, p, f64)
         elif cfg.name == "remdm":
-            z = remdm_step(logp, z, t, s, mask_id, noise, fixed, cfg.remdm_strategy, cfg.remdm_eta)
+            z = remdm_step(logits, z, t, s, mask_id, noise, fixed, cfg.remdm_strategy, cfg.remdm_eta, p, f64)
         else:
-            z = confidence_step(logp, z, mask_id, noise, cfg.temperature, *blocks.step(i, z, mask_id))
+            z = confidence_step(logits, z, mask_id, noise, cfg.temperature, *blocks.step(i, z, mask_id), p, f64)
     assert not bool((z == mask_id).any()), "sampler left masked positions"  # guaranteed by s = 0 at the end
     return SampleOutput(z, denoise.nfe["predictor"], denoise.nfe["corrector"], denoise.calls)
 

@@ -133,7 +133,7 @@ class Backbone(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, valid: torch.Tensor | None = None):
-        b, seq = tokens.shape
+        seq = tokens.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(tokens)

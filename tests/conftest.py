@@ -1,0 +1,32 @@
+"""Shared test set-up: one CPU thread (other jobs may share the machine) and a tiny backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.model import Backbone
+
+torch.set_num_threads(1)
+
+# The tiny model used across the model / objective / sampling tests: tokens 0..4 are "real",
+# 5 is the mask id (the last row of the embedding).
+TINY = {"vocab_size": 6, "hidden": 32, "layers": 2, "heads": 2, "max_seq_len": 12, "learned_positions": True}
+
+
+def build_tiny(seed: int = 0, **overrides) -> Backbone:
+    """A freshly initialised float64 tiny Backbone in eval mode (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    return Backbone(ModelConfig(**{**TINY, **overrides})).double().eval()
+
+
+@pytest.fixture
+def tiny_model() -> Backbone:
+    return build_tiny()
+
+
+@pytest.fixture
+def tiny_factory():
+    """``tiny_factory(seed=0, **ModelConfig overrides)`` -> float64 Backbone in eval mode."""
+    return build_tiny
