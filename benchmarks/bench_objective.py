@@ -8,8 +8,8 @@ Reports, on the same batch and model:
 * peak memory during the step, ProSeCo / MDM, with the memory-saving order (pass 1's backward
   before pass 2; target <= 1.15x) and without it (both graphs alive at one backward).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocator's own alloc/free
-events from ``torch.profiler`` (``profile_memory=True``) replayed in time order. Both count
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the allocations and frees that
+``torch.profiler`` (``profile_memory=True``) attributes to each op, replayed in time order. Both count
 tensor memory only (activations, gradients, optimizer state), not the Python process.
 """
 
@@ -66,10 +66,12 @@ def peak_bytes(run, device) -> int:
         return torch.cuda.max_memory_allocated() - base
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # Each allocation/free is attributed to the innermost op that made it (its "self" memory);
+    # orphan frees appear as "[memory]" events. Replayed in time order they give the curve.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     level = peak = 0
     for e in events:
-        level += e.cpu_memory_usage
+        level += e.self_cpu_memory_usage
         peak = max(peak, level)
     return peak
 

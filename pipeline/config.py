@@ -9,6 +9,7 @@ The field list below is the contract; loading/merging/validation helpers live at
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -260,9 +261,11 @@ def _file_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict, s
     return [*layers, (data, source)]
 
 
-def load_config(paths: list[str] | str | None = None, overrides: list[str] | None = None) -> Config:
-    """defaults <- each YAML file in order (each after its `include:`s) <- overrides; validated."""
-    cfg = Config()
+def load_config(paths: list[str] | str | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """defaults (or a copy of ``base``) <- each YAML file in order (each after its `include:`s)
+    <- overrides; validated."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     for p in [paths] if isinstance(paths, str | Path) else paths or []:
         for data, source in _file_layers(Path(p)):
             _apply_mapping(cfg, data, source)

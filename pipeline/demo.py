@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from data_prep import sudoku as sudoku_prep
+from pipeline.checkpoint import load_model, save_model
 from pipeline.config import Config, to_dict
 from pipeline.diffusion.sampling import sample
 from pipeline.model import Backbone, count_parameters
@@ -56,13 +57,11 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     key = _fingerprint({"model": to_dict(cfg)["model"], "diffusion": dataclasses.asdict(diffusion),
                         "train": to_dict(cfg)["train"], "steps": steps, "data": data["manifest"]["fingerprint"]})
     path = out / f"{kind}.pt"
-    model = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE)
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model, _, saved = load_model(path)
         if saved.get("key") == key:
-            model.load_state_dict(saved["state_dict"])
             log(f"  {kind:8s} loaded {path} (same config and data; {saved['steps']} steps, {saved['seconds']:.0f} s)")
-            return model.eval(), {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True}
+            return model, {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True}
     torch.manual_seed(cfg.train.seed)
     model = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE)
     result = train_in_memory(model, data["train"], cfg.train, diffusion, sudoku.MASK_ID, steps=steps,
@@ -70,10 +69,9 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     last = result.history[-1]
     log(f"  {kind:8s} {steps} steps in {result.seconds:.0f} s ({1e3 * result.seconds / steps:.1f} ms/step); "
         f"final mdm loss {last['mdm']:.3f}, correction loss {last['correction']:.3f}")
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "state_dict": result.model.state_dict(), "steps": steps,
-                "seconds": result.seconds, "history": result.history}, tmp)
-    tmp.replace(path)
+    trained_cfg = dataclasses.replace(cfg, diffusion=diffusion)
+    save_model(path, result.model, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID, key=key, steps=steps,
+               seconds=result.seconds)
     return result.model, {"steps": steps, "seconds": result.seconds, "cached": False}
 
 

@@ -60,14 +60,17 @@ def mask_tokens(x: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torch
     return torch.where(masked, torch.full_like(x, mask_id), x)
 
 
-def denoiser_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+def denoiser_logits(logits: torch.Tensor, mask_id: int, inplace: bool = False) -> torch.Tensor:
     """Zero-masking parameterisation: the model never predicts the mask token (logit -inf).
 
     No carry-over: visible tokens are not copied, so pass 1's argmax may change them and the
     corrector pass may rewrite any position (paper.md 1.3, ``parameterization=d3pm`` +
-    ``subs_masking``)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-    return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    ``subs_masking``). ``inplace``: the caller owns ``logits`` (a fresh network output), so skip
+    the [B, L, V] copy - measurable at large vocabularies. bf16/fp16 are upcast to fp32."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if wide is logits and not inplace:
+        wide = logits.clone()
+    return wide.index_fill_(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
 
 # ----------------------------------------------------------------------------- loss terms
@@ -149,7 +152,7 @@ def proseco_loss(model_fn: ModelFn, x: torch.Tensor, cfg: DiffusionConfig, mask_
     n_tokens = valid.sum().clamp_min(1)
     pad_valid = None if bool(valid.all()) else valid
 
-    logits1 = denoiser_logits(model_fn(z_t, t, pad_valid), mask_id)
+    logits1 = denoiser_logits(model_fn(z_t, t, pad_valid), mask_id, inplace=True)
     mdm = mdm_term(logits1, x, z_t, t, mask_id, valid).sum() / n_tokens
     total = cfg.mdm_weight * mdm
     correction = torch.zeros((), device=x.device)
@@ -161,7 +164,7 @@ def proseco_loss(model_fn: ModelFn, x: torch.Tensor, cfg: DiffusionConfig, mask_
         if backward is not None:
             backward(total)
             del logits1  # pass 1's graph is gone now; pass 2 starts from a clean slate
-        logits2 = denoiser_logits(model_fn(y, t, pad_valid), mask_id)
+        logits2 = denoiser_logits(model_fn(y, t, pad_valid), mask_id, inplace=True)
         correction = correction_term(logits2, x, y, t, valid, cfg.errors_upweighted).sum() / n_tokens
         weighted = cfg.corrector_weight * correction
         if backward is not None:

@@ -72,11 +72,11 @@ class Denoiser:
         if previous is None or bool(rows.all()):
             self.calls += 1
             self.nfe[kind] += 1
-            return denoiser_logits(self.model_fn(tokens, t, None), self.mask_id)
+            return denoiser_logits(self.model_fn(tokens, t, None), self.mask_id, inplace=True)
         if not bool(rows.any()):
             return previous
         idx = rows.nonzero().squeeze(1)
-        fresh = denoiser_logits(self.model_fn(tokens[idx], t[idx], None), self.mask_id)
+        fresh = denoiser_logits(self.model_fn(tokens[idx], t[idx], None), self.mask_id, inplace=True)
         self.calls += 1
         self.nfe[kind][idx] += 1
         return previous.index_put((idx,), fresh)
