@@ -387,6 +387,19 @@ def test_categorical_inverts_the_cdf():
     assert categorical(logits, u[:, None]).tolist() == [0, 1, 2, 3, 3]
 
 
+def test_categorical_never_draws_a_zero_probability_token():
+    logits = torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64).log().expand(3, 4)  # first: p = 0
+    u = torch.tensor([[0.0], [0.5], [1.0 - 1e-16]], dtype=torch.float64)
+    assert categorical(logits, u).tolist() == [1, 2, 3]  # intervals [0, .5), [.5, .8), [.8, 1)
+
+
+def test_categorical_with_nucleus_samples_only_the_top_set():
+    # p = 0.6 keeps {0.5, 0.3} (mass before 0.3 is 0.5 < 0.6); renormalised to 5/8, 3/8
+    logits = torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64).log().expand(4, 4)
+    u = torch.tensor([[0.0], [0.62], [0.63], [1.0 - 1e-16]], dtype=torch.float64)
+    assert categorical(logits, u, p=0.6).tolist() == [1, 1, 2, 2]
+
+
 def test_ancestral_step_unmasking_probability():
     n = 20_000
     logits = torch.zeros(1, n, V)

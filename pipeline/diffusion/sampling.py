@@ -113,11 +113,17 @@ def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: 
     """One draw per row of ``logits`` [N, V] (nucleus ``p``) by inverting the CDF at ``u`` [N].
 
     Exact categorical sampling; computed in float64 by default, since lower precision lowers
-    the effective temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler)."""
-    probs = nucleus_log_probs(logits, p, float64).exp()
+    the effective temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). With a
+    nucleus the CDF is built in sorted order, so no scatter back and no second softmax."""
+    probs = torch.softmax(logits.double() if float64 else logits.float(), dim=-1)
+    order = None
+    if p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < p)  # the smallest top set with mass >= p
     cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1:]).contiguous())
-    return idx.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    target = (u.to(cdf.dtype) * cdf[:, -1:]).contiguous()
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[-1] - 1)  # never a p=0 token
+    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
 
 
 def _draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
@@ -163,12 +169,15 @@ def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, c
     confidence is its probability under softmax(logits), as in LLaDA's ``low_confidence``."""
     u = noise.uniform(z.shape[1])
     open_ = candidates & (z == mask_id)
+    rows = logits[open_]  # only masked candidates are scored: [n, V]
     if temperature == 0:
-        token = logits.argmax(-1)
+        token = rows.argmax(-1)
     else:
-        token = _draw_where(open_, logits / temperature, u, logits.argmax(-1), p, float64)
-    logp = torch.log_softmax(logits.double() if float64 else logits.float(), dim=-1)
-    confidence = logp.gather(-1, token[..., None]).squeeze(-1).masked_fill(~open_, float("-inf"))
+        token = categorical(rows / temperature, u[open_][:, None], p, float64)
+    # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
+    score = rows.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+    confidence = torch.full(z.shape, float("-inf"), dtype=score.dtype, device=z.device).masked_scatter(open_, score)
+    token = z.masked_scatter(open_, token)
     rank = confidence.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
     commit = (rank < k[:, None]) & open_
     return torch.where(commit, token, z)
