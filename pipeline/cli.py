@@ -120,8 +120,18 @@ def _resolve(args: argparse.Namespace) -> Config:
     return load_config(_preset_paths(args.config), args.overrides)
 
 
+def _model_size_line(cfg: Config) -> str:
+    """`# model: N parameters`, as a YAML comment so the output still parses."""
+    from pipeline.model import parameter_count
+    from pipeline.tasks import get_task
+
+    vocab = cfg.model.vocab_size if cfg.model.vocab_size is not None else get_task(cfg.data.task).VOCAB_SIZE
+    return f"# model: {parameter_count(cfg.model, vocab):,} parameters (vocabulary {vocab:,})"
+
+
 def _run_config(args: argparse.Namespace, cfg: Config) -> int:
     print(dump_yaml(cfg), end="")
+    print(_model_size_line(cfg))
     return 0
 
 
@@ -265,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _resolve(args)
         if args.dry_run:
             print(dump_yaml(cfg), end="")
+            print(_model_size_line(cfg))
             print(f"# dry run: would run {describe(args)}")
             return 0
         return runner(args, cfg)

@@ -159,3 +159,9 @@ class Backbone(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (a tied head is counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def parameter_count(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the backbone a config describes, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return count_parameters(Backbone(cfg, vocab_size=vocab_size))
