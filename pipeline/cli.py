@@ -32,7 +32,7 @@ configuration:
   Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
   <- overrides. An override is section.key=value with the value parsed as YAML:
 {examples}
-  Sections: model, diffusion, sampler, train, data, demo. Unknown keys, wrong types and
+  Sections: model, diffusion, sampler, train, data, prep, demo. Unknown keys, wrong types and
   out-of-range values are errors. Without --config, configs/tiny.yaml is used.
   --dry-run prints the resolved YAML and what would run, then exits.
 """
@@ -125,7 +125,12 @@ def _model_size_line(cfg: Config) -> str:
     from pipeline.model import parameter_count
     from pipeline.tasks import get_task
 
-    vocab = cfg.model.vocab_size if cfg.model.vocab_size is not None else get_task(cfg.data.task).VOCAB_SIZE
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        try:
+            vocab = get_task(cfg.data.task).VOCAB_SIZE
+        except ProsecoError:
+            return "# model: size depends on the vocabulary of the data (model.vocab_size: null)"
     return f"# model: {parameter_count(cfg.model, vocab):,} parameters (vocabulary {vocab:,})"
 
 

@@ -105,6 +105,31 @@ class DataConfig:
 
 
 @dataclass
+class PrepConfig:
+    """`proseco prep tokenizer | shards`: raw corpus -> tokenizer -> webdataset shards + manifest.
+
+    Sequence length of the shards is ``data.seq_len`` (one source of truth for prep and training)."""
+
+    inputs: list[str] = field(default_factory=list)  # files, globs, folders; [] = the bundled corpus
+    out_dir: str = "data/text"  # shards and manifest.json
+    tokenizer_dir: str = "data/tokenizer"  # written by `prep tokenizer`, read by `prep shards`
+    fmt: str = "auto"  # auto (by file suffix) | text | jsonl | parquet
+    text_field: str = "text"  # JSONL key / parquet column holding the document
+    doc_split: str = "paragraph"  # plain text: line | paragraph | file is one document
+    max_chars: int = 1_000_000  # longer documents are skipped and counted
+    vocab_size: int = 8192  # sentencepiece vocabulary incl. the special ids
+    model_type: str = "bpe"  # bpe | unigram
+    byte_fallback: bool = True
+    character_coverage: float = 0.9995
+    input_sentence_size: int = 2_000_000  # sentences sampled for tokenizer training (0 = all)
+    mode: str = "wrap"  # wrap (concatenate with bos/eos and cut) | pad (one document per sequence)
+    shard_mb: float = 64.0  # target shard size
+    val_fraction: float = 0.005  # documents routed to the validation split by a stable hash
+    workers: int = 2  # tokenizer worker processes (0 = in-process)
+    seed: int = 0
+
+
+@dataclass
 class DemoConfig:
     """`proseco demo`: MDM vs ProSeCo at a matched training budget, then an NFE sweep."""
 
@@ -123,6 +148,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -307,14 +333,16 @@ def dump_yaml(cfg: Config) -> str:
 _RANGES: dict[str, str] = {
     "(0, inf)": "model.hidden model.layers model.heads model.max_seq_len model.cond_dim model.mlp_ratio "
     "model.rope_base train.steps train.batch_size train.lr train.adam_eps train.log_every sampler.steps "
-    "sampler.batch_size data.seq_len demo.proseco_steps demo.mdm_step_ratio demo.eval_samples",
+    "sampler.batch_size data.seq_len demo.proseco_steps demo.mdm_step_ratio demo.eval_samples "
+    "prep.max_chars prep.shard_mb",
     "[0, inf)": "diffusion.mdm_weight diffusion.corrector_weight sampler.temperature sampler.block_size "
     "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed train.weight_decay "
-    "train.warmup_steps train.grad_clip train.threads train.seed data.split_seed data.puzzle_clues",
+    "train.warmup_steps train.grad_clip train.threads train.seed data.split_seed data.puzzle_clues "
+    "prep.workers prep.seed prep.input_sentence_size",
     "[1, inf)": "sampler.corrector_every",
-    "[0, 1)": "model.dropout train.beta1 train.beta2 train.ema",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
-    "(0, 1]": "sampler.nucleus_p",
+    "[0, 1)": "model.dropout train.beta1 train.beta2 train.ema prep.val_fraction",
+    "(0, 1]": "sampler.nucleus_p prep.character_coverage",
     "[0, 1]": "train.min_lr_ratio",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means
@@ -327,9 +355,13 @@ _CHOICES = {
     "sampler.name": ("ancestral", "confidence", "remdm"),
     "sampler.remdm_strategy": ("cap", "rescale"),
     "train.lr_schedule": ("constant", "cosine"),
-    "data.task": ("sudoku4",),
+    "data.task": ("sudoku4", "text"),
+    "prep.fmt": ("auto", "text", "jsonl", "parquet"),
+    "prep.doc_split": ("line", "paragraph", "file"),
+    "prep.model_type": ("bpe", "unigram"),
+    "prep.mode": ("wrap", "pad"),
 }
-_TASK_CELLS = {"sudoku4": 16}
+_TASK_CELLS = {"sudoku4": 16}  # tasks whose puzzles have a fixed number of cells
 
 
 def _check_range(key: str, value: float, spec: str) -> None:
@@ -353,7 +385,7 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key} must be one of: {', '.join(choices)}; got {value!r}")
     m, d, s, data, demo = cfg.model, cfg.diffusion, cfg.sampler, cfg.data, cfg.demo
-    cells, head_dim, vocab = _TASK_CELLS[data.task], m.hidden // m.heads, m.vocab_size
+    cells, head_dim, vocab = _TASK_CELLS.get(data.task), m.hidden // m.heads, m.vocab_size
     n, n_max, eta, clues = data.seq_len, m.max_seq_len, s.remdm_eta, data.puzzle_clues
     grids = [(f"demo.{k}", getattr(demo, k)) for k in ("steps_grid", "corrector_grid")]
     checks = [
@@ -362,7 +394,8 @@ def validate(cfg: Config) -> None:
         (vocab is None or vocab >= 2, f"model.vocab_size must be null (from the data) or >= 2, got {vocab}"),
         (d.mdm_weight + d.corrector_weight > 0, "diffusion.mdm_weight and corrector_weight are both 0"),
         (s.remdm_strategy != "cap" or eta <= 1, f"sampler.remdm_eta must be <= 1 with cap, got {eta}"),
-        (clues < cells, f"data.puzzle_clues must be < {cells} (cells of {data.task}), got {clues}"),
+        (cells is None or clues < cells, f"data.puzzle_clues must be < {cells} (cells of {data.task}), got {clues}"),
+        (cfg.prep.vocab_size >= 16, f"prep.vocab_size must be >= 16, got {cfg.prep.vocab_size}"),
         (n <= n_max, f"data.seq_len ({n}) exceeds model.max_seq_len ({n_max})"),
         *((bool(g) and min(g) > 0, f"{k} must be a non-empty list of ints > 0: {g}") for k, g in grids),
         (bool(demo.out_dir.strip()), "demo.out_dir must not be empty"),

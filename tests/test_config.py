@@ -298,7 +298,7 @@ NON_DEFAULT = [
 def test_to_dict_order_and_dump_load_round_trip(tmp_path):
     cfg = load_config(overrides=NON_DEFAULT)
     d = to_dict(cfg)
-    assert list(d) == ["model", "diffusion", "sampler", "train", "data", "demo"]
+    assert list(d) == ["model", "diffusion", "sampler", "train", "data", "prep", "demo"]
     assert list(d["model"])[:3] == ["vocab_size", "hidden", "layers"]
     assert yaml.safe_load(dump_yaml(cfg)) == d
     f = write(tmp_path / "resolved.yaml", dump_yaml(cfg))
@@ -356,3 +356,16 @@ def test_presets_build_on_each_other(tmp_path):
     f = write(tmp_path / "mine.yaml", f"include: {PRESETS / 'tiny.yaml'}\nmodel: {{hidden: 128}}\n")
     cfg = load_config(str(f))
     assert cfg.model.hidden == 128 and cfg.model.layers == 3
+
+
+def test_prep_section_loads_from_the_text_preset_and_checks_values():
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "text.yaml"))
+    assert (cfg.prep.mode, cfg.prep.vocab_size, cfg.data.task) == ("wrap", 8192, "text")
+    assert cfg.prep.inputs == []
+    with pytest.raises(ConfigError, match="prep.mode must be one of: wrap, pad"):
+        load_config(overrides=["prep.mode=concat"])
+    with pytest.raises(ConfigError, match="prep.val_fraction"):
+        load_config(overrides=["prep.val_fraction=1.5"])
+    with pytest.raises(ConfigError, match="expected list of str"):
+        load_config(overrides=["prep.inputs=corpus.txt"])
+    assert load_config(overrides=["prep.inputs=[a.txt, 'b/*.jsonl']"]).prep.inputs == ["a.txt", "b/*.jsonl"]
