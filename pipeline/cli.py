@@ -100,7 +100,14 @@ def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
-    return _exit_code(_import_stage(f"data_prep.{args.target}").main(cfg, args.out))
+    if args.target == "sudoku":
+        return _exit_code(_import_stage("data_prep.sudoku").main(cfg, args.out or "data/sudoku4"))
+    stages = _import_stage("data_prep.stages")
+    if args.target == "tokenizer":
+        return _exit_code(stages.tokenizer(cfg, args.out, import_model=args.import_model, force=args.force))
+    if args.target == "shards":
+        return _exit_code(stages.shards(cfg, args.out, task=args.task))
+    return _exit_code(getattr(stages, args.target)(cfg, args.out))
 
 
 def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
@@ -143,7 +150,7 @@ def _run_config(args: argparse.Namespace, cfg: Config) -> int:
 # verb -> (runner, description of what it runs, for --dry-run)
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace], str]]] = {
     "demo": (_run_demo, lambda a: "pipeline.demo.run(cfg)"),
-    "prep": (_run_prep, lambda a: f"data_prep.{a.target}.main(cfg, out_dir={a.out!r})"),
+    "prep": (_run_prep, lambda a: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
     "sample": (_run_sample, lambda a: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
     "config": (_run_config, lambda a: "nothing (proseco config only prints the resolved config)"),
 }
@@ -180,17 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser(
         "prep",
-        help="build a data set (e.g. `proseco prep sudoku --out data/sudoku4`)",
+        help="prepare data: tokenizer, corpus shards (+ merge, verify), or the demo's Sudoku task",
         description=_describe(
-            """Build a data set on disk. `sudoku`: enumerate all 4x4 Sudoku grids and write the
-            train / held-out infilling splits (sized by data.holdout_fraction, data.puzzle_clues
-            and data.split_seed) to --out DIR."""
+            """Prepare data. `tokenizer`: train a sentencepiece model on prep.inputs (default: the
+            bundled public-domain corpus) with the special ids the diffusion model needs (pad, unk,
+            bos, eos, mask), or --import an existing one; writes prep.tokenizer_dir. `shards`:
+            tokenize prep.inputs (text, JSONL, parquet; .gz/.zst) in prep.workers processes into
+            webdataset shards of data.seq_len tokens plus manifest.json in prep.out_dir; rerunning
+            after a crash resumes; --task i/n prepares one partition (then `merge`). `verify`:
+            re-checksum and recount the shards against the manifest. `sudoku`: the demo's task as
+            files."""
         ),
-        epilog=_epilog("proseco prep sudoku --out data/sudoku4 data.holdout_fraction=0.1 data.split_seed=7"),
+        epilog=_epilog("proseco prep tokenizer --config text",
+                       "proseco prep shards --config text prep.workers=2",
+                       "proseco prep shards --config text --task 0/4   # one of 4 machines; then: prep merge",
+                       "proseco prep verify --config text",
+                       "proseco prep sudoku --out data/sudoku4 data.split_seed=7"),
         formatter_class=fmt,
     )
-    prep.add_argument("target", choices=["sudoku"], help="which data set to build")
-    prep.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    prep.add_argument("target", choices=["tokenizer", "shards", "merge", "verify", "sudoku"],
+                      help="what to prepare")
+    prep.add_argument("--out", metavar="DIR",
+                      help="output folder (default: prep.tokenizer_dir for tokenizer, prep.out_dir otherwise)")
+    prep.add_argument("--import", dest="import_model", metavar="MODEL",
+                      help="tokenizer: use this existing sentencepiece model instead of training one")
+    prep.add_argument("--force", action="store_true", help="tokenizer: replace an existing tokenizer")
+    prep.add_argument("--task", metavar="i/n", help="shards: prepare partition i of n (0-based)")
     _add_config_args(prep)
     prep.set_defaults(verb_parser=prep)
 

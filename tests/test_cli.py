@@ -83,7 +83,7 @@ def test_prep_dry_run_names_the_output_dir(capsys):
     assert main(["prep", "sudoku", "--out", "data/s4", "--dry-run", "data.split_seed=3"]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["data"]["split_seed"] == 3
-    assert "data_prep.sudoku.main(cfg, out_dir='data/s4')" in out
+    assert "would run proseco prep sudoku (output: data/s4)" in out
 
 
 # --- dispatch ------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_bad_arguments_are_usage_errors(capsys):
         main(["demo", "--bogus"])
     assert info.value.code == 2
     with pytest.raises(SystemExit):
-        main(["prep", "sudoku"])  # --out is required
+        main(["prep", "tokenise"])  # not a prep target
     assert main([]) == 2  # no verb: help on stderr
     assert "usage" in capsys.readouterr().err
 
@@ -193,7 +193,7 @@ def test_bad_arguments_are_usage_errors(capsys):
     [
         ([], ["demo", "prep", "config", "section.key=value", "tiny", "owt_small"]),
         (["demo"], ["MDM", "ProSeCo", "--dry-run", "section.key=value", "proseco demo", "tiny"]),
-        (["prep"], ["sudoku", "--out", "section.key=value", "data.holdout_fraction"]),
+        (["prep"], ["sudoku", "tokenizer", "shards", "verify", "--task", "--out", "section.key=value"]),
         (["config"], ["YAML", "--config", "section.key=value", "owt_small"]),
     ],
 )

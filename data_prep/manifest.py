@@ -1,0 +1,311 @@
+"""Shard-folder bookkeeping for ``proseco prep shards``: atomic writes, partitions, merge.
+
+Contract: ``docs/data_format.md``. A prep run writes, per partition (task ``i`` of ``n``), a work
+folder ``OUT/.parts/part-PPPPP/`` holding ``state.json`` (the resume checkpoint, rewritten after
+every finished shard) and, when the partition is complete, ``DONE.json`` (its shard table,
+counts, sources and skip counts). :func:`merge` combines every partition's ``DONE.json`` into
+``OUT/manifest.json``, written last and atomically, so its presence means "complete".
+
+Two hashes keep runs apart:
+
+* the **run key**: sha256 of the output-defining settings, the tokenizer sha256 and the list of
+  all input files (relative path, size). Every partition of one run has the same key; a folder
+  whose manifest or partitions carry another key belongs to a different run and is refused.
+* the manifest **fingerprint** (``pipeline.data.manifest.manifest_fingerprint``, the single
+  implementation shared with the loader): sha256 of the canonical JSON of every other key.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from data_prep.readers import SkipLog
+from pipeline.errors import ProsecoError
+
+MANIFEST = "manifest.json"
+PARTS = ".parts"
+STATE = "state.json"
+DONE = "DONE.json"
+SPLITS = ("train", "val")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+# What a shard output folder may hold; anything else means it is somebody else's folder.
+OWN_ENTRIES = {MANIFEST, PARTS, *SPLITS, *TOKENIZER_FILES}
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+__all__ = ["MANIFEST", "dtype_for", "merge", "part_dir", "run_key", "shard_name"]
+
+
+# pipeline.data imports torch; the tokenizer worker processes import this module and need
+# neither, so the loader's helpers (the single implementation of the format and fingerprint)
+# are imported where used.
+
+
+def shards_format() -> str:
+    from pipeline.data.manifest import FORMAT
+
+    return FORMAT
+
+
+def canonical_json(obj: Any) -> bytes:
+    from pipeline.data.manifest import canonical_json as canonical
+
+    return canonical(obj)
+
+
+def fingerprint(manifest: dict) -> str:
+    """sha256 of the canonical JSON of every manifest key but ``fingerprint`` (the loader's code)."""
+    from pipeline.data.manifest import manifest_fingerprint
+
+    return manifest_fingerprint(manifest)
+
+
+def dtype_for(vocab_size: int) -> str:
+    """The sample dtype of the contract: uint16 when every id (specials included) fits."""
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def part_dir(out: Path, partition: int) -> Path:
+    return out / PARTS / f"part-{partition:05d}"
+
+
+def shard_name(split: str, partition: int, shard: int) -> str:
+    return f"{split}/shard-{partition:05d}-{shard:06d}.tar"
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(bufsize):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_key(config: dict, tokenizer_sha256: str, sources: list[dict]) -> str:
+    """sha256 naming one run: its settings, tokenizer and input files (path + size)."""
+    files = [[s["path"], s["bytes"]] for s in sources]
+    return hashlib.sha256(canonical_json({"config": config, "tokenizer": tokenizer_sha256,
+                                          "sources": files})).hexdigest()
+
+
+# ------------------------------------------------------------------ writing
+
+
+def io_error(exc: OSError, path: Path | str, out: Path | str) -> ProsecoError | None:
+    """A one-line user error for a full disk or an unwritable output folder; None otherwise."""
+    if exc.errno in _DISK_FULL:
+        return ProsecoError(
+            f"disk full while writing {path} ({exc.strerror}); free some space (or choose an output "
+            f"folder on another disk) and rerun: finished shards are kept and the run resumes"
+        )
+    if exc.errno in _READ_ONLY:
+        return ProsecoError(
+            f"output folder {out} is read-only (cannot write {path}: {exc.strerror}); "
+            "choose a writable output folder"
+        )
+    return None
+
+
+def file_write(f: Any, data: bytes) -> None:
+    """The one place prep output bytes are written (tests inject ENOSPC/EROFS here)."""
+    f.write(data)
+
+
+def write_atomic(path: Path, data: bytes, out: Path) -> None:
+    """Write ``path`` via a hidden temporary sibling + fsync + rename; never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            file_write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        err = io_error(exc, path, out)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def write_json(path: Path, obj: dict, out: Path) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), out)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None if absent; ProsecoError if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProsecoError(f"{path} is not readable JSON ({exc}); delete it or use a new output folder") from None
+    if not isinstance(data, dict):
+        raise ProsecoError(f"{path} is not a JSON object; delete it or use a new output folder")
+    return data
+
+
+# ------------------------------------------------------------------ output folder
+
+
+def check_out_folder(out: Path, key: str) -> dict | None:
+    """The finished manifest if ``out`` already holds this run; refuse folders of other runs."""
+    if out.exists() and not out.is_dir():
+        raise ProsecoError(f"{out} exists and is not a folder; choose another output folder")
+    if not out.is_dir():
+        return None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES
+                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if foreign:
+        raise ProsecoError(f"{out} holds files that are not shard output ({', '.join(foreign[:5])}); "
+                           "choose a new or empty output folder")
+    old = read_json(out / MANIFEST)
+    new_folder = "choose a new output folder (or delete this one)"
+    if old is not None:
+        if old.get("config") is None or manifest_run_key(old) != key:
+            raise ProsecoError(f"{out} already holds shards of a different run (other settings, tokenizer or "
+                               f"inputs; fingerprint {str(old.get('fingerprint'))[:12]}); {new_folder}")
+        return old
+    for folder in sorted((out / PARTS).glob("part-*")) if (out / PARTS).is_dir() else []:
+        record = read_json(folder / DONE) or read_json(folder / STATE)
+        if record is not None and record.get("run_key") != key:
+            raise ProsecoError(f"{out} holds partition {folder.name} of a different run (other settings, "
+                               f"tokenizer or inputs); {new_folder}")
+    return None
+
+
+def clean_partition(out: Path, partition: int, keep: dict[str, int]) -> None:
+    """Remove this partition's temporary files and any shard past its checkpoint (from a kill)."""
+    for split in SPLITS:
+        folder = out / split
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(f".shard-{partition:05d}-*.tar.tmp"):
+            path.unlink()
+        for path in folder.glob(f"shard-{partition:05d}-*.tar"):
+            if int(path.stem.rsplit("-", 1)[1]) >= keep.get(split, 0):
+                path.unlink()
+    for path in part_dir(out, partition).glob(".*.tmp"):
+        path.unlink()
+
+
+def copy_tokenizer(tok: Any, out: Path) -> None:
+    blobs = {"tokenizer.model": tok.model_proto,
+             "tokenizer.json": (json.dumps(tok.sidecar, indent=2, sort_keys=True) + "\n").encode()}
+    for name, data in blobs.items():
+        path = out / name
+        if not (path.is_file() and path.read_bytes() == data):
+            write_atomic(path, data, out)
+
+
+# ------------------------------------------------------------------ merge
+
+
+def manifest_run_key(manifest: dict) -> str:
+    return run_key(manifest["config"], manifest["tokenizer"]["sha256"], manifest["sources"])
+
+
+def _done_partitions(out: Path) -> dict[int, dict]:
+    done: dict[int, dict] = {}
+    root = out / PARTS
+    if root.is_dir():
+        for folder in sorted(root.glob("part-*")):
+            record = read_json(folder / DONE)
+            if record is not None:
+                done[int(folder.name.split("-", 1)[1])] = record
+    return done
+
+
+def build_manifest(done: dict[int, dict]) -> dict:
+    """The manifest implied by every partition's DONE record (partitions in order)."""
+    parts = [done[p] for p in sorted(done)]
+    first = parts[0]
+    skipped = SkipLog().as_dict()
+    for part in parts:
+        for reason, count in part["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    splits = {}
+    for split in SPLITS:
+        shards = [shard for part in parts for shard in part["splits"][split]["shards"]]
+        splits[split] = {
+            "samples": sum(s["samples"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            # Not in the example of the contract, which says the dropped tail "is counted":
+            # tokens + dropped_tokens == sum over documents of (len(encode(doc)) + 2).
+            "dropped_tokens": sum(part["splits"][split]["dropped_tokens"] for part in parts),
+            "shards": shards,
+        }
+    manifest = {
+        "format": shards_format(),
+        "tokenizer": first["tokenizer"],
+        "seq_len": first["config"]["seq_len"],
+        "mode": first["config"]["mode"],
+        "dtype": first["dtype"],
+        "splits": splits,
+        "documents": {split: sum(part["splits"][split]["documents"] for part in parts) for split in SPLITS},
+        "sources": sorted((s for part in parts for s in part["sources"]), key=lambda s: s["path"]),
+        "skipped": skipped,
+        "config": first["config"],
+    }
+    manifest["fingerprint"] = fingerprint(manifest)
+    return manifest
+
+
+def merge(out_dir: str | os.PathLike) -> dict:
+    """Combine all partitions' ``DONE.json`` under ``out_dir`` into ``manifest.json``; return it.
+
+    Refuses (ProsecoError) when a partition of the run is missing or unfinished, or when
+    partitions were built with different settings, tokenizer or inputs. Idempotent: an existing
+    identical manifest is returned untouched; a different one is refused.
+    """
+    out = Path(out_dir)
+    done = _done_partitions(out)
+    if not done:
+        raise ProsecoError(f"{out} holds no finished partition (.parts/part-*/{DONE}); "
+                           "run `proseco prep shards` first")
+    first = done[min(done)]
+    num_tasks = int(first["config"]["num_tasks"])
+    odd = sorted(p for p, record in done.items() if record["run_key"] != first["run_key"])
+    if odd:
+        raise ProsecoError(
+            f"cannot merge {out}: partition(s) {', '.join(map(str, odd))} were built with other settings, "
+            f"tokenizer or inputs than partition {min(done)}; rebuild every partition into a new folder"
+        )
+    extra = sorted(p for p in done if p >= num_tasks)
+    missing = [p for p in range(num_tasks) if p not in done]
+    if extra or missing:
+        what = []
+        if missing:
+            what.append(f"partition(s) {', '.join(map(str, missing))} of {num_tasks} are not finished")
+        if extra:
+            what.append(f"partition(s) {', '.join(map(str, extra))} lie outside 0..{num_tasks - 1}")
+        raise ProsecoError(f"cannot merge {out}: {'; '.join(what)}; run `proseco prep shards` with "
+                           f"task i of {num_tasks} for each missing i, then merge again")
+    for name in TOKENIZER_FILES:
+        if not (out / name).is_file():
+            raise ProsecoError(f"cannot merge {out}: {name} is missing (prep copies it there); rerun prep")
+    manifest = build_manifest(done)
+    old = read_json(out / MANIFEST)
+    if old is not None:
+        if old.get("fingerprint") == manifest["fingerprint"]:
+            return old
+        raise ProsecoError(f"{out / MANIFEST} already describes a different run (fingerprint "
+                           f"{str(old.get('fingerprint'))[:12]}); choose a new output folder")
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            if not (out / shard["name"]).is_file():
+                raise ProsecoError(f"cannot merge {out}: shard {shard['name']} listed by its partition is "
+                                   "missing; delete that partition's .parts folder and rerun it")
+    for orphan in out.glob(".*.tmp"):  # left by a killed run (every partition is done: no writer)
+        orphan.unlink(missing_ok=True)
+    write_json(out / MANIFEST, manifest, out)  # last: a manifest means "complete"
+    return manifest
