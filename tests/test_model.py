@@ -105,3 +105,12 @@ def test_dit_small_parameter_count_on_meta():
         model = Backbone(cfg)
     assert model.head.weight.is_meta
     assert 165e6 <= count_parameters(model) <= 172e6
+
+
+def test_an_all_padding_row_gives_finite_logits_and_leaves_other_rows_alone(tiny_model):
+    tokens = torch.randint(0, 5, (2, 12))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1] = False
+    out = tiny_model(tokens, None, valid)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out[0], tiny_model(tokens[:1], None, valid[:1])[0], rtol=0, atol=1e-12)

@@ -141,7 +141,12 @@ class Backbone(nn.Module):
             x = x + self.pos_embed[:seq]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         # SDPA boolean mask: True = may attend. Keys that are padding are hidden from every query.
-        attn_mask = None if valid is None else valid[:, None, None, :].to(torch.bool)
+        # A row that is all padding would attend to nothing (NaN); let it attend everywhere instead:
+        # its outputs are masked out of every loss anyway.
+        attn_mask = None
+        if valid is not None:
+            valid = valid.to(torch.bool)
+            attn_mask = (valid | ~valid.any(-1, keepdim=True))[:, None, None, :]
         cond = None
         if self.time_mlp is not None:
             if t is None:
