@@ -32,7 +32,7 @@ configuration:
   Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
   <- overrides. An override is section.key=value with the value parsed as YAML:
 {examples}
-  Sections: model, diffusion, sampler, train, data, prep, demo. Unknown keys, wrong types and
+  Sections: model, diffusion, sampler, train, data, prep, demo, run. Unknown keys, wrong types and
   out-of-range values are errors. Without --config, configs/tiny.yaml is used.
   --dry-run prints the resolved YAML and what would run, then exits.
 """
@@ -99,6 +99,16 @@ def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
     return _exit_code(_import_stage("pipeline.demo").run(cfg))
 
 
+def _run_train(args: argparse.Namespace, cfg: Config) -> int:
+    return _exit_code(_import_stage("pipeline.train").run(cfg))
+
+
+def _describe_train(args: argparse.Namespace, cfg: Config) -> str:
+    from pipeline.train import world_layout
+
+    return f"pipeline.train.run(cfg)\n# world: {world_layout(cfg)}"
+
+
 def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
     if args.target == "sudoku":
         return _exit_code(_import_stage("data_prep.sudoku").main(cfg, args.out or "data/sudoku4"))
@@ -148,11 +158,12 @@ def _run_config(args: argparse.Namespace, cfg: Config) -> int:
 
 
 # verb -> (runner, description of what it runs, for --dry-run)
-VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace], str]]] = {
-    "demo": (_run_demo, lambda a: "pipeline.demo.run(cfg)"),
-    "prep": (_run_prep, lambda a: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
-    "sample": (_run_sample, lambda a: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
-    "config": (_run_config, lambda a: "nothing (proseco config only prints the resolved config)"),
+VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace, Config], str]]] = {
+    "demo": (_run_demo, lambda a, c: "pipeline.demo.run(cfg)"),
+    "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
+    "train": (_run_train, _describe_train),
+    "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
+    "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
 }
 
 
@@ -215,6 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--task", metavar="i/n", help="shards: prepare partition i of n (0-based)")
     _add_config_args(prep)
     prep.set_defaults(verb_parser=prep)
+
+    train = sub.add_parser(
+        "train",
+        help="pretrain on corpus shards (single process, or DDP under torchrun); resumes automatically",
+        description=_describe(
+            """Train a ProSeCo model on the shards in data.manifest (written by `proseco prep shards`)
+            for train.steps optimizer steps with the torch backend: one process, or DDP when started
+            by torchrun (train.distributed=ddp; gloo on CPU, nccl on CUDA). Everything goes to the run
+            folder (run.dir, default runs/<run.name>): run.json, config.yaml, metrics.jsonl and
+            checkpoints/ every train.checkpoint_every steps. Rerunning the same command resumes from
+            the latest complete checkpoint. SIGTERM / SIGUSR1 or the time budget train.max_time_s
+            saves and exits with code 3 (requeue)."""
+        ),
+        epilog=_epilog("proseco train --config text train.steps=20",
+                       "torchrun --nproc_per_node=2 -m pipeline train --config text train.distributed=ddp",
+                       "proseco train --config text run.name=exp1 train.max_time_s=3600 --dry-run"),
+        formatter_class=fmt,
+    )
+    _add_config_args(train)
+    train.set_defaults(verb_parser=train)
 
     smp = sub.add_parser(
         "sample",
@@ -303,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(dump_yaml(cfg), end="")
             print(_model_size_line(cfg))
-            print(f"# dry run: would run {describe(args)}")
+            print(f"# dry run: would run {describe(args, cfg)}")
             return 0
         return runner(args, cfg)
     except ProsecoError as exc:

@@ -93,6 +93,19 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # ---- `proseco train` (pipeline/train.py); batch_size is per rank and micro-step ----
+    backend: str = "torch"  # torch | deepspeed | megatron (the last two: not implemented yet)
+    distributed: str = "none"  # none | ddp (torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3  # newest checkpoints kept
+    permanent_every: int = 0  # also keep every step that is a multiple of this; 0 = none
+    max_time_s: float = 0.0  # wall-clock budget: save and exit 3 (requeue) when spent; 0 = none
+    val_every: int = 0  # optimizer steps between validations (and one at the end); 0 = off
+    val_batches: int = 8  # batches per validation, per rank
+    loader_workers: int = 0  # DataLoader worker processes per rank (0 = read in the training process)
+    bf16: bool = False  # bfloat16 autocast (CUDA only; ignored on CPU)
+    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
 
 
 @dataclass
@@ -102,6 +115,7 @@ class DataConfig:
     holdout_fraction: float = 0.2  # fraction of grids held out for the infilling evaluation
     puzzle_clues: int = 6  # given cells per held-out puzzle
     split_seed: int = 1234
+    manifest: str = "data/text"  # task text: the shards folder (manifest.json) written by `prep shards`
 
 
 @dataclass
@@ -142,6 +156,14 @@ class DemoConfig:
 
 
 @dataclass
+class RunConfig:
+    """The run folder of `proseco train`: run.json, config.yaml, metrics.jsonl, checkpoints/."""
+
+    name: str = "default"
+    dir: str = ""  # "" = runs/<name>
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -150,6 +172,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 # ---- Loading: defaults <- YAML file(s) (with `include:`) <- dotted overrides, strictly typed ----
@@ -334,11 +357,12 @@ _RANGES: dict[str, str] = {
     "(0, inf)": "model.hidden model.layers model.heads model.max_seq_len model.cond_dim model.mlp_ratio "
     "model.rope_base train.steps train.batch_size train.lr train.adam_eps train.log_every sampler.steps "
     "sampler.batch_size data.seq_len demo.proseco_steps demo.mdm_step_ratio demo.eval_samples "
-    "prep.max_chars prep.shard_mb",
+    "prep.max_chars prep.shard_mb train.grad_accum train.checkpoint_every train.keep_last train.val_batches",
     "[0, inf)": "diffusion.mdm_weight diffusion.corrector_weight sampler.temperature sampler.block_size "
     "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed train.weight_decay "
     "train.warmup_steps train.grad_clip train.threads train.seed data.split_seed data.puzzle_clues "
-    "prep.workers prep.seed prep.input_sentence_size",
+    "prep.workers prep.seed prep.input_sentence_size train.permanent_every train.max_time_s train.val_every "
+    "train.loader_workers",
     "[1, inf)": "sampler.corrector_every",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
     "[0, 1)": "model.dropout train.beta1 train.beta2 train.ema prep.val_fraction",
@@ -355,6 +379,8 @@ _CHOICES = {
     "sampler.name": ("ancestral", "confidence", "remdm"),
     "sampler.remdm_strategy": ("cap", "rescale"),
     "train.lr_schedule": ("constant", "cosine"),
+    "train.backend": ("torch", "deepspeed", "megatron"),
+    "train.distributed": ("none", "ddp"),
     "data.task": ("sudoku4", "text"),
     "prep.fmt": ("auto", "text", "jsonl", "parquet"),
     "prep.doc_split": ("line", "paragraph", "file"),
@@ -387,6 +413,7 @@ def validate(cfg: Config) -> None:
     m, d, s, data, demo = cfg.model, cfg.diffusion, cfg.sampler, cfg.data, cfg.demo
     cells, head_dim, vocab = _TASK_CELLS.get(data.task), m.hidden // m.heads, m.vocab_size
     n, n_max, eta, clues = data.seq_len, m.max_seq_len, s.remdm_eta, data.puzzle_clues
+    name = cfg.run.name
     grids = [(f"demo.{k}", getattr(demo, k)) for k in ("steps_grid", "corrector_grid")]
     checks = [
         (m.hidden % m.heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})"),
@@ -399,6 +426,8 @@ def validate(cfg: Config) -> None:
         (n <= n_max, f"data.seq_len ({n}) exceeds model.max_seq_len ({n_max})"),
         *((bool(g) and min(g) > 0, f"{k} must be a non-empty list of ints > 0: {g}") for k, g in grids),
         (bool(demo.out_dir.strip()), "demo.out_dir must not be empty"),
+        (bool(cfg.run.name.strip()) and "/" not in cfg.run.name, f"run.name must be a name without '/', got {name!r}"),
+        (bool(data.manifest.strip()), "data.manifest must not be empty"),
     ]
     for ok, message in checks:
         if not ok:
