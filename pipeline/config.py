@@ -95,7 +95,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     # ---- `proseco train` (pipeline/train.py); batch_size is per rank and micro-step ----
     backend: str = "torch"  # torch | deepspeed | megatron (the last two: not implemented yet)
-    distributed: str = "none"  # none | ddp (torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA)
+    distributed: str = "none"  # none | ddp | fsdp (FSDP2); torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
     grad_accum: int = 1  # micro-steps per optimizer step
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3  # newest checkpoints kept
@@ -380,7 +380,7 @@ _CHOICES = {
     "sampler.remdm_strategy": ("cap", "rescale"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.backend": ("torch", "deepspeed", "megatron"),
-    "train.distributed": ("none", "ddp"),
+    "train.distributed": ("none", "ddp", "fsdp"),
     "data.task": ("sudoku4", "text"),
     "prep.fmt": ("auto", "text", "jsonl", "parquet"),
     "prep.doc_split": ("line", "paragraph", "file"),

@@ -5,11 +5,21 @@ checkpoint manager, run folder) -> **resume** (latest complete checkpoint, refus
 topology) -> **loop** (lr schedule, gradient accumulation, :func:`proseco_loss` with the split
 backward, clip, step, EMA, metrics, validation, checkpoints) -> **save** -> **exit**.
 
-Single process, or DDP under ``torchrun`` (``train.distributed=ddp``; gloo on CPU, nccl on CUDA).
-``train.batch_size`` is per rank and micro-step: an optimizer step sees
-``batch_size x grad_accum x world_size`` sequences. With DDP every backward but the last of an
-optimizer step runs under ``no_sync()`` (pass 1 and pass 2 of the split backward are separate
-backwards), so gradients are all-reduced once per step and equal those of the summed loss.
+Single process, or under ``torchrun`` DDP (``train.distributed=ddp``) or FSDP2
+(``train.distributed=fsdp``: ``fully_shard`` on each transformer block, then the root, over a 1-D
+device mesh); gloo on CPU, nccl on CUDA. ``train.batch_size`` is per rank and micro-step: an
+optimizer step sees ``batch_size x grad_accum x world_size`` sequences. Every backward but the last
+of an optimizer step skips the gradient sync (DDP: ``no_sync()``; FSDP2:
+``set_requires_gradient_sync(False)``; pass 1 and pass 2 of the split backward are separate
+backwards), so gradients are reduced once per step and equal those of the summed loss.
+
+FSDP2 checkpoints have the same format as DDP ones: ``get_state_dict`` with
+``full_state_dict=True, cpu_offload=True`` gathers the unsharded model and optimizer state on rank 0
+(the optimizer state re-keyed to ``optimizer.state_dict()``'s integer ids), so ``state.pt`` stays
+loadable by single-process tools, and a run may switch between ddp and fsdp at the same world size
+(a resume shards the full state again with ``set_state_dict``). EMA under FSDP2: the shadow is an
+unsharded copy made before sharding and updated from ``full_tensor()`` of every parameter, i.e. one
+extra all-gather of the whole model per optimizer step and one full model copy per rank.
 
 Determinism: the masking draws of micro-step ``m`` of step ``s`` on rank ``r`` come from a
 generator seeded by ``(train.seed, r, s, m)``, so a resumed run needs only the model, optimizer,
@@ -36,6 +46,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from pipeline.checkpoint.manager import (
@@ -107,6 +120,30 @@ def _all_reduce(values: list[float], op, device: torch.device, world: int) -> li
     return buf.tolist()
 
 
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The FQN of each optimizer parameter, in ``optimizer.state_dict()``'s id order."""
+    names: dict[nn.Parameter, str] = {}
+    for name, p in model.named_parameters():
+        names.setdefault(p, name)
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optim_by_id(by_name: dict) -> dict:
+    """``get_state_dict``'s optimizer state (keyed by parameter FQN) in ``optimizer.state_dict()``'s
+    format (integer ids in parameter-group order), the format single-process and DDP runs save."""
+    ids, groups = {}, []
+    for group in by_name["param_groups"]:
+        groups.append({**group, "params": [ids.setdefault(name, len(ids)) for name in group["params"]]})
+    return {"state": {ids[name]: v for name, v in by_name["state"].items()}, "param_groups": groups}
+
+
+def _optim_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, by_id: dict) -> dict:
+    """The inverse of :func:`_optim_by_id`, for ``set_state_dict``."""
+    names = _param_names(model, optimizer)
+    return {"state": {names[i]: v for i, v in by_id["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in by_id["param_groups"]]}
+
+
 class _StopFlag:
     """SIGTERM / SIGUSR1 -> flag; the previous handlers come back on exit."""
 
@@ -175,11 +212,15 @@ def _start_run_folder(cfg: Config, folder: Path) -> dict:
 
 @torch.no_grad()
 def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, rank: int, world: int,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, collective: bool = False) -> dict[str, float]:
     """MDM NELBO (comparable to MDLM), its perplexity and the correction term on the val split.
 
     The same ``val_batches`` batches every time (fresh loader, fixed masking seeds); sharded over
-    the ranks when the split has a shard per rank, else every rank evaluates the same batches."""
+    the ranks when the split has a shard per rank, else every rank evaluates the same batches.
+
+    ``collective``: ``model`` runs collectives in its forward (FSDP2), so every rank runs as many
+    forwards as the rank with the most batches; a rank out of batches repeats its last one and
+    does not count it."""
     sharded = len(manifest.shards("val")) >= world
     v_rank, v_world = (rank, world) if sharded else (0, 1)
     try:
@@ -190,11 +231,20 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
     was_training = model.training
     model.eval()
     sums, n = [0.0, 0.0], 0
-    for i, batch in zip(range(cfg.train.val_batches), loader.epoch_iter()):
+    batches, batch = loader.epoch_iter(), None
+    for i in range(cfg.train.val_batches):
+        nxt = next(batches, None)
+        more = nxt is not None
+        if collective:
+            more = _all_reduce([float(more)], dist.ReduceOp.MAX, device, world)[0] > 0
+        if not more or batch is None and nxt is None:  # (the latter: an empty rank; the loader refuses those)
+            break
+        counted, batch = nxt is not None, nxt if nxt is not None else batch
         x, valid = batch["tokens"].to(device), batch["valid"].to(device)
         gen = _step_generator(cfg.train.seed, v_rank, 2**40, i, device)  # a stream no train step uses
         terms = proseco_loss(model, x, cfg.diffusion, mask_id, valid=valid, generator=gen)
-        sums, n = [sums[0] + float(terms.mdm), sums[1] + float(terms.correction)], n + 1
+        if counted:
+            sums, n = [sums[0] + float(terms.mdm), sums[1] + float(terms.correction)], n + 1
     model.train(was_training)
     mdm, corr, count = _all_reduce([*sums, float(n)], dist.ReduceOp.SUM, device, world)
     nelbo = mdm / max(count, 1.0)
@@ -211,9 +261,9 @@ def run(cfg: Config) -> int:
 
     # ---- build -------------------------------------------------------------------------------
     rank, world, local_rank = world_from_env()
-    if world > 1 and t.distributed != "ddp":
+    if world > 1 and t.distributed not in ("ddp", "fsdp"):
         raise ProsecoError(f"{world} processes were launched but train.distributed={t.distributed!r}; "
-                           "set train.distributed=ddp to train with DDP")
+                           "set train.distributed=ddp (DDP) or train.distributed=fsdp (FSDP2)")
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -234,9 +284,16 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     t, start_time = cfg.train, time.monotonic()
     manifest, vocab, mask_id = _open_data(cfg)
     model = _build_model(cfg, vocab, device)
+    ema = EMA(model, t.ema) if t.ema > 0 else None  # before sharding: the shadow stays unsharded
+    fsdp = world > 1 and t.distributed == "fsdp"
+    if fsdp:  # FSDP2 replaces the parameters with DTensor shards in place: the optimizer comes after
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) \
+        if world > 1 and not fsdp else None
     optimizer = make_optimizer(model, t)
-    ema = EMA(model, t.ema) if t.ema > 0 else None
-    ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else None
     loader = ShardLoader(manifest, "train", t.batch_size, rank=rank, world_size=world,
                          num_workers=t.loader_workers, seed=t.seed)
     folder = run_dir(cfg)
@@ -258,8 +315,13 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         state, _ = ckpt.load(latest, map_location=device,
                              reader=lambda p: {**torch.load(p / "state.pt", map_location=device, weights_only=True),
                                                **torch.load(p / f"rank_{rank:05d}.pt", weights_only=True)})
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:  # every rank holds the full state and keeps its own shards of it
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=_optim_by_name(model, optimizer, state["optimizer"]),
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.shadow.load_state_dict(state["ema"])
         loader.load_state_dict(state["loader"])
@@ -269,7 +331,12 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             print(f"resuming {folder} from {latest.name} (step {step})", flush=True)
 
     def save() -> Path:
-        full = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        if fsdp:  # a collective: gathers the unsharded state on rank 0 (other ranks get empty dicts)
+            model_sd, optim_sd = get_state_dict(model, optimizer,
+                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = {"model": model_sd, "optimizer": _optim_by_id(optim_sd) if rank == 0 else {}, "step": step}
+        else:
+            full = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
         if ema is not None:
             full["ema"] = ema.shadow.state_dict()
         mine = {"loader": loader.state_dict(), "rng": rng_state(), "local_tokens": local_tokens}
@@ -285,6 +352,13 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
     # ---- loop --------------------------------------------------------------------------------
     net = ddp if ddp is not None else model
+
+    def _grad_sync(sync: bool) -> contextlib.AbstractContextManager:
+        """DDP decides in the forward (``no_sync``); FSDP2 reads a flag in the backward that follows."""
+        if fsdp:
+            model.set_requires_gradient_sync(sync)
+        return ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (t.bf16 and device.type == "cuda") \
         else contextlib.nullcontext()
     metrics = open(folder / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed below)
@@ -315,10 +389,9 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                     calls = [0]
 
                     def model_fn(z, tt, v, _last=last_micro, _n=n_forwards, _calls=calls):
-                        # DDP reduces in the backward of a forward run with sync on: only the last one.
+                        # Reduce gradients in the backward of the last forward of the step only.
                         _calls[0] += 1
-                        sync = ddp is None or (_last and _calls[0] == _n)
-                        with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast:
+                        with _grad_sync(_last and _calls[0] == _n), autocast:
                             return net(z, tt, v)
 
                     terms = proseco_loss(
@@ -349,7 +422,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                            "tokens_per_s": red[3] / max(step_s, 1e-9), "data_wait_s": data_wait, "step_s": step_s}
                     if val_now:
                         row.update(_validate(cfg, ema.shadow if ema is not None else model, manifest, mask_id,
-                                             rank, world, device))
+                                             rank, world, device, collective=fsdp and ema is None))
                     if metrics is not None:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from pipeline.config import DiffusionConfig, TrainConfig
@@ -52,7 +53,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p.detach(), 1.0 - self.decay)
+            # FSDP2 parameters are DTensor shards: gather the full tensor (a collective - every rank
+            # calls update) into the unsharded shadow, built from the model before it was sharded.
+            src = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+            s.lerp_(src, 1.0 - self.decay)
 
 
 @dataclass

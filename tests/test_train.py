@@ -55,14 +55,15 @@ def _args(shards: Path, run: Path, *extra: str) -> list[str]:
             *TINY, *extra]
 
 
-def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int = 0) -> subprocess.Popen:
+def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int = 0,
+           distributed: str = "ddp") -> subprocess.Popen:
     if nproc:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                     f"--master_port={port}", "-m", "pipeline"]
-        extra = (*extra, "train.distributed=ddp")
+        extra = (*extra, f"train.distributed={distributed}")
     else:
         launcher = [sys.executable, "-m", "pipeline"]
     return subprocess.Popen([*launcher, *_args(shards, run, *extra)], cwd=ROOT, env=_env(delay),
@@ -157,7 +158,7 @@ def test_topology_change_is_refused_naming_it(shards, reference, tmp_path, capsy
 @pytest.mark.parametrize(("override", "needle"), [
     ("train.backend=deepspeed", "train.backend='deepspeed' is not implemented yet"),
     ("train.backend=megatron", "train.backend='megatron' is not implemented yet"),
-    ("train.distributed=fsdp", "train.distributed must be one of: none, ddp"),
+    ("train.distributed=zero", "train.distributed must be one of: none, ddp, fsdp"),
     ("train.grad_accum=0", "train.grad_accum must be > 0"),
     ("data.seq_len=16", "data.seq_len=32"),
 ])
@@ -189,3 +190,39 @@ def test_ddp_kill_9_and_resume_equals_uninterrupted(shards, tmp_path, capsys):
     # the DDP run folder cannot be resumed by one process
     assert cli.main(_args(shards, run, *accum, f"train.steps={STEPS + 2}")) == cli.EXIT_USER_ERROR
     assert "dp: checkpoint 2, now 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_kill_9_and_resume_equals_uninterrupted(shards, tmp_path):
+    """FSDP2 (2 ranks, grad accumulation, EMA, validation): kill -9 and resume equals uninterrupted;
+    step 1 matches DDP; the checkpoint has DDP's format, so a DDP run resumes it."""
+    ref, run, ddp = tmp_path / "ref", tmp_path / "run", tmp_path / "ddp"
+    extra = ("train.grad_accum=2", "train.val_every=4", "train.val_batches=2")
+    _finish(_train(shards, ref, *extra, nproc=2, distributed="fsdp"))
+    proc = _train(shards, run, *extra, delay=0.3, nproc=2, distributed="fsdp")
+    _wait_for_step(proc, run, 5)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    assert max(_losses(run)) < STEPS
+    out = _finish(_train(shards, run, *extra, nproc=2, distributed="fsdp"))
+    assert "resuming" in out
+    _assert_same_run(ref, run)
+    assert "val_mdm_nelbo" in read_metrics(run / "metrics.jsonl")[-1]
+
+    # same first steps as DDP (not bitwise: other reduction order), in the same state.pt layout
+    fsdp2 = tmp_path / "fsdp2"
+    _finish(_train(shards, ddp, *extra, "train.steps=2", nproc=2))
+    _finish(_train(shards, fsdp2, *extra, "train.steps=2", nproc=2, distributed="fsdp"))
+    assert _losses(ddp)[1] == pytest.approx(_losses(ref)[1], rel=1e-5)
+    s_ddp = torch.load(ddp / "checkpoints" / f"step_{2:08d}" / "state.pt", weights_only=True)
+    s_fsdp = torch.load(fsdp2 / "checkpoints" / f"step_{2:08d}" / "state.pt", weights_only=True)
+    assert s_ddp.keys() == s_fsdp.keys() and s_ddp["model"].keys() == s_fsdp["model"].keys()
+    for k, v in s_ddp["model"].items():
+        torch.testing.assert_close(v, s_fsdp["model"][k])
+    assert s_ddp["optimizer"]["param_groups"] == s_fsdp["optimizer"]["param_groups"]
+    for i, st in s_ddp["optimizer"]["state"].items():
+        for name, v in st.items():
+            torch.testing.assert_close(v, s_fsdp["optimizer"]["state"][i][name])
+    # ddp -> fsdp at the same world size resumes from that checkpoint
+    out = _finish(_train(shards, ddp, *extra, "train.steps=4", nproc=2, distributed="fsdp"))
+    assert "resuming" in out and sorted(_losses(ddp)) == [1, 2, 3, 4]
