@@ -274,7 +274,10 @@ def run(cfg: Config) -> int:
     if own_group:
         dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        return _train(cfg, rank, world, device)
+        code = _train(cfg, rank, world, device)
+        if own_group:
+            dist.barrier()  # no rank tears gloo down while a peer is still inside a collective
+        return code
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
