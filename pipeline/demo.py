@@ -26,7 +26,7 @@ import torch
 from data_prep import sudoku as sudoku_prep
 from pipeline.checkpoint import load_model, save_model
 from pipeline.config import Config, to_dict
-from pipeline.diffusion.sampling import sample
+from pipeline.diffusion.sampling import sample, sample_seeds
 from pipeline.model import Backbone, count_parameters
 from pipeline.tasks import sudoku
 from pipeline.trainer import train_in_memory
@@ -87,7 +87,7 @@ def evaluate(model, cfg: Config, data: dict, steps: int, corrector: int) -> dict
         outs = []
         for start in range(0, n, bs):
             size = min(bs, n - start)
-            seeds = [cfg.sampler.seed * 1_000_003 + start + i for i in range(size)]
+            seeds = sample_seeds(cfg.sampler.seed, start, size)
             kwargs = {"batch": size} if prompt is None else {"prompt": prompt[start:start + size],
                                                              "fixed": fixed[start:start + size]}
             outs.append(sample(fn, sampler, seq_len=sudoku.SEQ_LEN, mask_id=sudoku.MASK_ID, seeds=seeds,

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.checkpoint import load_model
 from pipeline.config import Config
-from pipeline.diffusion.sampling import check_sampler, sample
+from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.tasks import get_task
 
@@ -26,7 +26,7 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
     if infill:
         _, held = task.split(cfg.data.split_seed, cfg.data.holdout_fraction)
         prompt, fixed = task.make_puzzles(held, cfg.data.puzzle_clues, cfg.data.split_seed + 1, n=num)
-    seeds = [cfg.sampler.seed * 1_000_003 + i for i in range(num)]
+    seeds = sample_seeds(cfg.sampler.seed, 0, num)
     result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=blob["mask_id"],
                     batch=None if infill else num, prompt=prompt, fixed=fixed, seeds=seeds,
                     time_conditioned=cfg.model.time_conditioning, max_seq_len=cfg.model.max_seq_len)

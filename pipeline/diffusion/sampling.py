@@ -199,6 +199,12 @@ def corrector_loop(denoise: Denoiser, logits, z, t, fixed, mask_id, max_passes: 
     return z, logits
 
 
+def sample_seeds(seed: int, start: int, n: int) -> list[int]:
+    """Per-sample seeds for samples ``start .. start + n - 1`` of a run seeded with ``seed``, so a
+    sample's randomness depends on its index, not on how the run was cut into batches."""
+    return [seed * 1_000_003 + start + i for i in range(n)]
+
+
 @torch.no_grad()
 def sample(model_fn: ModelFn, cfg: SamplerConfig, *, seq_len: int, mask_id: int, batch: int | None = None,
            prompt: torch.Tensor | None = None, fixed: torch.Tensor | None = None,
@@ -206,7 +212,7 @@ def sample(model_fn: ModelFn, cfg: SamplerConfig, *, seq_len: int, mask_id: int,
            device=None) -> SampleOutput:
     """Generate ``batch`` sequences (or infill ``prompt`` where ``fixed`` is False).
 
-    ``seeds``: one seed per sample (default ``cfg.seed * 1_000_003 + i``); a sample depends only on
+    ``seeds``: one seed per sample (default ``sample_seeds(cfg.seed, 0, batch)``); a sample depends only on
     its seed, the model and ``cfg``. ``time_conditioned``: the model reads t, so logits are never
     reused across steps.
     """
@@ -219,7 +225,7 @@ def sample(model_fn: ModelFn, cfg: SamplerConfig, *, seq_len: int, mask_id: int,
     if fixed is None:
         fixed = prompt != mask_id
     batch, device = prompt.shape[0], prompt.device
-    seeds = seeds if seeds is not None else [cfg.seed * 1_000_003 + i for i in range(batch)]
+    seeds = seeds if seeds is not None else sample_seeds(cfg.seed, 0, batch)
     noise, denoise = Noise(seeds, device), Denoiser(model_fn, mask_id, batch, device)
 
     z = torch.where(fixed, prompt, torch.full_like(prompt, mask_id))
