@@ -19,7 +19,7 @@ PIP_TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 help:
 	@echo "targets:"
-	@echo "  venv       create $(VENV) and install torch==$(TORCH_VERSION) + this package with [dev]"
+	@echo "  venv       create $(VENV) and install torch==$(TORCH_VERSION) + this package with [dev,distributed]"
 	@echo "  demo       run 'proseco demo' (MDM vs ProSeCo on 4x4 Sudoku)"
 	@echo "  test       run the whole test suite, slow science tests included"
 	@echo "  test-fast  run the tests not marked slow"
@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> venv: installing pinned torch==$(TORCH_VERSION) first"
 	$(BIN)/pip install $(PIP_TORCH_ARGS) torch==$(TORCH_VERSION)
-	@echo "==> venv: installing proseco-pipeline (editable) with [dev] extras"
-	$(BIN)/pip install -e '.[dev]'
+	@echo "==> venv: installing proseco-pipeline (editable) with [dev,distributed] extras"
+	DS_BUILD_OPS=0 $(BIN)/pip install -e '.[dev,distributed]'
 	@touch $(STAMP)
 	@echo "==> venv: ready ($(STAMP))"
 

@@ -125,6 +125,19 @@ def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
                                                             infill=args.infill))
 
 
+def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
+    tools = _import_stage("pipeline.checkpoint.tools")
+    if args.action == "export":
+        out = tools.export(args.path, args.out, weights=args.weights, force=args.force)
+        print(f"exported {out} (load it with `proseco sample {out}` or pipeline.checkpoint.load_model)")
+    elif args.action == "universal":
+        out = tools.universal(args.path, force=args.force)
+        print(f"wrote {out}; rerun the training command with the new layout to resume from it")
+    else:
+        print(tools.info(args.path))
+    return 0
+
+
 def _resolve(args: argparse.Namespace) -> Config:
     """The config a verb runs with. `sample` starts from the config stored in the model file,
     so only what the user overrides differs from training (model.* must then still match)."""
@@ -163,6 +176,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[ar
     "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
     "train": (_run_train, _describe_train),
     "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
+    "ckpt": (_run_ckpt, lambda a, c: f"pipeline.checkpoint.tools.{a.action}({a.path!r})"),
     "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
 }
 
@@ -229,18 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="pretrain on corpus shards (single process, or DDP under torchrun); resumes automatically",
+        help="pretrain on corpus shards (torch DDP/FSDP2, DeepSpeed ZeRO, megatron TP); resumes automatically",
         description=_describe(
             """Train a ProSeCo model on the shards in data.manifest (written by `proseco prep shards`)
-            for train.steps optimizer steps with the torch backend: one process, or DDP when started
-            by torchrun (train.distributed=ddp; gloo on CPU, nccl on CUDA). Everything goes to the run
-            folder (run.dir, default runs/<run.name>): run.json, config.yaml, metrics.jsonl and
+            for train.steps optimizer steps. train.backend picks the engine: torch (one process, or
+            under torchrun DDP / FSDP2 with train.distributed=ddp|fsdp), deepspeed (ZeRO stage
+            train.zero_stage=0..3, config generated from ours) or megatron (megatron-core tensor
+            parallelism of size train.tp_size, data parallel over the remaining ranks); gloo on CPU,
+            nccl on CUDA. Everything goes to the run folder (run.dir, default runs/<run.name>):
+            run.json, config.yaml, metrics.jsonl, wandb/ (train.wandb=offline|online|disabled) and
             checkpoints/ every train.checkpoint_every steps. Rerunning the same command resumes from
             the latest complete checkpoint. SIGTERM / SIGUSR1 or the time budget train.max_time_s
             saves and exits with code 3 (requeue)."""
         ),
         epilog=_epilog("proseco train --config text train.steps=20",
                        "torchrun --nproc_per_node=2 -m pipeline train --config text train.distributed=ddp",
+                       "torchrun --nproc_per_node=2 -m pipeline train --config text train.backend=deepspeed "
+                       "train.zero_stage=3",
+                       "torchrun --nproc_per_node=2 -m pipeline train --config text train.backend=megatron "
+                       "train.tp_size=2",
                        "proseco train --config text run.name=exp1 train.max_time_s=3600 --dry-run"),
         formatter_class=fmt,
     )
@@ -261,13 +282,42 @@ def build_parser() -> argparse.ArgumentParser:
                        "proseco sample runs/demo/proseco.pt --infill --num 16 sampler.name=confidence"),
         formatter_class=fmt,
     )
-    smp.add_argument("model", metavar="MODEL_FILE", help="a model file (e.g. runs/demo/proseco.pt)")
+    smp.add_argument("model", metavar="MODEL_FILE",
+                     help="a model file (e.g. runs/demo/proseco.pt) or a `proseco ckpt export` folder")
     smp.add_argument("--num", type=int, default=8, help="number of samples (default: 8)")
     smp.add_argument("--infill", action="store_true",
                      help="solve the task's held-out puzzles instead of generating from scratch")
     smp.add_argument("--out", metavar="FILE", help="also write samples and NFE to this JSON file")
     _add_config_args(smp)
     smp.set_defaults(verb_parser=smp)
+
+    ckpt = sub.add_parser(
+        "ckpt",
+        help="inspect, export (safetensors) or convert (DeepSpeed universal) a training checkpoint",
+        description=_describe(
+            """Work on a checkpoint of `proseco train`. PATH is a checkpoint folder
+            (runs/NAME/checkpoints/step_XXXXXXXX) or a run folder (its latest complete checkpoint).
+            `info`: step, parallel layout, files (verified against their checksums), code version.
+            `export`: consolidate the weights (EMA by default) of any backend - torch, FSDP2,
+            DeepSpeed ZeRO, megatron tensor parallel - into model.safetensors + model.json +
+            config.yaml, loadable for sampling without DeepSpeed or megatron-core (default folder:
+            runs/NAME/exports/step_XXXXXXXX). `universal`: convert a DeepSpeed ZeRO checkpoint with
+            DeepSpeed's universal-checkpoint tool, so that the run resumes under another
+            data-parallel size or ZeRO stage."""
+        ),
+        epilog=_epilog("proseco ckpt info runs/exp1",
+                       "proseco ckpt export runs/exp1 --weights raw --out models/exp1",
+                       "proseco ckpt universal runs/exp1/checkpoints/step_00002000"),
+        formatter_class=fmt,
+    )
+    ckpt.add_argument("action", choices=["info", "export", "universal"], help="what to do")
+    ckpt.add_argument("path", metavar="PATH", help="checkpoint folder or run folder")
+    ckpt.add_argument("--out", metavar="DIR", help="export: output folder")
+    ckpt.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
+                      help="export: EMA weights (auto: when the run kept them) or the raw trained ones")
+    ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
+    _add_config_args(ckpt)
+    ckpt.set_defaults(verb_parser=ckpt)
 
     config = sub.add_parser(
         "config",

@@ -94,8 +94,10 @@ class TrainConfig:
     log_every: int = 100
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     # ---- `proseco train` (pipeline/train.py); batch_size is per rank and micro-step ----
-    backend: str = "torch"  # torch | deepspeed | megatron (the last two: not implemented yet)
-    distributed: str = "none"  # none | ddp | fsdp (FSDP2); torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA
+    backend: str = "torch"  # torch | deepspeed (ZeRO) | megatron (megatron-core tensor parallel)
+    distributed: str = "none"  # backend torch: none | ddp | fsdp (FSDP2); torchrun sets WORLD_SIZE
+    zero_stage: int = 2  # backend deepspeed: ZeRO stage 0-3
+    tp_size: int = 1  # backend megatron: tensor-parallel size (divides the world size, heads, MLP, vocab)
     grad_accum: int = 1  # micro-steps per optimizer step
     checkpoint_every: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3  # newest checkpoints kept
@@ -106,6 +108,9 @@ class TrainConfig:
     loader_workers: int = 0  # DataLoader worker processes per rank (0 = read in the training process)
     bf16: bool = False  # bfloat16 autocast (CUDA only; ignored on CPU)
     activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
+    wandb: str = "offline"  # offline (files in the run folder, `wandb sync` later) | online | disabled
+    wandb_project: str = "proseco"
+    wandb_entity: str = ""  # "" = the logged-in user's default entity
 
 
 @dataclass
@@ -363,11 +368,12 @@ _RANGES: dict[str, str] = {
     "train.warmup_steps train.grad_clip train.threads train.seed data.split_seed data.puzzle_clues "
     "prep.workers prep.seed prep.input_sentence_size train.permanent_every train.max_time_s train.val_every "
     "train.loader_workers",
-    "[1, inf)": "sampler.corrector_every",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
     "[0, 1)": "model.dropout train.beta1 train.beta2 train.ema prep.val_fraction",
     "(0, 1]": "sampler.nucleus_p prep.character_coverage",
     "[0, 1]": "train.min_lr_ratio",
+    "[0, 3]": "train.zero_stage",
+    "[1, inf)": "sampler.corrector_every train.tp_size",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means
     "sampler.corrector_steps": ("sampler.corrector_steps (S)", " (0 turns the corrector off)"),
@@ -381,6 +387,7 @@ _CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.backend": ("torch", "deepspeed", "megatron"),
     "train.distributed": ("none", "ddp", "fsdp"),
+    "train.wandb": ("offline", "online", "disabled"),
     "data.task": ("sudoku4", "text"),
     "prep.fmt": ("auto", "text", "jsonl", "parquet"),
     "prep.doc_split": ("line", "paragraph", "file"),
@@ -428,6 +435,15 @@ def validate(cfg: Config) -> None:
         (bool(demo.out_dir.strip()), "demo.out_dir must not be empty"),
         (bool(cfg.run.name.strip()) and "/" not in cfg.run.name, f"run.name must be a name without '/', got {name!r}"),
         (bool(data.manifest.strip()), "data.manifest must not be empty"),
+        (cfg.train.backend == "megatron" or cfg.train.tp_size == 1,
+         f"train.tp_size={cfg.train.tp_size} needs train.backend=megatron (tensor parallelism)"),
+        (cfg.train.backend == "torch" or cfg.train.distributed == "none",
+         f"train.distributed={cfg.train.distributed!r} is for train.backend=torch; backend "
+         f"{cfg.train.backend} does its own data parallelism (set train.distributed=none)"),
+        (m.heads % cfg.train.tp_size == 0 and int(m.hidden * m.mlp_ratio) % cfg.train.tp_size == 0,
+         f"train.tp_size={cfg.train.tp_size} must divide model.heads ({m.heads}) and the MLP width "
+         f"({int(m.hidden * m.mlp_ratio)})"),
+        (bool(cfg.train.wandb_project.strip()), "train.wandb_project must not be empty"),
     ]
     for ok, message in checks:
         if not ok:

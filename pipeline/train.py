@@ -1,30 +1,27 @@
-"""`proseco train`: pretrain a ProSeCo model on corpus shards with the ``torch`` backend.
+"""`proseco train`: pretrain a ProSeCo model on corpus shards, on any backend.
 
-:func:`run` reads top to bottom: **build** (process group, model, optimizer, EMA, loader,
-checkpoint manager, run folder) -> **resume** (latest complete checkpoint, refused under another
-topology) -> **loop** (lr schedule, gradient accumulation, :func:`proseco_loss` with the split
-backward, clip, step, EMA, metrics, validation, checkpoints) -> **save** -> **exit**.
+:func:`run` reads top to bottom: **build** (process group, engine = model + optimizer + EMA on the
+chosen backend, loader, checkpoint manager, run folder) -> **resume** (latest complete checkpoint)
+-> **loop** (lr schedule, gradient accumulation, :func:`proseco_loss` with the split backward,
+clip + step + EMA in the engine, metrics, validation, checkpoints) -> **save** -> **exit**.
 
-Single process, or under ``torchrun`` DDP (``train.distributed=ddp``) or FSDP2
-(``train.distributed=fsdp``: ``fully_shard`` on each transformer block, then the root, over a 1-D
-device mesh); gloo on CPU, nccl on CUDA. ``train.batch_size`` is per rank and micro-step: an
-optimizer step sees ``batch_size x grad_accum x world_size`` sequences. Every backward but the last
-of an optimizer step skips the gradient sync (DDP: ``no_sync()``; FSDP2:
-``set_requires_gradient_sync(False)``; pass 1 and pass 2 of the split backward are separate
-backwards), so gradients are reduced once per step and equal those of the summed loss.
+Backends (``train.backend``, :mod:`pipeline.engines`): ``torch`` (one process, DDP or FSDP2),
+``deepspeed`` (ZeRO 0-3) and ``megatron`` (megatron-core tensor parallelism, data parallel over
+the remaining ranks). Launch with ``torchrun`` on one node; the SLURM launcher sets the same
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) on many. gloo on CPU, nccl on
+CUDA. ``train.batch_size`` is per data-parallel rank and micro-step: an optimizer step sees
+``batch_size x grad_accum x data-parallel size`` sequences.
 
-FSDP2 checkpoints have the same format as DDP ones: ``get_state_dict`` with
-``full_state_dict=True, cpu_offload=True`` gathers the unsharded model and optimizer state on rank 0
-(the optimizer state re-keyed to ``optimizer.state_dict()``'s integer ids), so ``state.pt`` stays
-loadable by single-process tools, and a run may switch between ddp and fsdp at the same world size
-(a resume shards the full state again with ``set_state_dict``). EMA under FSDP2: the shadow is an
-unsharded copy made before sharding and updated from ``full_tensor()`` of every parameter, i.e. one
-extra all-gather of the whole model per optimizer step and one full model copy per rank.
+Determinism: the masking draws of micro-step ``m`` of step ``s`` on data-parallel rank ``r`` come
+from a generator seeded by ``(train.seed, r, s, m)`` and dropout is reseeded the same way, so a
+resumed run needs only the engine's state, the loader position and the counters - all in the
+checkpoint - to continue bit for bit (``tests/test_train.py``: kill -9 and resume equals
+uninterrupted). Tensor-parallel peers share ``r``, so they see the same batch and the same masks.
 
-Determinism: the masking draws of micro-step ``m`` of step ``s`` on rank ``r`` come from a
-generator seeded by ``(train.seed, r, s, m)``, so a resumed run needs only the model, optimizer,
-EMA, loader position, global RNG states (dropout) and counters - all in the checkpoint - to
-continue bit for bit (``tests/test_train.py``: kill -9 and resume equals uninterrupted).
+Resuming under another layout: the torch and megatron engines save the full unsharded state, so a
+run may change its world size, switch between single process / DDP / FSDP2 / tensor-parallel sizes
+(the loader then restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
+``proseco ckpt universal`` first (the refusal says so).
 
 Graceful stop: SIGTERM / SIGUSR1 set a flag; at each optimizer-step boundary all ranks agree
 (one all-reduce MAX over [signal seen, time budget ``train.max_time_s`` spent]), save together
@@ -34,9 +31,9 @@ and exit with :data:`EXIT_REQUEUE` (3), which tells a launcher to requeue the jo
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
+import resource
 import signal
 import time
 import uuid
@@ -46,9 +43,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from pipeline.checkpoint.manager import (
@@ -56,19 +50,19 @@ from pipeline.checkpoint.manager import (
     code_version,
     rng_state,
     set_rng_state,
-    topology_mismatch,
-    topology_refusal,
 )
 from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
 from pipeline.diffusion.objective import proseco_loss
+from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
-from pipeline.model import Backbone
-from pipeline.trainer import EMA, lr_at, make_optimizer
+from pipeline.trainer import lr_at
 
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
 STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this long after each step
+SAVE_DELAY_ENV = "PROSECO_SAVE_DELAY_S"  # fault-injection tests: sleep inside a save, files half-written
+FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints hold the full unsharded state
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -88,9 +82,13 @@ def world_layout(cfg: Config) -> str:
     t = cfg.train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     comm = ("gloo" if device == "cpu" else "nccl") if world > 1 else "none (single process)"
-    return (f"backend {t.backend}, distributed {t.distributed}, world size {world} (this is rank {rank}), "
+    tp = t.tp_size if t.backend == "megatron" else 1
+    dp = max(world // tp, 1)
+    layout = {"torch": f"distributed {t.distributed}", "deepspeed": f"ZeRO stage {t.zero_stage}",
+              "megatron": f"tensor parallel {tp} x data parallel {dp}"}[t.backend]
+    return (f"backend {t.backend} ({layout}), world size {world} (this is rank {rank}), "
             f"device {device}, process group {comm}; per optimizer step {t.batch_size} sequences x "
-            f"{t.grad_accum} micro-steps x {world} ranks = {t.batch_size * t.grad_accum * world}; "
+            f"{t.grad_accum} micro-steps x {dp} data-parallel ranks = {t.batch_size * t.grad_accum * dp}; "
             f"run folder {run_dir(cfg)}")
 
 
@@ -120,30 +118,6 @@ def _all_reduce(values: list[float], op, device: torch.device, world: int) -> li
     return buf.tolist()
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The FQN of each optimizer parameter, in ``optimizer.state_dict()``'s id order."""
-    names: dict[nn.Parameter, str] = {}
-    for name, p in model.named_parameters():
-        names.setdefault(p, name)
-    return [names[p] for group in optimizer.param_groups for p in group["params"]]
-
-
-def _optim_by_id(by_name: dict) -> dict:
-    """``get_state_dict``'s optimizer state (keyed by parameter FQN) in ``optimizer.state_dict()``'s
-    format (integer ids in parameter-group order), the format single-process and DDP runs save."""
-    ids, groups = {}, []
-    for group in by_name["param_groups"]:
-        groups.append({**group, "params": [ids.setdefault(name, len(ids)) for name in group["params"]]})
-    return {"state": {ids[name]: v for name, v in by_name["state"].items()}, "param_groups": groups}
-
-
-def _optim_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, by_id: dict) -> dict:
-    """The inverse of :func:`_optim_by_id`, for ``set_state_dict``."""
-    names = _param_names(model, optimizer)
-    return {"state": {names[i]: v for i, v in by_id["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in by_id["param_groups"]]}
-
-
 class _StopFlag:
     """SIGTERM / SIGUSR1 -> flag; the previous handlers come back on exit."""
 
@@ -161,15 +135,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _build_model(cfg: Config, vocab: int, device: torch.device) -> Backbone:
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = Backbone(cfg.model, vocab_size=vocab).to(device)
-    if cfg.train.activation_checkpointing:
-        for block in model.blocks:
-            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-    return model
 
 
 def _open_data(cfg: Config) -> tuple[Manifest, int, int]:
@@ -212,13 +177,15 @@ def _start_run_folder(cfg: Config, folder: Path) -> dict:
 
 @torch.no_grad()
 def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, rank: int, world: int,
-              device: torch.device, collective: bool = False) -> dict[str, float]:
+              procs: int, device: torch.device, collective: bool = False) -> dict[str, float]:
     """MDM NELBO (comparable to MDLM), its perplexity and the correction term on the val split.
 
     The same ``val_batches`` batches every time (fresh loader, fixed masking seeds); sharded over
-    the ranks when the split has a shard per rank, else every rank evaluates the same batches.
+    the data-parallel ranks (``rank`` of ``world``) when the split has a shard per rank, else every
+    rank evaluates the same batches. ``procs``: all processes (tensor-parallel peers count the same
+    batches; the averages are unchanged).
 
-    ``collective``: ``model`` runs collectives in its forward (FSDP2), so every rank runs as many
+    ``collective``: ``model`` runs collectives in its forward (FSDP2, ZeRO-3, tensor parallel), so every rank runs as many
     forwards as the rank with the most batches; a rank out of batches repeats its last one and
     does not count it."""
     sharded = len(manifest.shards("val")) >= world
@@ -236,7 +203,7 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
         nxt = next(batches, None)
         more = nxt is not None
         if collective:
-            more = _all_reduce([float(more)], dist.ReduceOp.MAX, device, world)[0] > 0
+            more = _all_reduce([float(more)], dist.ReduceOp.MAX, device, procs)[0] > 0
         if not more or batch is None and nxt is None:  # (the latter: an empty rank; the loader refuses those)
             break
         counted, batch = nxt is not None, nxt if nxt is not None else batch
@@ -246,7 +213,7 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
         if counted:
             sums, n = [sums[0] + float(terms.mdm), sums[1] + float(terms.correction)], n + 1
     model.train(was_training)
-    mdm, corr, count = _all_reduce([*sums, float(n)], dist.ReduceOp.SUM, device, world)
+    mdm, corr, count = _all_reduce([*sums, float(n)], dist.ReduceOp.SUM, device, procs)
     nelbo = mdm / max(count, 1.0)
     return {"val_mdm_nelbo": nelbo, "val_ppl": float(np.exp(min(nelbo, 700.0))),
             "val_correction": corr / max(count, 1.0)}
@@ -256,23 +223,27 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
 def run(cfg: Config) -> int:
     """Train ``cfg.train.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
     t = cfg.train
-    if t.backend != "torch":
-        raise ProsecoError(f"train.backend={t.backend!r} is not implemented yet; use train.backend=torch")
-
-    # ---- build -------------------------------------------------------------------------------
     rank, world, local_rank = world_from_env()
-    if world > 1 and t.distributed not in ("ddp", "fsdp"):
+    if world > 1 and t.backend == "torch" and t.distributed not in ("ddp", "fsdp"):
         raise ProsecoError(f"{world} processes were launched but train.distributed={t.distributed!r}; "
                            "set train.distributed=ddp (DDP) or train.distributed=fsdp (FSDP2)")
+    if t.backend == "megatron" and world % t.tp_size:
+        raise ProsecoError(f"world size {world} is not divisible by train.tp_size={t.tp_size}; launch a multiple "
+                           f"of {t.tp_size} processes or change train.tp_size")
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if t.threads:
         torch.set_num_threads(t.threads)
-    own_group = world > 1 and not dist.is_initialized()
+    # DeepSpeed and megatron-core want a process group even in one process.
+    own_group = (world > 1 or t.backend != "torch") and not dist.is_initialized()
     if own_group:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         code = _train(cfg, rank, world, device)
         if own_group:
@@ -283,25 +254,67 @@ def run(cfg: Config) -> int:
             dist.destroy_process_group()
 
 
+def _resume(engine: Engine, loader: ShardLoader, ckpt: CheckpointManager, latest: Path, rank: int,
+            device: torch.device) -> tuple[int, int]:
+    """Restore engine, loader, RNG and counters from ``latest``; (step, local tokens)."""
+    meta = ckpt.read_meta(latest)
+    ckpt.verify(latest, meta)
+    saved, now = meta.get("topology", {}), engine.topology
+    if saved != now and "deepspeed" in (saved.get("backend"), now["backend"]) \
+            and saved.get("backend") != now["backend"]:
+        raise ProsecoError(
+            f"cannot resume from {latest}: it was saved by backend {saved.get('backend')} and this run uses "
+            f"{now['backend']}; DeepSpeed ZeRO checkpoints resume only under train.backend=deepspeed (and "
+            f"torch/megatron ones not under it). Resume with train.backend={saved.get('backend')}, or start a "
+            f"new run folder (`proseco ckpt export {latest}` gives its weights)")
+    try:
+        engine.load(latest, saved)
+        own = latest / f"rank_{rank:05d}.pt"
+        same_layout = saved == now and own.is_file()
+        mine = torch.load(own if same_layout else latest / "rank_00000.pt", map_location="cpu", weights_only=True)
+    except ProsecoError:
+        raise
+    except Exception as exc:  # truncated or foreign files raise many types
+        raise ProsecoError(f"cannot load checkpoint {latest} ({type(exc).__name__}: {exc}); it is corrupt or "
+                           "from another model config. Move it aside to resume from the one before") from exc
+    loader.load_state_dict(mine["loader"], allow_new_world_size=not same_layout)
+    if same_layout:
+        set_rng_state(mine["rng"])
+        local_tokens = int(mine["local_tokens"])
+    else:  # another layout: rank 0 carries the token count of the old ranks, the epoch restarts
+        old = sorted(latest.glob("rank_*.pt"))
+        total = sum(int(torch.load(f, weights_only=True)["local_tokens"]) for f in old) if rank == 0 else 0
+        local_tokens = total
+        if rank == 0:
+            print(f"resuming {latest.name} under another layout ({saved} -> {now}): weights and optimizer "
+                  "resharded; the data loader restarts the interrupted epoch", flush=True)
+    return int(meta["step"]), local_tokens
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
+
+
 def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
-    t, start_time = cfg.train, time.monotonic()
+    start_time = time.monotonic()
     manifest, vocab, mask_id = _open_data(cfg)
-    model = _build_model(cfg, vocab, device)
-    ema = EMA(model, t.ema) if t.ema > 0 else None  # before sharding: the shadow stays unsharded
-    fsdp = world > 1 and t.distributed == "fsdp"
-    if fsdp:  # FSDP2 replaces the parameters with DTensor shards in place: the optimizer comes after
-        mesh = init_device_mesh(device.type, (world,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False) \
-        if world > 1 and not fsdp else None
-    optimizer = make_optimizer(model, t)
-    loader = ShardLoader(manifest, "train", t.batch_size, rank=rank, world_size=world,
+    engine = build_engine(cfg, vocab, device, rank, world)
+    try:
+        return _loop(cfg, engine, manifest, vocab, mask_id, rank, world, device, start_time)
+    finally:
+        engine.close()
+
+
+def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: int, rank: int, world: int,
+          device: torch.device, start_time: float) -> int:
+    t = cfg.train
+    d_rank, d_world, tp = engine.data_rank, engine.data_world, world // engine.data_world
+    loader = ShardLoader(manifest, "train", t.batch_size, rank=d_rank, world_size=d_world,
                          num_workers=t.loader_workers, seed=t.seed)
     folder = run_dir(cfg)
     ckpt = CheckpointManager(folder, t.keep_last, t.permanent_every, rank=rank, world_size=world)
-    topology = {"backend": t.backend, "dp": world, "tp": 1, "zero_stage": 0}
     if rank == 0:
         _start_run_folder(cfg, folder)
         ckpt.cleanup_partial()
@@ -312,72 +325,40 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     step, local_tokens = 0, 0
     latest = ckpt.latest()
     if latest is not None:
-        diffs = topology_mismatch(ckpt.read_meta(latest), topology)
-        if diffs:
-            raise ProsecoError(topology_refusal(latest, diffs))
-        state, _ = ckpt.load(latest, map_location=device,
-                             reader=lambda p: {**torch.load(p / "state.pt", map_location=device, weights_only=True),
-                                               **torch.load(p / f"rank_{rank:05d}.pt", weights_only=True)})
-        if fsdp:  # every rank holds the full state and keeps its own shards of it
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=_optim_by_name(model, optimizer, state["optimizer"]),
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.shadow.load_state_dict(state["ema"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step, local_tokens = int(state["step"]), int(state["local_tokens"])
+        step, local_tokens = _resume(engine, loader, ckpt, latest, rank, device)
         if rank == 0:
             print(f"resuming {folder} from {latest.name} (step {step})", flush=True)
 
+    save_delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+
     def save() -> Path:
-        if fsdp:  # a collective: gathers the unsharded state on rank 0 (other ranks get empty dicts)
-            model_sd, optim_sd = get_state_dict(model, optimizer,
-                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            full = {"model": model_sd, "optimizer": _optim_by_id(optim_sd) if rank == 0 else {}, "step": step}
-        else:
-            full = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-        if ema is not None:
-            full["ema"] = ema.shadow.state_dict()
         mine = {"loader": loader.state_dict(), "rng": rng_state(), "local_tokens": local_tokens}
 
         def writer(tmp: Path, _state: dict) -> None:
+            engine.save(tmp, rank)
+            if save_delay:  # a crash here leaves a tmp folder with some files and no marker
+                time.sleep(save_delay)
             torch.save(mine, tmp / f"rank_{rank:05d}.pt")
-            if rank == 0:
-                torch.save(full, tmp / "state.pt")
 
-        meta = {"topology": topology, "manifest": manifest.fingerprint, "config": to_dict(cfg),
-                "code": code_version()}
-        return ckpt.save(step, full, meta, writer=writer)
+        meta = {"topology": engine.topology, "manifest": manifest.fingerprint, "config": to_dict(cfg),
+                "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}}
+        return ckpt.save(step, {}, meta, writer=writer)
 
     # ---- loop --------------------------------------------------------------------------------
-    net = ddp if ddp is not None else model
-
-    def _grad_sync(sync: bool) -> contextlib.AbstractContextManager:
-        """DDP decides in the forward (``no_sync``); FSDP2 reads a flag in the backward that follows."""
-        if fsdp:
-            model.set_requires_gradient_sync(sync)
-        return ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (t.bf16 and device.type == "cuda") \
-        else contextlib.nullcontext()
+    n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
     metrics = open(folder / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed below)
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=rank != 0, mininterval=1.0, dynamic_ncols=True)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     last_saved, exit_code = step if latest is not None else -1, 0
     batches = iter(loader)
-    model.train()
+    engine.model.train()
     try:
         with _StopFlag() as stop:
             while step < t.steps:
                 step_start, data_wait = time.perf_counter(), 0.0
                 lr = lr_at(step, t)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
+                engine.set_lr(lr)
+                engine.zero_grad()
                 sums, step_tokens = [0.0, 0.0, 0.0], 0
                 for micro in range(t.grad_accum):
                     wait = time.perf_counter()
@@ -386,30 +367,25 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                     x, valid = batch["tokens"].to(device), batch["valid"].to(device)
                     # Dropout draws from the global RNG, which a new DataLoader iterator also consumes
                     # (once per epoch, and at a resume): reseed it so a resumed run draws the same.
-                    torch.manual_seed(_seed_of(t.seed, rank, step, micro, 1))
-                    last_micro = micro == t.grad_accum - 1
-                    n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
-                    calls = [0]
+                    torch.manual_seed(_seed_of(t.seed, d_rank, step, micro, 1))
+                    last_micro, calls = micro == t.grad_accum - 1, [0]
 
-                    def model_fn(z, tt, v, _last=last_micro, _n=n_forwards, _calls=calls):
+                    def model_fn(z, tt, v, _last=last_micro, _calls=calls):
                         # Reduce gradients in the backward of the last forward of the step only.
                         _calls[0] += 1
-                        with _grad_sync(_last and _calls[0] == _n), autocast:
-                            return net(z, tt, v)
+                        return engine.forward(z, tt, v, sync=_last and _calls[0] == n_forwards)
 
-                    terms = proseco_loss(
-                        model_fn, x, cfg.diffusion, mask_id, valid=valid,
-                        generator=_step_generator(t.seed, rank, step, micro, device),
-                        backward=(lambda loss: (loss / t.grad_accum).backward())
-                        if cfg.diffusion.split_backward else None)
+                    def backward(loss):
+                        engine.backward(loss / t.grad_accum)
+
+                    terms = proseco_loss(model_fn, x, cfg.diffusion, mask_id, valid=valid,
+                                         generator=_step_generator(t.seed, d_rank, step, micro, device),
+                                         backward=backward if cfg.diffusion.split_backward else None)
                     if not cfg.diffusion.split_backward:
-                        (terms.loss / t.grad_accum).backward()
+                        backward(terms.loss)
                     sums = [s + float(v) for s, v in zip(sums, (terms.loss, terms.mdm, terms.correction))]
                     step_tokens += terms.tokens
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-                optimizer.step()
-                if ema is not None:
-                    ema.update(model)
+                grad_norm = engine.step()
                 step += 1
                 local_tokens += step_tokens
                 bar.update(1)
@@ -421,11 +397,12 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                     step_s = time.perf_counter() - step_start
                     row = {"step": step, "loss": red[0] / (t.grad_accum * world),
                            "mdm": red[1] / (t.grad_accum * world), "correction": red[2] / (t.grad_accum * world),
-                           "lr": lr, "grad_norm": float(grad_norm), "tokens_seen": int(red[4]),
-                           "tokens_per_s": red[3] / max(step_s, 1e-9), "data_wait_s": data_wait, "step_s": step_s}
+                           "lr": lr, "grad_norm": grad_norm, "tokens_seen": int(red[4] / tp),
+                           "tokens_per_s": red[3] / tp / max(step_s, 1e-9), "data_wait_s": data_wait,
+                           "step_s": step_s, "memory_mb": _memory_mb(device)}
                     if val_now:
-                        row.update(_validate(cfg, ema.shadow if ema is not None else model, manifest, mask_id,
-                                             rank, world, device, collective=fsdp and ema is None))
+                        row.update(_validate(cfg, engine.eval_model, manifest, mask_id, d_rank, d_world, world,
+                                             device, collective=engine.eval_collective))
                     if metrics is not None:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
@@ -436,8 +413,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 if delay:
                     time.sleep(delay)
                 spent = t.max_time_s > 0 and time.monotonic() - start_time > t.max_time_s
-                flags = _all_reduce([float(stop.seen), float(spent)], dist.ReduceOp.MAX,
-                                    device, world)
+                flags = _all_reduce([float(stop.seen), float(spent)], dist.ReduceOp.MAX, device, world)
                 if step < t.steps and max(flags) > 0:
                     why = "a stop signal" if flags[0] else f"the time budget train.max_time_s={t.max_time_s:g}"
                     if rank == 0:

@@ -46,9 +46,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 class EMA:
     """Exponential moving average of the weights (used for evaluation)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None):
+        """``shadow``: a module of ``model``'s structure to hold the average (default: a deep copy;
+        modules that hold process groups cannot be deep-copied and pass a fresh instance)."""
         self.decay = decay
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        if shadow is None:
+            shadow = copy.deepcopy(model)
+        else:
+            shadow.load_state_dict(model.state_dict())
+        self.shadow = shadow.eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

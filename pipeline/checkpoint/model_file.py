@@ -1,8 +1,9 @@
 """Model files for sampling: weights plus the config they were trained with.
 
-This is the single-file format of the demo and of ``proseco sample``. (The training engine's
-resumable checkpoints - optimizer, RNG and loader state, sharded backends - are their own
-format; they export to this one.) Loading uses ``torch.load(weights_only=True)``.
+This is the single-file format of the demo and of ``proseco sample``. The training engine's
+resumable checkpoints (optimizer, RNG and loader state, sharded backends) are their own format;
+``proseco ckpt export`` turns one into an export folder (safetensors + config), which
+:func:`load_model` reads as well. Loading uses ``torch.load(weights_only=True)`` / safetensors.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def save_model(path: str | os.PathLike, model: nn.Module, cfg: Config, vocab_siz
 
 
 def read_model_file(path: str | os.PathLike) -> dict:
+    """A model file, or an export folder written by ``proseco ckpt export`` (same dict)."""
     path = Path(path)
+    if path.is_dir():
+        from pipeline.checkpoint.tools import read_export
+
+        return read_export(path)
     if not path.is_file():
         raise ProsecoError(f"no model file at {path}")
     try:

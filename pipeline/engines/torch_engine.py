@@ -1,0 +1,135 @@
+"""``train.backend=torch``: one process, DDP, or FSDP2 (``fully_shard``).
+
+Every backward but the step's last skips the gradient sync (DDP: ``no_sync()``; FSDP2:
+``set_requires_gradient_sync(False)``), so gradients are reduced once per optimizer step and equal
+those of the summed loss.
+
+FSDP2 checkpoints have the DDP format: ``get_state_dict(full_state_dict=True, cpu_offload=True)``
+gathers the unsharded model and optimizer on rank 0 (the optimizer re-keyed to integer ids), so a
+run may switch between single process, DDP and FSDP2 and change its world size on resume
+(``set_state_dict`` shards the full state again). EMA under FSDP2: the shadow is an unsharded copy
+made before sharding, updated from ``full_tensor()`` of every parameter (one extra all-gather of the
+model per optimizer step, one full copy per rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from pipeline.config import Config
+from pipeline.engines.base import (
+    STATE_FILE,
+    Engine,
+    build_backbone,
+    checkpoint_blocks,
+    load_state_file,
+    optim_by_id,
+    optim_by_name,
+    param_names,
+)
+from pipeline.trainer import EMA, make_optimizer
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, cfg: Config, vocab: int, device: torch.device, rank: int, world: int):
+        t = cfg.train
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.data_rank, self.data_world = rank, world
+        self.model = build_backbone(cfg, vocab, device)
+        if t.activation_checkpointing:
+            checkpoint_blocks(self.model.blocks)
+        self.ema = EMA(self.model, t.ema) if t.ema > 0 else None  # before sharding: stays unsharded
+        self.fsdp = world > 1 and t.distributed == "fsdp"
+        if self.fsdp:  # replaces the parameters with DTensor shards in place: the optimizer comes after
+            mesh = init_device_mesh(device.type, (world,))
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        self.ddp = nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False) \
+            if world > 1 and not self.fsdp else None
+        self.optimizer = make_optimizer(self.model, t)
+        self.eval_collective = self.fsdp and self.ema is None
+        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+            if t.bf16 and device.type == "cuda" else contextlib.nullcontext
+
+    # ---- step ----------------------------------------------------------------------------------
+    def forward(self, z, t, valid, sync):
+        if self.fsdp:  # FSDP2 reads the flag in the backward that follows
+            self.model.set_requires_gradient_sync(sync)
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync, self._autocast():
+            return (self.ddp or self.model)(z, t, valid)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        clip = self.cfg.train.grad_clip
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else 1e30)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(norm)
+
+    @property
+    def eval_model(self):
+        return self.ema.shadow if self.ema is not None else self.model
+
+    @property
+    def topology(self):
+        return {"backend": "torch", "dp": self.world, "tp": 1, "zero_stage": 0}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def full_state(self) -> dict:
+        """model + optimizer (+ EMA), unsharded; a collective under FSDP2 (rank 0 gets the state)."""
+        if self.fsdp:
+            model_sd, optim_sd = get_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = {"model": model_sd, "optimizer": optim_by_id(optim_sd) if self.rank == 0 else {}}
+        else:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.shadow.state_dict()
+        return state
+
+    def save(self, folder: Path, rank: int) -> None:
+        state = self.full_state()
+        if rank == 0:
+            torch.save(state, folder / STATE_FILE)
+
+    def load(self, folder: Path, saved_topology: dict) -> None:
+        state = load_state_file(folder, self.device)
+        if self.fsdp:  # every rank reads the full state and keeps its own shards of it
+            names = param_names(self.model, self.optimizer)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=optim_by_name(names, state["optimizer"]),
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if "ema" not in state:
+                from pipeline.errors import ProsecoError
+
+                raise ProsecoError(f"{folder} has no EMA weights but train.ema={self.cfg.train.ema}; "
+                                   "resume with train.ema=0 or start a new run")
+            self.ema.shadow.load_state_dict(state["ema"])
+        if dist.is_initialized():
+            dist.barrier()
