@@ -51,6 +51,7 @@ from pipeline.checkpoint.manager import (
     rng_state,
     set_rng_state,
 )
+from pipeline.checkpoint.model_file import model_config_mismatch
 from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
@@ -155,7 +156,7 @@ def _open_data(cfg: Config) -> tuple[Manifest, int, int]:
 
 
 def _start_run_folder(cfg: Config, folder: Path) -> dict:
-    """run.json (created once, reused on requeue), config.yaml, a metrics.jsonl without a torn last line."""
+    """run.json (created once, reused on requeue) and a metrics.jsonl without a torn last line."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
     info_path = folder / "run.json"
@@ -165,7 +166,6 @@ def _start_run_folder(cfg: Config, folder: Path) -> dict:
         run_id = uuid.uuid4().hex[:12]
         info = {"run_id": run_id, "logger_id": run_id, "name": cfg.run.name, "created": time.time()}
         info_path.write_text(json.dumps(info, indent=1) + "\n")
-    (folder / "config.yaml").write_text(dump_yaml(cfg))
     metrics = folder / "metrics.jsonl"
     if metrics.is_file():
         raw = metrics.read_bytes()
@@ -254,11 +254,22 @@ def run(cfg: Config) -> int:
             dist.destroy_process_group()
 
 
-def _resume(engine: Engine, loader: ShardLoader, ckpt: CheckpointManager, latest: Path, rank: int,
-            device: torch.device) -> tuple[int, int]:
-    """Restore engine, loader, RNG and counters from ``latest``; (step, local tokens)."""
+def _resume(cfg: Config, engine: Engine, loader: ShardLoader, ckpt: CheckpointManager, latest: Path,
+            rank: int, device: torch.device) -> tuple[int, int]:
+    """Restore engine, loader, RNG and counters from ``latest``; (step, local tokens).
+
+    Everything is checked before anything is loaded: files against their checksums, the model
+    config, the data (manifest fingerprint), the parallel layout."""
     meta = ckpt.read_meta(latest)
     ckpt.verify(latest, meta)
+    diff = model_config_mismatch(meta.get("config", {}).get("model", {}), to_dict(cfg)["model"])
+    if diff:
+        raise ProsecoError(f"cannot resume from {latest}: it was trained with another model config ({'; '.join(diff)}). "
+                           "Restore those settings, or start a new run folder (run.name=... / run.dir=...)")
+    if meta.get("manifest") != loader.manifest.fingerprint:
+        raise ProsecoError(f"cannot resume from {latest}: it was trained on other data (manifest fingerprint "
+                           f"{meta.get('manifest')}, now {loader.manifest.fingerprint} for {cfg.data.manifest}). "
+                           "Point data.manifest at the original shards, or start a new run folder")
     saved, now = meta.get("topology", {}), engine.topology
     if saved != now and "deepspeed" in (saved.get("backend"), now["backend"]) \
             and saved.get("backend") != now["backend"]:
@@ -325,9 +336,11 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     step, local_tokens = 0, 0
     latest = ckpt.latest()
     if latest is not None:
-        step, local_tokens = _resume(engine, loader, ckpt, latest, rank, device)
+        step, local_tokens = _resume(cfg, engine, loader, ckpt, latest, rank, device)
         if rank == 0:
             print(f"resuming {folder} from {latest.name} (step {step})", flush=True)
+    if rank == 0:  # only once the checkpoint was accepted: a refused rerun leaves the folder as it was
+        (folder / "config.yaml").write_text(dump_yaml(cfg))
 
     save_delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
 

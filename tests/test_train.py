@@ -437,3 +437,37 @@ def test_megatron_data_parallel_matches_ddp(shards, tmp_path):
     _finish(_train(shards, meg, *MEGATRON_EXTRA, nproc=2, distributed=None))
     for step, loss in _losses(ddp).items():
         assert _losses(meg)[step] == pytest.approx(loss, rel=1e-5), step
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _corrupt(run: Path, how: str) -> list[str]:
+    """Damage the latest checkpoint of ``run``; returns the extra overrides the rerun uses."""
+    latest = max((run / "checkpoints").glob("step_*"))
+    state = latest / "state.pt"
+    if how == "flipped byte":
+        raw = bytearray(state.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        state.write_bytes(bytes(raw))
+    elif how == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    elif how == "other data":
+        meta = json.loads((latest / "meta.json").read_text())
+        meta["manifest"] = "0" * 16
+        (latest / "meta.json").write_text(json.dumps(meta))
+    return ["model.hidden=64"] if how == "other model" else []
+
+
+@pytest.mark.parametrize(("how", "needle"), [
+    ("flipped byte", "fails its sha256 check"), ("truncated", "meta.json says"),
+    ("other model", "model.hidden: checkpoint 32, config 64"), ("other data", "trained on other data")])
+def test_bad_checkpoint_is_refused_before_training_and_nothing_is_overwritten(shards, reference, tmp_path,
+                                                                              capsys, how, needle):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    extra = _corrupt(run, how)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert cli.main(_args(shards, run, f"train.steps={STEPS + 2}", *extra)) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert after == before  # no step ran, no checkpoint written or removed
