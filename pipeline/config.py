@@ -438,11 +438,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.backend == "megatron" or cfg.train.tp_size == 1,
          f"train.tp_size={cfg.train.tp_size} needs train.backend=megatron (tensor parallelism)"),
         (cfg.train.backend == "torch" or cfg.train.distributed == "none",
-         f"train.distributed={cfg.train.distributed!r} is for train.backend=torch; backend "
-         f"{cfg.train.backend} does its own data parallelism (set train.distributed=none)"),
+         (f"train.distributed={cfg.train.distributed!r} is for train.backend=torch; backend "
+          f"{cfg.train.backend} does its own data parallelism (set train.distributed=none)")),
         (m.heads % cfg.train.tp_size == 0 and int(m.hidden * m.mlp_ratio) % cfg.train.tp_size == 0,
-         f"train.tp_size={cfg.train.tp_size} must divide model.heads ({m.heads}) and the MLP width "
-         f"({int(m.hidden * m.mlp_ratio)})"),
+         (f"train.tp_size={cfg.train.tp_size} must divide model.heads ({m.heads}) and the MLP width "
+          f"({int(m.hidden * m.mlp_ratio)})")),
         (bool(cfg.train.wandb_project.strip()), "train.wandb_project must not be empty"),
     ]
     for ok, message in checks:
