@@ -32,7 +32,7 @@ configuration:
   Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
   <- overrides. An override is section.key=value with the value parsed as YAML:
 {examples}
-  Sections: model, diffusion, sampler, train, data, prep, demo, run. Unknown keys, wrong types and
+  Sections: model, diffusion, sampler, train, data, prep, demo, run, cluster. Unknown keys, wrong types and
   out-of-range values are errors. Without --config, configs/tiny.yaml is used.
   --dry-run prints the resolved YAML and what would run, then exits.
 """

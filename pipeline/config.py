@@ -169,6 +169,28 @@ class RunConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """`proseco launch`: where and how a job runs (SLURM through submitit, or this machine)."""
+
+    executor: str = "slurm"  # slurm | local (submitit's LocalExecutor: processes on this machine)
+    nodes: int = 1
+    tasks_per_node: int = 1  # one training process (rank) per task: = GPUs per node on a GPU cluster
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 0.0  # per node; 0 = the partition's default
+    time_min: int = 60  # wall-clock limit per start; a timed-out job saves and requeues itself
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, venv)
+    signal_delay_s: int = 120  # SLURM sends SIGUSR2 this long before the time limit: save and requeue
+    max_requeues: int = 10  # give up requeueing after this many restarts (SLURM_RESTART_COUNT)
+    array_parallelism: int = 32  # array jobs (prep, eval): tasks running at once
+    job_name: str = ""  # "" = proseco-<stage>-<run.name>
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -178,6 +200,7 @@ class Config:
     prep: PrepConfig = field(default_factory=PrepConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # ---- Loading: defaults <- YAML file(s) (with `include:`) <- dotted overrides, strictly typed ----
@@ -373,7 +396,8 @@ _RANGES: dict[str, str] = {
     "(0, 1]": "sampler.nucleus_p prep.character_coverage",
     "[0, 1]": "train.min_lr_ratio",
     "[0, 3]": "train.zero_stage",
-    "[1, inf)": "sampler.corrector_every train.tp_size",
+    "[1, inf)": "sampler.corrector_every train.tp_size cluster.nodes cluster.tasks_per_node cluster.cpus_per_task "
+    "cluster.time_min cluster.array_parallelism",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means
     "sampler.corrector_steps": ("sampler.corrector_steps (S)", " (0 turns the corrector off)"),
@@ -388,6 +412,7 @@ _CHOICES = {
     "train.backend": ("torch", "deepspeed", "megatron"),
     "train.distributed": ("none", "ddp", "fsdp"),
     "train.wandb": ("offline", "online", "disabled"),
+    "cluster.executor": ("slurm", "local"),
     "data.task": ("sudoku4", "text"),
     "prep.fmt": ("auto", "text", "jsonl", "parquet"),
     "prep.doc_split": ("line", "paragraph", "file"),
@@ -444,6 +469,9 @@ def validate(cfg: Config) -> None:
          (f"train.tp_size={cfg.train.tp_size} must divide model.heads ({m.heads}) and the MLP width "
           f"({int(m.hidden * m.mlp_ratio)})")),
         (bool(cfg.train.wandb_project.strip()), "train.wandb_project must not be empty"),
+        (0 <= cfg.cluster.signal_delay_s < 60 * cfg.cluster.time_min,
+         f"cluster.signal_delay_s ({cfg.cluster.signal_delay_s}) must be >= 0 and shorter than cluster.time_min "
+         f"({cfg.cluster.time_min} min)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -30,7 +30,6 @@ and exit with :data:`EXIT_REQUEUE` (3), which tells a launcher to requeue the jo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -58,6 +57,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.diffusion.objective import proseco_loss
 from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
+from pipeline.runlog import RunLogger, read_metrics  # noqa: F401 (read_metrics: part of this module's API)
 from pipeline.trainer import lr_at
 
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
@@ -93,15 +93,6 @@ def world_layout(cfg: Config) -> str:
             f"run folder {run_dir(cfg)}")
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.jsonl (a line cut by a crash is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows
-
-
 def _seed_of(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
@@ -120,18 +111,20 @@ def _all_reduce(values: list[float], op, device: torch.device, world: int) -> li
 
 
 class _StopFlag:
-    """SIGTERM / SIGUSR1 -> flag; the previous handlers come back on exit."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 -> flag (the signal number, the largest if several); the previous
+    handlers come back on exit. SLURM sends SIGUSR2 before the time limit (``--signal``) and SIGTERM
+    on ``scancel``, preemption and ``scontrol requeue``; SIGUSR1 is for users (``scancel -s USR1``)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __enter__(self):
-        self.seen, self._old = False, {}
+        self.seen, self._old = 0, {}
         for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.seen = True
+        self.seen = max(self.seen, int(signum))
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -156,7 +149,7 @@ def _open_data(cfg: Config) -> tuple[Manifest, int, int]:
 
 
 def _start_run_folder(cfg: Config, folder: Path) -> dict:
-    """run.json (created once, reused on requeue) and a metrics.jsonl without a torn last line."""
+    """run.json: the run id and the wandb id, created once and reused on every requeue / resume."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
     info_path = folder / "run.json"
@@ -166,12 +159,6 @@ def _start_run_folder(cfg: Config, folder: Path) -> dict:
         run_id = uuid.uuid4().hex[:12]
         info = {"run_id": run_id, "logger_id": run_id, "name": cfg.run.name, "created": time.time()}
         info_path.write_text(json.dumps(info, indent=1) + "\n")
-    metrics = folder / "metrics.jsonl"
-    if metrics.is_file():
-        raw = metrics.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # killed mid-line: drop the torn row
-            with open(metrics, "r+b") as f:
-                f.truncate(raw.rfind(b"\n") + 1)
     return info
 
 
@@ -326,8 +313,9 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                          num_workers=t.loader_workers, seed=t.seed)
     folder = run_dir(cfg)
     ckpt = CheckpointManager(folder, t.keep_last, t.permanent_every, rank=rank, world_size=world)
+    info = {}
     if rank == 0:
-        _start_run_folder(cfg, folder)
+        info = _start_run_folder(cfg, folder)
         ckpt.cleanup_partial()
     if world > 1:
         dist.barrier()
@@ -359,14 +347,14 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
 
     # ---- loop --------------------------------------------------------------------------------
     n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
-    metrics = open(folder / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed below)
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=rank != 0, mininterval=1.0, dynamic_ncols=True)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    last_saved, exit_code = step if latest is not None else -1, 0
+    last_saved, exit_code, stop_reason = step if latest is not None else -1, 0, "finished"
     batches = iter(loader)
     engine.model.train()
+    log = RunLogger(folder, cfg, info, enabled=rank == 0)  # metrics.jsonl (+ wandb) on rank 0
     try:
-        with _StopFlag() as stop:
+        with log, _StopFlag() as stop:
             while step < t.steps:
                 step_start, data_wait = time.perf_counter(), 0.0
                 lr = lr_at(step, t)
@@ -416,10 +404,8 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                     if val_now:
                         row.update(_validate(cfg, engine.eval_model, manifest, mask_id, d_rank, d_world, world,
                                              device, collective=engine.eval_collective))
-                    if metrics is not None:
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+                    log.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
                 if step % t.checkpoint_every == 0:
                     save()
                     last_saved = step
@@ -428,22 +414,38 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                 spent = t.max_time_s > 0 and time.monotonic() - start_time > t.max_time_s
                 flags = _all_reduce([float(stop.seen), float(spent)], dist.ReduceOp.MAX, device, world)
                 if step < t.steps and max(flags) > 0:
-                    why = "a stop signal" if flags[0] else f"the time budget train.max_time_s={t.max_time_s:g}"
+                    stop_reason = signal.Signals(int(flags[0])).name if flags[0] else "time_budget"
+                    why = f"signal {stop_reason}" if flags[0] else f"the time budget train.max_time_s={t.max_time_s:g}"
                     if rank == 0:
                         print(f"\nstopping at step {step} after {why}; saving, exit {EXIT_REQUEUE} (requeue)",
                               flush=True)
-                    exit_code = EXIT_REQUEUE
+                    exit_code = log.exit_code = EXIT_REQUEUE
                     break
 
-        # ---- save ----------------------------------------------------------------------------
-        if last_saved != step:
-            save()
+            # ---- save ------------------------------------------------------------------------
+            if last_saved != step:
+                save()
     finally:
         bar.close()
-        if metrics is not None:
-            metrics.close()
 
     # ---- exit ----------------------------------------------------------------------------------
-    if rank == 0 and exit_code == 0:
-        print(f"done: {step} steps in {folder}", flush=True)
+    if rank == 0:  # what a launcher reads to decide on a requeue (pipeline.launch)
+        write_last_exit(folder, {"step": step, "exit_code": exit_code, "reason": stop_reason, "time": time.time()})
+        if exit_code == 0:
+            print(f"done: {step} steps in {folder}", flush=True)
     return exit_code
+
+
+def write_last_exit(folder: Path, info: dict) -> None:
+    tmp = folder / "logs" / "last_exit.json.tmp"
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, folder / "logs" / "last_exit.json")
+
+
+def read_last_exit(folder: str | os.PathLike) -> dict | None:
+    """How the last start of the run in ``folder`` ended: step, exit_code, reason
+    (``finished``, ``time_budget`` or a signal name such as ``SIGUSR2``); None if unknown."""
+    try:
+        return json.loads((Path(folder) / "logs" / "last_exit.json").read_text())
+    except (OSError, ValueError):
+        return None

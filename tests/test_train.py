@@ -28,7 +28,7 @@ STEPS = 12
 TINY = ["model.vocab_size=null", "model.hidden=32", "model.layers=1", "model.heads=2", "data.seq_len=32",
         "model.max_seq_len=32", "train.batch_size=4", "train.threads=1", "train.log_every=1",
         "train.checkpoint_every=2", "train.keep_last=2", "train.warmup_steps=3", "train.ema=0.9",
-        "model.dropout=0.1"]
+        "model.dropout=0.1", "train.wandb=disabled"]
 
 
 def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
@@ -116,16 +116,19 @@ def reference(shards, tmp_path_factory) -> Path:
 
 
 def test_kill_9_and_resume_equals_uninterrupted(shards, reference, tmp_path):
+    """... with wandb offline: both starts log into the same wandb run (the id kept in run.json)."""
     run = tmp_path / "run"
-    proc = _train(shards, run, delay=0.3)
+    proc = _train(shards, run, "train.wandb=offline", delay=0.3)
     _wait_for_step(proc, run, 5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(_losses(run)) < STEPS
-    run_id = json.loads((run / "run.json").read_text())["run_id"]
-    out = _finish(_train(shards, run))
+    info = json.loads((run / "run.json").read_text())
+    out = _finish(_train(shards, run, "train.wandb=offline"))
     assert "resuming" in out
-    assert json.loads((run / "run.json").read_text())["run_id"] == run_id  # stable across requeues
+    assert json.loads((run / "run.json").read_text()) == info  # stable across requeues
+    starts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(info["logger_id"] in p.name for p in starts), starts
     _assert_same_run(reference, run)
     assert (run / "config.yaml").is_file()
     assert {"tokens_seen", "tokens_per_s", "data_wait_s", "step_s", "grad_norm", "lr", "mdm",
