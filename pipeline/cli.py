@@ -138,6 +138,18 @@ def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _run_launch(args: argparse.Namespace, cfg: Config) -> int:
+    launch = _import_stage("pipeline.launch")
+    if args.stage == "prep":
+        return _exit_code(launch.launch_prep(cfg, args.parts, dry_run=args.dry_run))
+    return _exit_code(launch.launch_train(cfg, dry_run=args.dry_run))
+
+
+def _run_status(args: argparse.Namespace, cfg: Config) -> int:
+    launch = _import_stage("pipeline.launch")
+    return _exit_code(launch.cancel(args.run) if args.verb == "cancel" else launch.status(args.run))
+
+
 def _resolve(args: argparse.Namespace) -> Config:
     """The config a verb runs with. `sample` starts from the config stored in the model file,
     so only what the user overrides differs from training (model.* must then still match)."""
@@ -176,6 +188,9 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[ar
     "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
     "train": (_run_train, _describe_train),
     "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
+    "launch": (_run_launch, lambda a, c: "the job script above"),
+    "status": (_run_status, lambda a, c: f"pipeline.launch.status({a.run!r})"),
+    "cancel": (_run_status, lambda a, c: f"pipeline.launch.cancel({a.run!r})"),
     "ckpt": (_run_ckpt, lambda a, c: f"pipeline.checkpoint.tools.{a.action}({a.path!r})"),
     "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
 }
@@ -291,6 +306,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(smp)
     smp.set_defaults(verb_parser=smp)
 
+    launch = sub.add_parser(
+        "launch",
+        help="submit training (or an array prep job) to SLURM through submitit; requeues itself",
+        description=_describe(
+            """Submit `proseco train` as one SLURM job of cluster.nodes x cluster.tasks_per_node tasks
+            (one rank each) through submitit, with the resources of the cluster.* section (a preset
+            such as configs/cluster_local.yaml, or overrides). The resolved config, git sha +
+            uncommitted diff and the job script are saved under RUN/launch/. Before the time limit
+            every rank saves at the same step and the job requeues itself (up to
+            cluster.max_requeues); a restart resumes from the latest checkpoint under the same run
+            id. `launch prep --parts N` prepares shards as an array job of N partitions plus a
+            merge job. --dry-run prints the job script and submits nothing."""
+        ),
+        epilog=_epilog("proseco launch train --config text --config cluster_local cluster.nodes=2",
+                       "proseco launch train --config owt_small cluster.nodes=4 cluster.tasks_per_node=8 "
+                       "cluster.gpus_per_node=8 cluster.partition=gpu train.backend=deepspeed",
+                       "proseco launch prep --parts 8 --config text --config cluster_local",
+                       "proseco launch train --config text --config cluster_local --dry-run"),
+        formatter_class=fmt,
+    )
+    launch.add_argument("stage", choices=["train", "prep"], help="what the job runs")
+    launch.add_argument("--parts", type=int, default=4, help="prep: number of array tasks (partitions)")
+    _add_config_args(launch)
+    launch.set_defaults(verb_parser=launch)
+    for verb, text in (("status", "job state, step, last checkpoint and log tail of a launched run"),
+                       ("cancel", "cancel a launched run's job (its checkpoints stay)")):
+        p = sub.add_parser(verb, help=text, description=_describe(f"Show the {text}." if verb == "status" else
+                                                                  "Cancel the SLURM job of a launched run; "
+                                                                  "rerun `proseco launch` to continue later."),
+                           formatter_class=fmt)
+        p.add_argument("run", metavar="RUN", help="run folder (runs/NAME) or prep output folder")
+        _add_config_args(p)
+        p.set_defaults(verb_parser=p)
+
     ckpt = sub.add_parser(
         "ckpt",
         help="inspect, export (safetensors) or convert (DeepSpeed universal) a training checkpoint",
@@ -381,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner, describe = VERBS[args.verb]
     try:
         cfg = _resolve(args)
-        if args.dry_run:
+        if args.dry_run and args.verb != "launch":  # launch --dry-run prints the job script
             print(dump_yaml(cfg), end="")
             print(_model_size_line(cfg))
             print(f"# dry run: would run {describe(args, cfg)}")

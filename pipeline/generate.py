@@ -18,7 +18,11 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
     if num < 1:
         raise ProsecoError(f"--num must be >= 1, got {num}")
     check_sampler(cfg.sampler, cfg.data.seq_len, cfg.model.max_seq_len)  # fail before loading weights
+    if cfg.data.task == "text" and infill:
+        raise ProsecoError("--infill solves a synthetic task's puzzles; a text model generates from scratch")
     model, _, blob = load_model(model_file, cfg)
+    if cfg.data.task == "text":
+        return _run_text(cfg, model, blob, num, out)
     task = get_task(cfg.data.task)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -49,3 +53,42 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
 
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+def _tokenizer(cfg: Config):
+    """The tokenizer named by the training shards' manifest, or None when it is not at hand."""
+    from pipeline.data.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(cfg.data.manifest)
+        from data_prep.tokenizer import Tokenizer
+
+        return Tokenizer.load(manifest.root)  # the shards folder keeps a copy of the tokenizer
+    except (ProsecoError, OSError, KeyError, ImportError):
+        return None
+
+
+def _run_text(cfg: Config, model, blob: dict, num: int, out: str | None) -> int:
+    """Generate ``num`` sequences of ``data.seq_len`` tokens from scratch and decode them."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=blob["mask_id"], batch=num,
+                    seeds=sample_seeds(cfg.sampler.seed, 0, num), time_conditioned=cfg.model.time_conditioning,
+                    max_seq_len=cfg.model.max_seq_len)
+    tok = _tokenizer(cfg)
+    if tok is None:
+        print(f"(tokenizer of {cfg.data.manifest} not found: printing token ids; set data.manifest=SHARDS_DIR)")
+    texts = []
+    for i, row in enumerate(result.tokens):
+        ids = [int(x) for x in row]
+        texts.append(tok.decode(ids) if tok is not None else " ".join(map(str, ids)))
+        print(f"sample {i}  NFE {int(result.nfe[i])} (predictor {int(result.nfe_predictor[i])}, "
+              f"corrector {int(result.nfe_corrector[i])})")
+        print(_indent(texts[-1]))
+    summary = result.summary()
+    print("summary: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    if out:
+        Path(out).write_text(json.dumps({"summary": summary, "texts": texts, "tokens": result.tokens.tolist(),
+                                         "nfe_predictor": result.nfe_predictor.tolist(),
+                                         "nfe_corrector": result.nfe_corrector.tolist()}, indent=1))
+    return 0

@@ -72,9 +72,14 @@ def run_dir(cfg: Config) -> Path:
 
 
 def world_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) without torchrun."""
+    """(rank, world size, local rank): torchrun's / submitit's RANK, WORLD_SIZE, LOCAL_RANK, else
+    SLURM's per-task variables under ``srun`` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), else (0, 1, 0)."""
     env = os.environ
-    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    if "RANK" in env or "SLURM_STEP_ID" not in env:
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))  # for init_process_group(env://)
+    return rank, world, local
 
 
 def world_layout(cfg: Config) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,3 +34,19 @@ def tiny_model() -> Backbone:
 def tiny_factory():
     """``tiny_factory(seed=0, **ModelConfig overrides)`` -> float64 Backbone in eval mode."""
     return build_tiny
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Tokenizer + shards of the bundled corpus (vocab 512, 32-token sequences), once per session."""
+    from train_utils import ROOT, _env
+
+    root = tmp_path_factory.mktemp("text")
+    prep = ["--config", "text", f"prep.tokenizer_dir={root / 'tok'}", f"prep.out_dir={root / 'shards'}",
+            "prep.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32"]
+    for target in ("tokenizer", "shards"):
+        subprocess.run([sys.executable, "-m", "pipeline", "prep", target, *prep], cwd=ROOT, env=_env(),
+                       check=True, capture_output=True)
+    return root / "shards"
+
+

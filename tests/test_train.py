@@ -11,100 +11,27 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from train_utils import (  # noqa: F401 (re-exported helpers used below)
+    ROOT,
+    STEPS,
+    TINY,
+    _args,
+    _assert_same_run,
+    _env,
+    _final_state,
+    _finish,
+    _losses,
+    _train,
+    _wait_for_step,
+)
 
 from pipeline import cli
-from pipeline.train import EXIT_REQUEUE, SAVE_DELAY_ENV, STEP_DELAY_ENV, read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 12
-TINY = ["model.vocab_size=null", "model.hidden=32", "model.layers=1", "model.heads=2", "data.seq_len=32",
-        "model.max_seq_len=32", "train.batch_size=4", "train.threads=1", "train.log_every=1",
-        "train.checkpoint_every=2", "train.keep_last=2", "train.warmup_steps=3", "train.ema=0.9",
-        "model.dropout=0.1", "train.wandb=disabled"]
-
-
-def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
-    for key, value in ((STEP_DELAY_ENV, delay), (SAVE_DELAY_ENV, save_delay)):
-        env.pop(key, None)
-        if value:
-            env[key] = str(value)
-    return env
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("text")
-    prep = ["--config", "text", f"prep.tokenizer_dir={root / 'tok'}", f"prep.out_dir={root / 'shards'}",
-            "prep.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32"]
-    for target in ("tokenizer", "shards"):
-        subprocess.run([sys.executable, "-m", "pipeline", "prep", target, *prep], cwd=ROOT, env=_env(),
-                       check=True, capture_output=True)
-    return root / "shards"
-
-
-def _args(shards: Path, run: Path, *extra: str) -> list[str]:
-    return ["train", "--config", "text", f"data.manifest={shards}", f"run.dir={run}", f"train.steps={STEPS}",
-            *TINY, *extra]
-
-
-def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int = 0,
-           distributed: str | None = "ddp", save_delay: float = 0.0) -> subprocess.Popen:
-    if nproc:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    f"--master_port={port}", "-m", "pipeline"]
-        extra = (*extra, f"train.distributed={distributed}") if distributed else extra
-    else:
-        launcher = [sys.executable, "-m", "pipeline"]
-    return subprocess.Popen([*launcher, *_args(shards, run, *extra)], cwd=ROOT, env=_env(delay, save_delay),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == expect, out[-3000:]
-    return out
-
-
-def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
-    """Until metrics.jsonl shows ``step`` and a complete checkpoint exists."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
-        if rows and rows[-1]["step"] >= step and list((run / "checkpoints").glob("step_*/COMPLETE")):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no step {step} within 60 s")
-
-
-def _losses(run: Path) -> dict[int, float]:
-    """Per-step loss; a step logged twice (rerun after a resume) counts with its last row."""
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
-
-
-def _final_state(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / f"step_{STEPS:08d}" / "state.pt", weights_only=True)
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    assert _losses(a) == _losses(b) and sorted(_losses(a)) == list(range(1, STEPS + 1))
-    sa, sb = _final_state(a), _final_state(b)
-    for part in ("model", "ema"):
-        for k, v in sa[part].items():
-            assert torch.equal(v, sb[part][k]), f"{part}.{k} differs"
+from pipeline.train import EXIT_REQUEUE, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +319,10 @@ def test_export_round_trip_gives_the_same_logits(shards, reference, tmp_path, ca
         assert torch.equal(model(tokens), direct.eval()(tokens))
     assert cli.main(["ckpt", "info", str(reference)]) == 0
     assert f"step {STEPS}" in capsys.readouterr().out
+    # a text model samples from its export; the tokenizer comes from the shards folder
+    assert cli.main(["sample", str(out), "--num", "2", "sampler.steps=4", "sampler.corrector_steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "sample 1  NFE 8 (predictor 4, corrector 4)" in printed and "token ids" not in printed
     assert cli.main(["ckpt", "export", str(tmp_path / "nothing")]) == cli.EXIT_USER_ERROR
     assert "no complete checkpoint" in capsys.readouterr().err
 

@@ -1,0 +1,89 @@
+"""Helpers shared by the training and launcher tests: tiny-run settings, subprocess runs of
+`proseco train`, and comparisons of run folders (losses per step, final weights)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.train import SAVE_DELAY_ENV, STEP_DELAY_ENV, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+TINY = ["model.vocab_size=null", "model.hidden=32", "model.layers=1", "model.heads=2", "data.seq_len=32",
+        "model.max_seq_len=32", "train.batch_size=4", "train.threads=1", "train.log_every=1",
+        "train.checkpoint_every=2", "train.keep_last=2", "train.warmup_steps=3", "train.ema=0.9",
+        "model.dropout=0.1", "train.wandb=disabled"]
+
+
+def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
+    for key, value in ((STEP_DELAY_ENV, delay), (SAVE_DELAY_ENV, save_delay)):
+        env.pop(key, None)
+        if value:
+            env[key] = str(value)
+    return env
+
+
+def _args(shards: Path, run: Path, *extra: str) -> list[str]:
+    return ["train", "--config", "text", f"data.manifest={shards}", f"run.dir={run}", f"train.steps={STEPS}",
+            *TINY, *extra]
+
+
+def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int = 0,
+           distributed: str | None = "ddp", save_delay: float = 0.0) -> subprocess.Popen:
+    if nproc:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    f"--master_port={port}", "-m", "pipeline"]
+        extra = (*extra, f"train.distributed={distributed}") if distributed else extra
+    else:
+        launcher = [sys.executable, "-m", "pipeline"]
+    return subprocess.Popen([*launcher, *_args(shards, run, *extra)], cwd=ROOT, env=_env(delay, save_delay),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == expect, out[-3000:]
+    return out
+
+
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
+    """Until metrics.jsonl shows ``step`` and a complete checkpoint exists."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        rows = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        if rows and rows[-1]["step"] >= step and list((run / "checkpoints").glob("step_*/COMPLETE")):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within 60 s")
+
+
+def _losses(run: Path) -> dict[int, float]:
+    """Per-step loss; a step logged twice (rerun after a resume) counts with its last row."""
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+def _final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / f"step_{STEPS:08d}" / "state.pt", weights_only=True)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _losses(a) == _losses(b) and sorted(_losses(a)) == list(range(1, STEPS + 1))
+    sa, sb = _final_state(a), _final_state(b)
+    for part in ("model", "ema"):
+        for k, v in sa[part].items():
+            assert torch.equal(v, sb[part][k]), f"{part}.{k} differs"
+
+
