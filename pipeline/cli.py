@@ -32,7 +32,7 @@ configuration:
   Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
   <- overrides. An override is section.key=value with the value parsed as YAML:
 {examples}
-  Sections: model, diffusion, sampler, train, data, prep, demo, run, cluster. Unknown keys, wrong types and
+  Sections: model, diffusion, sampler, train, data, prep, demo, run, eval, cluster. Unknown keys, wrong types and
   out-of-range values are errors. Without --config, configs/tiny.yaml is used.
   --dry-run prints the resolved YAML and what would run, then exits.
 """
@@ -138,6 +138,17 @@ def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _run_eval(args: argparse.Namespace, cfg: Config) -> int:
+    return _exit_code(_import_stage("pipeline.evaluation.runner").run(cfg, args.run, shard_spec=args.shard,
+                                                                     out=args.out))
+
+
+def _run_report(args: argparse.Namespace, cfg: Config) -> int:
+    md, page = _import_stage("pipeline.evaluation.report").build(args.folder)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
 def _run_launch(args: argparse.Namespace, cfg: Config) -> int:
     launch = _import_stage("pipeline.launch")
     if args.stage == "prep":
@@ -188,6 +199,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[ar
     "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
     "train": (_run_train, _describe_train),
     "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
+    "eval": (_run_eval, lambda a, c: f"pipeline.evaluation.runner.run(cfg, {a.run!r}, shard_spec={a.shard!r})"),
+    "report": (_run_report, lambda a, c: f"pipeline.evaluation.report.build({a.folder!r})"),
     "launch": (_run_launch, lambda a, c: "the job script above"),
     "status": (_run_status, lambda a, c: f"pipeline.launch.status({a.run!r})"),
     "cancel": (_run_status, lambda a, c: f"pipeline.launch.cancel({a.run!r})"),
@@ -305,6 +318,48 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", metavar="FILE", help="also write samples and NFE to this JSON file")
     _add_config_args(smp)
     smp.set_defaults(verb_parser=smp)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate checkpoints x tasks x sampler settings (NFE, quality, diversity); resumable",
+        description=_describe(
+            """Expand RUN (a run folder: all its complete checkpoints; a checkpoint folder; a glob; a
+            model file; a `proseco ckpt export` folder) x eval.tasks (default: the model's own task)
+            x sampler settings (eval.samplers x eval.steps T x eval.corrector_steps S x
+            eval.corrector_every omega; S=0 is plain MDM sampling, remdm the remasking baseline)
+            into a work list and write one result JSON + samples file per item under eval.out
+            (default RUN/eval/results/). Finished items are skipped, so a rerun resumes; a failing
+            item is recorded and the rest still runs. --shard i/n runs every n-th item (SLURM
+            arrays: `proseco launch eval --parts n`). Training checkpoints are read with their EMA
+            weights (eval.weights)."""
+        ),
+        epilog=_epilog("proseco eval runs/demo/proseco.pt eval.steps=[4,8,16] eval.corrector_steps=[0,1,2]",
+                       "proseco eval runs/exp1 eval.tasks=[text] eval.reference_lm=/models/gpt2-large",
+                       "proseco eval 'runs/exp1/checkpoints/step_*' --shard 0/4"),
+        formatter_class=fmt,
+    )
+    ev.add_argument("run", metavar="RUN", help="run folder, checkpoint folder, glob, model file or export folder")
+    ev.add_argument("--shard", metavar="i/n", help="run only every n-th item, starting at i")
+    ev.add_argument("--out", metavar="DIR", help="results folder (default: eval.out or RUN/eval)")
+    _add_config_args(ev)
+    ev.set_defaults(verb_parser=ev)
+
+    rep = sub.add_parser(
+        "report",
+        help="render eval results as Markdown + HTML with quality-vs-NFE plots",
+        description=_describe(
+            """Read the result files under FOLDER/results (written by `proseco eval`) and write
+            FOLDER/report.md and FOLDER/report.html: per model and task a table of every sampler
+            setting, a quality-vs-NFE plot (one line per sampler, diversity beside it), an
+            NFE-matched comparison with the best of each budget in bold, the failed items, and the
+            commands that produced the results."""
+        ),
+        epilog=_epilog("proseco report runs/exp1/eval"),
+        formatter_class=fmt,
+    )
+    rep.add_argument("folder", metavar="FOLDER", help="an eval output folder (e.g. runs/exp1/eval)")
+    _add_config_args(rep)
+    rep.set_defaults(verb_parser=rep)
 
     launch = sub.add_parser(
         "launch",

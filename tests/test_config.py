@@ -299,7 +299,7 @@ def test_to_dict_order_and_dump_load_round_trip(tmp_path):
     cfg = load_config(overrides=NON_DEFAULT)
     d = to_dict(cfg)
     assert list(d) == ["model", "diffusion", "sampler", "train", "data", "prep", "demo", "run",
-                       "cluster"]
+                       "eval", "cluster"]
     assert list(d["model"])[:3] == ["vocab_size", "hidden", "layers"]
     assert yaml.safe_load(dump_yaml(cfg)) == d
     f = write(tmp_path / "resolved.yaml", dump_yaml(cfg))

@@ -1,0 +1,1 @@
+"""Batch evaluation: checkpoints x tasks x sampler settings -> result files -> report."""

@@ -1,0 +1,62 @@
+"""The plug-in interface of evaluation tasks (``proseco eval``).
+
+A task turns generated token sequences into metrics. The evaluator (:mod:`pipeline.evaluation.runner`)
+owns everything else: loading a checkpoint's weights, sampling with a sampler setting in batches,
+counting NFE, writing one result JSON per work item. A task is built once per (process, task) and
+reused for every checkpoint and sampler setting, so expensive set-up (a reference language model,
+a training set for novelty) happens once.
+
+Contract (:class:`EvalTask`):
+
+* ``name``: the registry name (``--tasks NAME``).
+* ``primary``: the quality metric the report plots against NFE; ``higher_is_better`` says its
+  direction. ``diversity``: the diversity metric shown beside it (or None).
+* ``__init__(cfg, options, model)``: ``cfg`` is the checkpoint's training config (data.seq_len,
+  data.task, ...); ``options`` are the task's settings from ``eval.task_options[name]``;
+  ``model`` is a :class:`ModelInfo` (vocabulary size, mask id, sequence length, the tokenizer
+  when the model was trained on text shards). Raise :class:`pipeline.errors.ProsecoError` with a
+  clear message when the task cannot run for this model (wrong vocabulary, a reference model that
+  does not load); the evaluator records it for every item of the task and goes on.
+* ``conditioning(n, seed)``: None for unconditional generation, else ``(prompt, fixed)`` - token
+  ids [n, L] and a bool mask [n, L] of positions the sampler must keep (clues, a question).
+* ``score(tokens, conditioning) -> dict[str, float]``: metrics of the n generated sequences
+  (``tokens`` [n, L] long, CPU). Must contain ``primary`` (and ``diversity`` when set). Optional
+  extra keys are reported too.
+* ``decode(tokens) -> list[str]``: human-readable samples for the samples file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+
+
+@dataclass
+class ModelInfo:
+    vocab_size: int
+    mask_id: int
+    seq_len: int
+    tokenizer: Any = None  # data_prep.tokenizer.Tokenizer for models trained on text shards, else None
+
+
+class EvalTask:
+    name = "?"
+    primary = "?"
+    higher_is_better = True
+    diversity: str | None = None
+
+    def __init__(self, cfg: Config, options: dict, model: ModelInfo):
+        self.cfg, self.options, self.model = cfg, dict(options), model
+
+    def conditioning(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def score(self, tokens: torch.Tensor, conditioning: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        return [" ".join(str(int(t)) for t in row) for row in tokens]
