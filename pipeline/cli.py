@@ -139,8 +139,11 @@ def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_eval(args: argparse.Namespace, cfg: Config) -> int:
+    import shlex
+
+    command = "proseco " + shlex.join(args.argv)
     return _exit_code(_import_stage("pipeline.evaluation.runner").run(cfg, args.run, shard_spec=args.shard,
-                                                                     out=args.out))
+                                                                     out=args.out, command=command))
 
 
 def _run_report(args: argparse.Namespace, cfg: Config) -> int:
@@ -153,6 +156,10 @@ def _run_launch(args: argparse.Namespace, cfg: Config) -> int:
     launch = _import_stage("pipeline.launch")
     if args.stage == "prep":
         return _exit_code(launch.launch_prep(cfg, args.parts, dry_run=args.dry_run))
+    if args.stage == "eval":
+        if not args.target:
+            raise ProsecoError("proseco launch eval needs what to evaluate: --target RUN (run folder, checkpoint, glob)")
+        return _exit_code(launch.launch_eval(cfg, args.target, args.parts, dry_run=args.dry_run))
     return _exit_code(launch.launch_train(cfg, dry_run=args.dry_run))
 
 
@@ -372,17 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
             every rank saves at the same step and the job requeues itself (up to
             cluster.max_requeues); a restart resumes from the latest checkpoint under the same run
             id. `launch prep --parts N` prepares shards as an array job of N partitions plus a
-            merge job. --dry-run prints the job script and submits nothing."""
+            merge job; `launch eval --target RUN --parts N` runs `proseco eval` as N array shards
+            into one results folder. --dry-run prints the job script and submits nothing."""
         ),
         epilog=_epilog("proseco launch train --config text --config cluster_local cluster.nodes=2",
                        "proseco launch train --config owt_small cluster.nodes=4 cluster.tasks_per_node=8 "
                        "cluster.gpus_per_node=8 cluster.partition=gpu train.backend=deepspeed",
                        "proseco launch prep --parts 8 --config text --config cluster_local",
+                       "proseco launch eval --target runs/exp1 --parts 4 --config cluster_local",
                        "proseco launch train --config text --config cluster_local --dry-run"),
         formatter_class=fmt,
     )
-    launch.add_argument("stage", choices=["train", "prep"], help="what the job runs")
-    launch.add_argument("--parts", type=int, default=4, help="prep: number of array tasks (partitions)")
+    launch.add_argument("stage", choices=["train", "prep", "eval"], help="what the job runs")
+    launch.add_argument("--parts", type=int, default=4, help="prep / eval: number of array tasks")
+    launch.add_argument("--target", metavar="RUN", help="eval: what to evaluate (as for `proseco eval RUN`)")
     _add_config_args(launch)
     launch.set_defaults(verb_parser=launch)
     for verb, text in (("status", "job state, step, last checkpoint and log tail of a launched run"),
@@ -478,7 +488,9 @@ def _exit_code(result: int | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `proseco` console script; returns the process exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(parser, argv)
+    args.argv = argv
     if args.verb is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR

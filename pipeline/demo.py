@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import torch
 from data_prep import sudoku as sudoku_prep
 from pipeline.checkpoint import load_model, save_model
 from pipeline.config import Config, to_dict
-from pipeline.diffusion.sampling import sample, sample_seeds
 from pipeline.model import Backbone, count_parameters
 from pipeline.tasks import sudoku
 from pipeline.trainer import train_in_memory
@@ -61,7 +59,7 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
         model, _, saved = load_model(path)
         if saved.get("key") == key:
             log(f"  {kind:8s} loaded {path} (same config and data; {saved['steps']} steps, {saved['seconds']:.0f} s)")
-            return model, {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True}
+            return model, {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True, "key": key}
     torch.manual_seed(cfg.train.seed)
     model = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE)
     result = train_in_memory(model, data["train"], cfg.train, diffusion, sudoku.MASK_ID, steps=steps,
@@ -72,37 +70,7 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     trained_cfg = dataclasses.replace(cfg, diffusion=diffusion)
     save_model(path, result.model, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID, key=key, steps=steps,
                seconds=result.seconds)
-    return result.model, {"steps": steps, "seconds": result.seconds, "cached": False}
-
-
-def evaluate(model, cfg: Config, data: dict, steps: int, corrector: int) -> dict:
-    """Unconditional generation and held-out puzzle infilling at one sampler setting."""
-    sampler = dataclasses.replace(cfg.sampler, steps=steps, corrector_steps=corrector)
-    n, bs = cfg.demo.eval_samples, cfg.sampler.batch_size
-
-    def fn(z, t, valid):
-        return model(z, t, valid)
-
-    def run(prompt=None, fixed=None):
-        outs = []
-        for start in range(0, n, bs):
-            size = min(bs, n - start)
-            seeds = sample_seeds(cfg.sampler.seed, start, size)
-            kwargs = {"batch": size} if prompt is None else {"prompt": prompt[start:start + size],
-                                                             "fixed": fixed[start:start + size]}
-            outs.append(sample(fn, sampler, seq_len=sudoku.SEQ_LEN, mask_id=sudoku.MASK_ID, seeds=seeds,
-                               time_conditioned=cfg.model.time_conditioning, max_seq_len=cfg.model.max_seq_len,
-                               **kwargs))
-        return torch.cat([o.tokens for o in outs]), torch.cat([o.nfe for o in outs]).float()
-
-    gen, gen_nfe = run()
-    reps = math.ceil(n / len(data["puzzles"]))
-    puzzles, given = data["puzzles"].repeat(reps, 1)[:n], data["puzzle_given"].repeat(reps, 1)[:n]
-    solved, solve_nfe = run(puzzles, given)
-    g, s = sudoku.score_generated(gen), sudoku.score_solutions(solved, puzzles, given)
-    return {"steps": steps, "corrector_steps": corrector, "nfe": float(gen_nfe.mean()),
-            "valid": g["valid"], "distinct_valid": g["distinct_valid"],
-            "solve_nfe": float(solve_nfe.mean()), "solved": s["solved"], "clue_violations": s["clue_violations"]}
+    return result.model, {"steps": steps, "seconds": result.seconds, "cached": False, "key": key}
 
 
 def nfe_matched(results: list[dict], budgets: list[int], metric: str, nfe_key: str) -> dict:
@@ -157,6 +125,54 @@ def format_report(results: list[dict], budgets: list[int], trained: dict) -> str
     return "\n".join(lines)
 
 
+def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[list[dict], Path]:
+    """Step 3 through the batch evaluator (``proseco eval``): both model files x {sudoku4,
+    sudoku4-solve} x T in demo.steps_grid x S in [0] + demo.corrector_grid, then ``proseco report``.
+    Returns the rows of the NFE-matched console table ((a)-(d)) and the HTML report's path."""
+    from pipeline.evaluation import report, runner
+
+    ecfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+        cfg.eval, tasks=["sudoku4", "sudoku4-solve"], samplers=["ancestral"], steps=list(cfg.demo.steps_grid),
+        corrector_steps=[0, *cfg.demo.corrector_grid], corrector_every=[1], num_samples=cfg.demo.eval_samples,
+        batch_size=cfg.sampler.batch_size))
+    models = [runner.ModelRef(f"{kind}-{trained[kind]['key'][:8]}", str((out / f"{kind}.pt").resolve()))
+              for kind in ("mdm", "proseco")]
+    items = runner.work_list(models, ecfg.eval.tasks, ecfg)
+    folder = out / "eval"
+    log(f"3/3 evaluate {len(items)} items (2 models x 2 tasks x {len(runner.settings(ecfg))} sampler settings) "
+        f"x {cfg.demo.eval_samples} samples -> {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = ",".join(map(str, cfg.demo.steps_grid))
+    corr = ",".join(map(str, [0, *cfg.demo.corrector_grid]))
+    (folder / "commands.txt").write_text("proseco demo  # trains both models, then evaluates each like:\n" + "".join(
+        f"proseco eval {m.path} eval.tasks=[sudoku4,sudoku4-solve] eval.samplers=[ancestral] eval.steps=[{grid}] "
+        f"eval.corrector_steps=[{corr}] eval.num_samples={cfg.demo.eval_samples} --out {folder}\n" for m in models))
+    counts = runner.run_items(items, ecfg, folder, log=log)
+    if counts["failed"]:
+        log(f"  {counts['failed']} evaluation items failed; see {folder / 'report.md'}")
+    by_key = {}
+    for item in items:
+        path = runner.result_path(folder, item)
+        r = json.loads(path.read_text())
+        if r.get("status") == "ok":
+            by_key[(item.model.key, item.setting, item.task)] = r
+    rows = []
+    for model, kind in zip(models, ("mdm", "proseco")):
+        for st in runner.settings(ecfg):
+            gen, solve = (by_key.get((model.key, st, t)) for t in ("sudoku4", "sudoku4-solve"))
+            if gen is None or solve is None:
+                continue
+            method = {("mdm", False): "a", ("mdm", True): "b", ("proseco", False): "c",
+                      ("proseco", True): "d"}[(kind, st.corrector_steps > 0)]
+            rows.append({"method": method, "steps": st.steps, "corrector_steps": st.corrector_steps,
+                         "nfe": gen["nfe"], "valid": gen["metrics"]["valid"],
+                         "distinct_valid": int(gen["metrics"]["distinct_valid"]), "solve_nfe": solve["nfe"],
+                         "solved": solve["metrics"]["solved"],
+                         "clue_violations": int(solve["metrics"]["clue_violations"])})
+    _, page = report.build(folder)
+    return rows, page
+
+
 def run(cfg: Config) -> int:
     start = time.perf_counter()
     if cfg.train.threads:
@@ -179,13 +195,7 @@ def run(cfg: Config) -> int:
     for kind in ("mdm", "proseco"):
         models[kind], trained[kind] = train_or_load(kind, cfg, data, out, log)
 
-    settings = [(k, T, S) for k, (_, corr) in METHODS.items() for T in cfg.demo.steps_grid
-                for S in (cfg.demo.corrector_grid if corr else [0])]
-    log(f"3/3 evaluate {len(settings)} sampler settings x {cfg.demo.eval_samples} samples")
-    results = []
-    for k, T, S in settings:
-        r = evaluate(models[METHODS[k][0]], cfg, data, T, S)
-        results.append({"method": k, **r})
+    results, report_page = evaluate_with_runner(cfg, out, trained, log)
     budgets = sorted({2 ** i for i in range(1, 12) if 2 ** i <= 2 * max(r["nfe"] for r in results)})
     report = format_report(results, budgets, trained)
     log(report)
@@ -194,5 +204,6 @@ def run(cfg: Config) -> int:
                                                   "ratio_solved": nfe_ratio(results, "solved", "solve_nfe")},
                                                  indent=1))
     (out / "report.txt").write_text(report + "\n")
-    log(f"\nwrote {out / 'results.json'} and {out / 'report.txt'} in {time.perf_counter() - start:.0f} s")
+    log(f"\nwrote {out / 'results.json'}, {out / 'report.txt'} and {report_page} in "
+        f"{time.perf_counter() - start:.0f} s")
     return 0

@@ -105,6 +105,19 @@ class PrepPartTask:
         return int(stages.shards(config_from_dict(self.cfg), None, task=f"{index}/{self.parts}") or 0)
 
 
+class EvalShardTask:
+    """``proseco eval RUN --shard i/n`` as one array task."""
+
+    def __init__(self, cfg: dict, spec: str, out: str, parts: int):
+        self.cfg, self.spec, self.out, self.parts = cfg, spec, out, parts
+
+    def __call__(self, index: int) -> int:
+        from pipeline.evaluation import runner
+
+        return runner.run(config_from_dict(self.cfg), self.spec, shard_spec=f"{index}/{self.parts}", out=self.out,
+                          command=f"proseco eval {self.spec} --shard {index}/{self.parts} --out {self.out}")
+
+
 class PrepMergeTask:
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -336,6 +349,36 @@ def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     print(f"submitted array job {array_id} ({parts} partitions) and merge job {merge.job_id} (after it) for {out}")
     print(f"  logs:   {jobs_dir / 'slurm'}")
     print(f"  status: proseco status {jobs_dir}")
+    return 0
+
+
+def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> int:
+    """``proseco eval`` as an array job of ``parts`` shards; results land in one folder."""
+    from pipeline.evaluation import runner
+
+    if parts < 1:
+        raise ProsecoError(f"--parts must be >= 1, got {parts}")
+    runner.resolve_models(spec)  # a bad spec fails here, before anything is submitted
+    out = (Path(cfg.eval.out) if cfg.eval.out else runner.default_out(spec, cfg)).resolve()
+    spec = str(Path(spec).resolve()) if not any(c in spec for c in "*?[") else spec
+    name = cfg.cluster.job_name or "proseco-eval"
+    script = job_script(cfg, out / "slurm", name)
+    if dry_run:
+        print(script, end="")
+        return 0
+    _check_not_owned(out)
+    array = make_executor(cfg, out / "slurm", name)
+    preflight(cfg, script)
+    snap = _snapshot(out, cfg, script, "eval")
+    try:
+        jobs = array.map_array(EvalShardTask(to_dict(cfg), spec, str(out), parts), list(range(parts)))
+    except Exception as exc:
+        raise _sbatch_error(exc) from exc
+    array_id = jobs[0].job_id.split("_")[0]
+    _job_file(out).write_text(json.dumps({"job_id": array_id, "stage": "eval", "parts": parts,
+                                          "submitted": time.time(), "snapshot": str(snap)}, indent=1) + "\n")
+    print(f"submitted array job {array_id} ({parts} shards) evaluating {spec} -> {out}")
+    print(f"  status: proseco status {out}    then: proseco report {out}")
     return 0
 
 

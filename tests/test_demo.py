@@ -57,8 +57,12 @@ def test_tiny_demo_runs_end_to_end_and_reuses_trained_models(tmp_path, capsys):
     assert {r["method"] for r in first["results"]} == set("abcd")
     assert first["trained"]["mdm"]["steps"] == 6 and first["trained"]["proseco"]["steps"] == 3
     assert all(r["clue_violations"] == 0.0 for r in first["results"])
+    page = (tmp_path / "eval" / "report.html").read_text()  # the batch evaluator's report
+    pngs = list((tmp_path / "eval").glob("*.png"))
+    assert len(pngs) == 4 and all(p.name in page for p in pngs)  # 2 models x 2 tasks
     capsys.readouterr()
     assert demo.run(cfg) == 0  # second run: same config and data, so the models are loaded
-    assert capsys.readouterr().out.count("loaded") == 2
+    second_out = capsys.readouterr().out
+    assert second_out.count("loaded") == 2
     second = json.loads((tmp_path / "results.json").read_text())
     assert second["results"] == first["results"]  # deterministic under its seed

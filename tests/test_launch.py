@@ -208,3 +208,28 @@ def test_impossible_jobs_are_refused_before_anything_is_queued(shards, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "nothing was submitted" in err, err
     assert not (run / "slurm" / "job.json").exists()
+
+
+@slurm
+@pytest.mark.slurm
+def test_eval_array_job_covers_every_item_once(tmp_path, cluster, capsys):
+    from pipeline.checkpoint import save_model
+    from pipeline.config import load_config
+    from pipeline.model import Backbone
+    from pipeline.tasks import sudoku
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
+    torch.manual_seed(0)
+    model = tmp_path / "tiny.pt"
+    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    out = tmp_path / "eval"
+    assert cli.main(["launch", "eval", "--target", str(model), "--parts", "2", "--config", "cluster_local",
+                     "cluster.nodes=1", "train.threads=1", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]",
+                     "eval.samplers=[ancestral]", "eval.num_samples=8", f"eval.out={out}"]) == 0
+    job = json.loads((out / "slurm" / "job.json").read_text())["job_id"]
+    sh.wait_job(job, states={"COMPLETED"}, timeout=240)
+    results = list((out / "results").rglob("*.json"))
+    assert len(results) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in results)
+    commands = (out / "commands.txt").read_text()
+    assert "--shard 0/2" in commands and "--shard 1/2" in commands  # each shard ran exactly once
+    assert commands.count("--shard") == 2

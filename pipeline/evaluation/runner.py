@@ -306,7 +306,8 @@ def default_out(spec: str, cfg: Config) -> Path:
     return (p.parent if p.is_file() else p) / "eval"
 
 
-def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | None = None) -> int:
+def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | None = None,
+        command: str | None = None) -> int:
     models = resolve_models(spec)
     if cfg.eval.tasks:
         tasks = list(cfg.eval.tasks)
@@ -321,7 +322,7 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
     items = shard(work_list(models, tasks, cfg), shard_spec)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "commands.txt", "a") as f:  # the report quotes the commands that made it
-        f.write(" ".join(["proseco", *sys.argv[1:]]) + "\n")
+        f.write((command or " ".join(["proseco", *sys.argv[1:]])) + "\n")
     (folder / "eval_config.json").write_text(json.dumps(to_dict(cfg)["eval"], indent=1) + "\n")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

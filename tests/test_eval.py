@@ -1,0 +1,125 @@
+"""`proseco eval` / `proseco report` (pipeline/evaluation): work list, skip-done, resume after a
+real kill, sharding, per-item failures, the report."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import cli
+from pipeline.checkpoint import save_model
+from pipeline.config import load_config
+from pipeline.evaluation import report, runner
+from pipeline.model import Backbone
+from pipeline.tasks import sudoku
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained tiny Sudoku model file (evaluation does not care how good it is)."""
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(path, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    return path
+
+
+def _cfg(*overrides: str):
+    return load_config(str(ROOT / "configs" / "tiny.yaml"), ["train.threads=1", *overrides])
+
+
+def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(model_file):
+    cfg = _cfg("eval.samplers=[ancestral,remdm]", "eval.steps=[4,8]", "eval.corrector_steps=[0,2]",
+               "eval.corrector_every=[1,2]")
+    st = runner.settings(cfg)
+    # ancestral: T x (S=0, S=2 x omega 1/2) = 2 x 3; remdm: no corrector: 2
+    assert len(st) == 8 and len(set(st)) == 8
+    assert {s.label for s in st} == {"ancestral (MDM)", "ancestral + corrector S=2 w=1",
+                                     "ancestral + corrector S=2 w=2", "remdm"}
+    items = runner.work_list(runner.resolve_models(str(model_file)), ["sudoku4", "sudoku4-solve"], cfg)
+    assert len(items) == 16 and items == sorted(items, key=lambda i: i.relpath)
+    shards = [runner.shard(items, f"{i}/3") for i in range(3)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat, key=lambda i: i.relpath) == items and len(set(flat)) == len(items)
+    with pytest.raises(Exception, match="i/n"):
+        runner.shard(items, "3")
+
+
+def test_eval_writes_results_skips_done_items_and_records_failures(model_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.steps=[2,4]",
+            "eval.corrector_steps=[0,1]", "eval.samplers=[ancestral]", "eval.num_samples=16", "eval.batch_size=5",
+            "eval.tasks=[sudoku4,sudoku4-solve,text]"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "8 done, 0 already done, 4 failed" in printed  # text needs a text model: a clear per-item failure
+    results = report.load_results(out)
+    ok = [r for r in results if r["status"] == "ok"]
+    failed = [r for r in results if r["status"] == "failed"]
+    assert len(ok) == 8 and len(failed) == 4
+    assert all("needs" in r["error"] or "text" in r["error"] for r in failed)
+    solve = [r for r in ok if r["task"] == "sudoku4-solve"]
+    assert all(r["metrics"]["clue_violations"] == 0 for r in solve)
+    corr = [r for r in ok if r["setting"]["corrector_steps"] == 1]
+    assert all(r["nfe_corrector"] > 0 for r in corr)
+    samples = out / "results" / ok[0]["model"]["key"] / ok[0]["task"] / ok[0]["samples_file"]
+    assert len(samples.read_text().splitlines()) == 16
+    assert cli.main(args) == 0  # a rerun skips what is done (and retries the failures)
+    assert "0 done, 8 already done, 4 failed" in capsys.readouterr().out
+    # batch size does not change results (one seeded generator per sample)
+    out2 = tmp_path / "eval_b16"
+    assert cli.main([*args[:-1], "eval.tasks=[sudoku4]", "eval.batch_size=16", "--out", str(out2)]) == 0
+    a = {r["_path"]: r["metrics"] for r in results if r["task"] == "sudoku4"}
+    b = {r["_path"]: r["metrics"] for r in report.load_results(out2)}
+    assert a == b
+
+    md, page = report.build(out)
+    text = page.read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs and all(p in text for p in pngs) and "Failed items" in text
+    assert "NFE-matched" in md.read_text() and "proseco eval" in md.read_text()
+
+
+def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_file, tmp_path, capsys):
+    assert cli.main(["eval", str(model_file), "eval.tasks=[sudoku9]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
+    assert "unknown evaluation task(s) sudoku9" in capsys.readouterr().err
+    partial = tmp_path / "run" / "checkpoints" / "step_00000010"
+    partial.mkdir(parents=True)
+    assert cli.main(["eval", str(partial)]) == cli.EXIT_USER_ERROR
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "nothing")]) == cli.EXIT_USER_ERROR
+    assert "run `proseco eval` first" in capsys.readouterr().err
+
+
+def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_file, tmp_path):
+    common = [sys.executable, "-m", "pipeline", "eval", str(model_file), "train.threads=1",
+              "eval.steps=[2,4,8,16]", "eval.corrector_steps=[0,1,2,4]", "eval.samplers=[ancestral]",
+              "eval.num_samples=256", "eval.tasks=[sudoku4,sudoku4-solve]"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run([*common, "--out", str(ref)], cwd=ROOT, env=env, check=True, capture_output=True)
+    total = len(list((ref / "results").rglob("*.json")))
+    proc = subprocess.Popen([*common, "--out", str(run)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(list((run / "results").rglob("*.json"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((run / "results").rglob("*.json")))
+    assert done < total, "the run finished before it could be killed"
+    out = subprocess.run([*common, "--out", str(run)], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert f"{done} already done" in out.stdout
+    strip = lambda rows: {r["_path"]: (r["metrics"], r["nfe"]) for r in rows}
+    assert strip(report.load_results(run)) == strip(report.load_results(ref))
+    assert not list(run.rglob("*.tmp-*"))
