@@ -1,6 +1,6 @@
 """``proseco report``: the results of ``proseco eval`` as one Markdown and one HTML page.
 
-For each (model, task): a table of every sampler setting (T, S, omega, NFE, the task's primary
+For each task (all evaluated models together; a line per model x sampler): a table of every sampler setting (T, S, omega, NFE, the task's primary
 metric and its diversity metric), a plot of quality against NFE with one line per sampler (the
 line walks over T) and diversity beside it, and an NFE-matched comparison: for each NFE budget the
 best primary metric each sampler reaches within it, the best of the row in bold. Failed items
@@ -81,19 +81,24 @@ def build(folder: str | Path) -> tuple[Path, Path]:
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
     groups = defaultdict(list)
-    for r in ok:
-        groups[(r["model"]["key"], r["task"])].append(r)
+    for r in ok:  # one section per task; with several models, each model x sampler is a line
+        groups[r["task"]].append(r)
+    for rs in groups.values():
+        models = {r["model"]["key"] for r in rs}
+        for r in rs:
+            r["label"] = f"{r['model']['key']}: {r['label']}" if len(models) > 1 else r["label"]
     md = [f"# ProSeCo evaluation report: {folder}", "",
           (f"{len(ok)} results, {len(failed)} failed. Quality against compute: NFE is the mean number of "
           "network evaluations per sample (predictor + corrector)."), ""]
     body = [f"<h1>ProSeCo evaluation report: {html.escape(str(folder))}</h1>",
             (f"<p>{len(ok)} results, {len(failed)} failed. NFE = mean network evaluations per sample "
             "(predictor + corrector).</p>")]
-    for (model, task), rs in sorted(groups.items()):
+    for task, rs in sorted(groups.items()):
         primary, higher, diversity = rs[0]["primary"], rs[0]["higher_is_better"], rs[0].get("diversity")
-        step = rs[0]["model"].get("step")
-        title = f"{model}{f' (step {step})' if step is not None else ''} - {task}"
-        png = f"plot_{model}_{task}.png".replace("/", "_")
+        models = sorted({(r["model"]["key"], r["model"].get("step")) for r in rs}, key=str)
+        names = ", ".join(f"{k}{f' (step {st})' if st is not None else ''}" for k, st in models)
+        title = f"{task}: {names}"
+        png = f"plot_{task}.png".replace("/", "_")
         _plot(rs, primary, diversity, folder / png, title)
         cols = ["sampler", "T", "S", "omega", "NFE", "NFE corrector", primary] + ([diversity] if diversity else [])
         table = [[r["label"], r["setting"]["steps"], r["setting"]["corrector_steps"],
