@@ -15,10 +15,11 @@ answer), ``skipped`` (questions of the data file whose prompt leaves fewer than
 ``min_new_tokens`` positions free in a row: never asked), ``questions`` (those asked from),
 ``samples``.
 
-Options (``eval.task_options.gsm8k``):
+Options (keys of the options dict; unknown keys are ignored):
 
-* ``data`` (required): a JSONL file, one ``{"question": ..., "answer": ...}`` object a line, the
-  answer in GSM8K form (a worked solution ending ``#### <number>``);
+* ``data`` (required; the evaluator fills it from ``eval.task_data``): a JSONL file, one
+  ``{"question": ..., "answer": ...}`` object a line, the answer in GSM8K form (a worked solution
+  ending ``#### <number>``);
 * ``template``: the prompt, ``"Question: {question}\\nAnswer:"`` by default;
 * ``bos``: put the tokenizer's bos id first (default true);
 * ``min_new_tokens``: free positions a prompt must leave to be used (default 1).
@@ -41,8 +42,9 @@ import torch
 from pipeline.errors import ProsecoError
 from pipeline.evaluation.tasks.base import EvalTask, ModelInfo
 
-OPTIONS = ("data", "template", "bos", "min_new_tokens")
+OPTIONS = ("data", "template", "bos", "min_new_tokens")  # other keys are ignored (one dict for all tasks)
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+FIELDS = ("question", "answer")
 
 _NUMBER_AT_START = re.compile(r"-?\d+(?:\.\d+)?")
 # a number anywhere: optional sign (not after a digit, so "3-4" gives 4), $, digits with commas
@@ -99,7 +101,7 @@ def load_problems(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ProsecoError(f"{path}:{number}: not a JSON object ({exc})") from exc
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "answer")):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in FIELDS):
             raise ProsecoError(f"{path}:{number}: needs string fields 'question' and 'answer'")
         gold = extract_answer(record["answer"])
         if gold is None:
@@ -118,21 +120,20 @@ class Task(EvalTask):
 
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)
-        unknown = sorted(set(self.options) - set(OPTIONS))
-        if unknown:
-            raise ProsecoError(f"gsm8k: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
         if not self.options.get("data"):
             raise ProsecoError("gsm8k needs option data: a JSONL file of {question, answer} "
-                               "(eval.task_options.gsm8k.data=PATH)")
+                               "(eval.task_data=PATH)")
         tok = model.tokenizer
         if tok is None:
             raise ProsecoError("gsm8k needs a model trained on text shards (it has no tokenizer)")
         if tok.vocab_size > model.vocab_size:
-            raise ProsecoError(f"gsm8k: the tokenizer has {tok.vocab_size} ids, the model only {model.vocab_size}")
-        template = self.options.get("template", DEFAULT_TEMPLATE)
+            raise ProsecoError(f"gsm8k: the tokenizer has {tok.vocab_size} ids, "
+                               f"the model only {model.vocab_size}")
+        template = self.options.get("template") or DEFAULT_TEMPLATE
         if not isinstance(template, str) or "{question}" not in template:
-            raise ProsecoError(f"gsm8k option template must be a string containing {{question}}, got {template!r}")
-        min_new = self.options.get("min_new_tokens", 1)
+            raise ProsecoError("gsm8k option template must be a string containing {question}, "
+                               f"got {template!r}")
+        min_new = self.options.get("min_new_tokens") or 1
         if isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 1:
             raise ProsecoError(f"gsm8k option min_new_tokens must be an integer >= 1, got {min_new!r}")
         self.tokenizer = tok
@@ -183,7 +184,7 @@ class Task(EvalTask):
             raise ProsecoError("gsm8k scores prompt-conditioned samples; conditioning is missing")
         _, fixed = conditioning
         out = []
-        for row, mask in zip(tokens.tolist(), fixed.tolist()):
+        for row, mask in zip(tokens.tolist(), fixed.tolist(), strict=True):
             k = sum(mask)
             out.append((self._by_prompt.get(tuple(row[:k])), self._continuation(row[k:])))
         return out

@@ -13,13 +13,14 @@ Each generated row is decoded to one SMILES string (:func:`smiles_of_row`) and s
 
 Ratios with an empty denominator (no valid sample) are 0.0; the counts say why.
 
-Options (``eval.task_options.qm9``):
+Options (keys of the options dict; unknown keys are ignored):
 
-* ``train_smiles``: a text file, one SMILES per line, the training set for ``novelty``. Default:
+* ``train_smiles``: a text file, one SMILES per line, the training set for ``novelty`` (the
+  evaluator fills it from ``eval.task_data``). Default (unset or ""):
   all of QM9 as bundled by the ``qm9pack`` package (130,831 molecules, read offline; see
   :mod:`data_prep.qm9`), i.e. novelty = "not a QM9 molecule", the usual definition. Give the
   train file of :func:`data_prep.qm9.write_qm9_corpus` for novelty w.r.t. the training split.
-  The set is canonicalised once per process (~7 s for QM9) and cached.
+  The set is canonicalised once per process (7-14 s for QM9 on 2 cores) and cached.
 
 A SMILES with whitespace inside is invalid: RDKit reads text after a space as the molecule's
 *name*, so ``"CC O"`` would otherwise count as ethane.
@@ -38,7 +39,7 @@ from rdkit.Chem import QED, rdMolDescriptors
 from pipeline.errors import ProsecoError
 from pipeline.evaluation.tasks.base import EvalTask, ModelInfo
 
-OPTIONS = ("train_smiles",)
+OPTIONS = ("train_smiles",)  # other keys are ignored (the evaluator passes one dict to every task)
 INCOMPLETE = "<mask>"  # stands for a position the sampler left masked; never parses
 OUT_OF_VOCAB = "<oov>"  # an id the tokenizer lacks (a model vocabulary larger than the tokenizer's)
 
@@ -106,7 +107,8 @@ def smiles_of_row(ids: Iterable[int], tokenizer) -> str:
     bos, whitespace stripped. A position still masked becomes ``<mask>``, an id outside the tokenizer's
     vocabulary ``<oov>`` (either makes the sample invalid)."""
     ids = [int(i) for i in ids]
-    bos, stops, mask = tokenizer.bos_id, {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id}, tokenizer.mask_id
+    bos, mask = tokenizer.bos_id, tokenizer.mask_id
+    stops = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id}
     start = 0
     while start < len(ids) and ids[start] == bos:
         start += 1
@@ -170,16 +172,14 @@ class Task(EvalTask):
 
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)
-        unknown = sorted(set(self.options) - set(OPTIONS))
-        if unknown:
-            raise ProsecoError(f"qm9: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
         tok = model.tokenizer
         if tok is None:
             raise ProsecoError("qm9 needs a model trained on text shards of SMILES (it has no tokenizer)")
         if tok.vocab_size > model.vocab_size:
-            raise ProsecoError(f"qm9: the tokenizer has {tok.vocab_size} ids, the model only {model.vocab_size}")
+            raise ProsecoError(f"qm9: the tokenizer has {tok.vocab_size} ids, "
+                               f"the model only {model.vocab_size}")
         self.tokenizer = tok
-        self.train_set, self.train_info = load_train_set(self.options.get("train_smiles"))
+        self.train_set, self.train_info = load_train_set(self.options.get("train_smiles") or None)
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return [smiles_of_row(row.tolist(), self.tokenizer) for row in tokens]
