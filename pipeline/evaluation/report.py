@@ -42,8 +42,9 @@ def nfe_matched(rows: list[dict], primary: str, higher: bool, budgets: list[floa
     for r in rows:
         by_label[r["label"]].append(r)
     sign = 1 if higher else -1
-    return {label: {b: max((r for r in rs if r["nfe"] <= b + 1e-9), key=lambda r: sign * r["metrics"][primary],
-                           default=None) for b in budgets} for label, rs in sorted(by_label.items())}
+    return {label: {b: max((r for r in rs if r["nfe"] <= b + 1e-9 and r["metrics"].get(primary) is not None),
+                           key=lambda r: sign * r["metrics"][primary], default=None) for b in budgets}
+            for label, rs in sorted(by_label.items())}
 
 
 def _plot(rows: list[dict], primary: str, diversity: str | None, path: Path, title: str) -> None:
@@ -60,7 +61,8 @@ def _plot(rows: list[dict], primary: str, diversity: str | None, path: Path, tit
     for label, rs in sorted(by_label.items()):
         rs = sorted(rs, key=lambda r: r["nfe"])
         for ax, metric in zip(axes[0], [primary, diversity][:n]):
-            ax.plot([r["nfe"] for r in rs], [r["metrics"][metric] for r in rs], marker="o", label=label)
+            pts = [(r["nfe"], r["metrics"].get(metric)) for r in rs if r["metrics"].get(metric) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("NFE (mean network evaluations per sample)")
             ax.set_ylabel(metric)
@@ -103,7 +105,7 @@ def build(folder: str | Path) -> tuple[Path, Path]:
         cols = ["sampler", "T", "S", "omega", "NFE", "NFE corrector", primary] + ([diversity] if diversity else [])
         table = [[r["label"], r["setting"]["steps"], r["setting"]["corrector_steps"],
                   r["setting"]["corrector_every"] if r["setting"]["corrector_steps"] else "-",
-                  r["nfe"], r["nfe_corrector"], r["metrics"][primary]]
+                  r["nfe"], r["nfe_corrector"], r["metrics"].get(primary)]
                  + ([r["metrics"].get(diversity)] if diversity else [])
                  for r in sorted(rs, key=lambda r: (r["label"], r["nfe"]))]
         arrow = "higher is better" if higher else "lower is better"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -271,7 +272,8 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = Tru
             if isinstance(task, Exception):
                 raise task
             gen = generate(loaded, task, item.setting, cfg, cfg.eval.num_samples, cfg.eval.batch_size)
-            metrics = task.score(gen["tokens"], gen["conditioning"])
+            metrics = {k: (float(v) if v is not None and math.isfinite(float(v)) else None)
+                       for k, v in task.score(gen["tokens"], gen["conditioning"]).items()}  # NaN -> null
             samples_file = result_path(out, item).with_suffix(".samples.jsonl")
             samples_file.parent.mkdir(parents=True, exist_ok=True)
             texts = task.decode(gen["tokens"])
