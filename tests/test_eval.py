@@ -123,3 +123,14 @@ def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_
     strip = lambda rows: {r["_path"]: (r["metrics"], r["nfe"]) for r in rows}
     assert strip(report.load_results(run)) == strip(report.load_results(ref))
     assert not list(run.rglob("*.tmp-*"))
+
+
+def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+                     "eval.samplers=[ancestral,confidence]", "eval.steps=[3,4]", "eval.corrector_steps=[0]",
+                     "sampler.block_size=8", "eval.num_samples=4"]) == 0
+    rows = {r["_path"].split("/")[-1]: r for r in report.load_results(out)}
+    assert rows["confidence_T3.json"]["status"] == "failed" and "multiple" in rows["confidence_T3.json"]["error"]
+    assert all(r["status"] == "ok" for k, r in rows.items() if k != "confidence_T3.json") and len(rows) == 4
+    assert "confidence_T3" in report.build(out)[1].read_text()  # the failure is in the report
