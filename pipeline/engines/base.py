@@ -43,15 +43,18 @@ class Engine:
         """Training forward; ``sync``: the backward that follows is the step's last (reduce gradients)."""
         raise NotImplementedError
 
+    optimizer: torch.optim.Optimizer
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of an already ``1/grad_accum``-scaled loss."""
-        raise NotImplementedError
+        loss.backward()
 
     def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def zero_grad(self) -> None:
-        raise NotImplementedError
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
         """Clip, optimizer step, EMA update; returns the gradient norm before clipping."""

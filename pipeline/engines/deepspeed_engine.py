@@ -132,10 +132,6 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)
         self.ds.step()  # a no-op for the optimizer until the accumulation boundary
 
-    def set_lr(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
     def zero_grad(self):
         pass  # DeepSpeed clears gradients itself after each optimizer step
 

@@ -84,16 +84,6 @@ class MegatronEngine(Engine):
         with no_sync, self._autocast():
             return (self.ddp or self.model)(z, t, valid)
 
-    def backward(self, loss):
-        loss.backward()
-
-    def set_lr(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
     def step(self) -> float:
         clip = self.cfg.train.grad_clip
         norm = self._tp.clip_grad_norm_tp(list(self.model.parameters()), clip if clip > 0 else 1e30)
