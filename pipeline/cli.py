@@ -32,8 +32,8 @@ configuration:
   Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
   <- overrides. An override is section.key=value with the value parsed as YAML:
 {examples}
-  Sections: model, diffusion, sampler, train, data, prep, demo, run, eval, cluster. Unknown keys, wrong types and
-  out-of-range values are errors. Without --config, configs/tiny.yaml is used.
+  Sections: model, diffusion, sampler, train, data, prep, demo, run, eval, cluster. Unknown keys,
+  wrong types and out-of-range values are errors. Without --config, configs/tiny.yaml is used.
   --dry-run prints the resolved YAML and what would run, then exits.
 """
 
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser(
         "launch",
-        help="submit training (or an array prep job) to SLURM through submitit; requeues itself",
+        help="submit training, or prep / eval array jobs, to SLURM through submitit; requeues itself",
         description=_describe(
             """Submit `proseco train` as one SLURM job of cluster.nodes x cluster.tasks_per_node tasks
             (one rank each) through submitit, with the resources of the cluster.* section (a preset
