@@ -51,7 +51,7 @@ RESULT_FORMAT = "proseco-eval/1"
 class ModelRef:
     """A model to evaluate: a training checkpoint folder, a model file or an export folder."""
 
-    key: str  # a stable name for result paths, e.g. "step_00001000" or "proseco"
+    key: str  # a stable name for result paths: "<run>/step_00001000" for checkpoints, the file's stem otherwise
     path: str
     step: int | None = None
 
@@ -101,11 +101,13 @@ def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
             found = CheckpointManager(p).list_complete()
             if not found:
                 raise ProsecoError(f"{p} has no complete checkpoint to evaluate")
-            out += [ModelRef(c.name, str(c.resolve()), CheckpointManager.step_of(c)) for c in found]
+            out += [ModelRef(f"{p.resolve().name}/{c.name}", str(c.resolve()), CheckpointManager.step_of(c))
+                    for c in found]
         elif p.is_dir() and p.name.startswith("step_"):
             if not (p / MARKER).is_file():
                 raise ProsecoError(f"{p} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
-            out.append(ModelRef(p.name, str(p.resolve()), CheckpointManager.step_of(p)))
+            out.append(ModelRef(f"{p.resolve().parent.parent.name}/{p.name}", str(p.resolve()),
+                                CheckpointManager.step_of(p)))
         elif p.is_file() or (p / "model.json").is_file():
             out.append(ModelRef(p.stem if p.is_file() else p.name, str(p.resolve())))
         else:
@@ -228,10 +230,13 @@ def generate(loaded: Loaded, task, setting: Setting, cfg: Config, n: int, batch_
             "nfe_corrector": torch.cat(nfe_c), "conditioning": cond}
 
 
-def task_options(cfg: Config) -> dict:
+def task_options(cfg: Config, task: str) -> dict:
+    """The eval.* settings a task takes, under the task's own option names."""
     e = cfg.eval
-    return {"reference": e.reference_lm, "data": e.task_data, "train_smiles": e.task_data,
-            "mauve_reference": e.mauve_reference, "batch_size": e.batch_size}
+    options = {"text": {"reference": e.reference_lm, "mauve_reference": e.mauve_reference,
+                        "batch_size": e.batch_size},
+               "qm9": {"train_smiles": e.task_data}, "gsm8k": {"data": e.task_data}}.get(task, {})
+    return {k: v for k, v in options.items() if v != ""}
 
 
 def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = True,
@@ -265,7 +270,7 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = Tru
                 try:
                     info = ModelInfo(loaded.vocab_size, loaded.mask_id, loaded.cfg.data.seq_len,
                                      _tokenizer(loaded.cfg))
-                    tasks[key] = task_class(item.task)(loaded.cfg, task_options(cfg), info)
+                    tasks[key] = task_class(item.task)(loaded.cfg, task_options(cfg, item.task), info)
                 except ProsecoError as exc:
                     tasks[key] = exc
             task = tasks[key]
