@@ -382,16 +382,20 @@ def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> in
     return 0
 
 
+def _read_job(run: Path) -> dict:
+    path = _job_file(run)
+    if not path.is_file():
+        raise ProsecoError(f"{run} has no launched job ({path} missing); `proseco launch` writes it")
+    return json.loads(path.read_text())
+
+
 def status(run: str | os.PathLike) -> int:
     from pipeline.checkpoint.manager import CheckpointManager
     from pipeline.runlog import read_metrics
     from pipeline.train import read_last_exit
 
     run = Path(run)
-    path = _job_file(run)
-    if not path.is_file():
-        raise ProsecoError(f"{run} has no launched job ({path} missing); `proseco launch` writes it")
-    job = json.loads(path.read_text())
+    job = _read_job(run)
     jid = str(job["job_id"])
     print(f"run {run}")
     print(f"  job {jid} ({job.get('stage')}): {job_state(jid)}"
@@ -420,10 +424,7 @@ def status(run: str | os.PathLike) -> int:
 
 def cancel(run: str | os.PathLike) -> int:
     run = Path(run)
-    path = _job_file(run)
-    if not path.is_file():
-        raise ProsecoError(f"{run} has no launched job ({path} missing)")
-    job = json.loads(path.read_text())
+    job = _read_job(run)
     ids = [str(job["job_id"])] + ([str(job["array_job_id"])] if "array_job_id" in job else [])
     if shutil.which("scancel") is None:
         raise ProsecoError("scancel not found on PATH: run this where the SLURM commands are")

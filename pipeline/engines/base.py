@@ -56,14 +56,25 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    ema = None  # pipeline.trainer.EMA, or None when train.ema == 0
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients by their global norm; returns the norm before clipping."""
+        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def step(self) -> float:
         """Clip, optimizer step, EMA update; returns the gradient norm before clipping."""
-        raise NotImplementedError
+        clip = self.cfg.train.grad_clip
+        norm = self.clip_grad_norm(clip if clip > 0 else 1e30)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(norm)
 
     @property
     def eval_model(self) -> nn.Module:
         """The weights to validate and export: the EMA when on, else the trained model."""
-        raise NotImplementedError
+        return self.ema.shadow if self.ema is not None else self.model
 
     @property
     def topology(self) -> dict:

@@ -84,17 +84,8 @@ class MegatronEngine(Engine):
         with no_sync, self._autocast():
             return (self.ddp or self.model)(z, t, valid)
 
-    def step(self) -> float:
-        clip = self.cfg.train.grad_clip
-        norm = self._tp.clip_grad_norm_tp(list(self.model.parameters()), clip if clip > 0 else 1e30)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return float(norm)
-
-    @property
-    def eval_model(self):
-        return self.ema.shadow if self.ema is not None else self.model
+    def clip_grad_norm(self, max_norm):
+        return self._tp.clip_grad_norm_tp(list(self.model.parameters()), max_norm)  # global norm over TP
 
     @property
     def eval_collective(self) -> bool:

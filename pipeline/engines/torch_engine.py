@@ -70,18 +70,6 @@ class TorchEngine(Engine):
         with no_sync, self._autocast():
             return (self.ddp or self.model)(z, t, valid)
 
-    def step(self) -> float:
-        clip = self.cfg.train.grad_clip
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else 1e30)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return float(norm)
-
-    @property
-    def eval_model(self):
-        return self.ema.shadow if self.ema is not None else self.model
-
     @property
     def topology(self):
         return {"backend": "torch", "dp": self.world, "tp": 1, "zero_stage": 0}
