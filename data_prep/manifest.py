@@ -39,7 +39,7 @@ OWN_ENTRIES = {MANIFEST, PARTS, *SPLITS, *TOKENIZER_FILES}
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
-__all__ = ["MANIFEST", "dtype_for", "merge", "part_dir", "run_key", "shard_name"]
+__all__ = ["MANIFEST", "check_trainable", "dtype_for", "merge", "part_dir", "run_key", "shard_name"]
 
 
 # pipeline.data imports torch; the tokenizer worker processes import this module and need
@@ -260,11 +260,40 @@ def build_manifest(done: dict[int, dict]) -> dict:
     return manifest
 
 
+def check_trainable(manifest: dict, inputs: list[str] | None = None) -> None:
+    """Refuse (one-line ProsecoError) a run whose train split holds no sample.
+
+    A partition may be empty (few input files); the run as a whole may not: no manifest without
+    a train sample is written. ``inputs`` (what the user named; default: the source files) goes
+    into the message when no document was found at all. An empty val split passes.
+    """
+    train, docs, config = manifest["splits"]["train"], manifest["documents"], manifest["config"]
+    if train["samples"]:
+        return
+    if not sum(docs.values()):
+        paths = [s["path"] for s in manifest["sources"]]
+        names = [str(name) for name in inputs or paths]
+        named = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items() if v) or "nothing"
+        raise ProsecoError(f"no documents found in {named} ({len(paths)} file(s); skipped: {skipped}); "
+                           "no manifest written")
+    if not docs["train"]:
+        raise ProsecoError(f"the train split is empty: all {docs['val']} document(s) went to val (val_fraction "
+                           f"{config['val_fraction']}); give more documents or a lower val_fraction; "
+                           "no manifest written")
+    per = " per partition" if config["num_tasks"] > 1 else ""
+    raise ProsecoError(f"the train split has no sample: its {docs['train']} document(s) hold "
+                       f"{train['dropped_tokens']} tokens with bos/eos, fewer than seq_len {config['seq_len']}"
+                       f"{per} (wrap mode drops the last partial sequence); give more text or a shorter seq_len; "
+                       "no manifest written")
+
+
 def merge(out_dir: str | os.PathLike) -> dict:
     """Combine all partitions' ``DONE.json`` under ``out_dir`` into ``manifest.json``; return it.
 
-    Refuses (ProsecoError) when a partition of the run is missing or unfinished, or when
-    partitions were built with different settings, tokenizer or inputs. Idempotent: an existing
+    Refuses (ProsecoError) when a partition of the run is missing or unfinished, when
+    partitions were built with different settings, tokenizer or inputs, or when together they
+    hold no train sample (:func:`check_trainable`). Idempotent: an existing
     identical manifest is returned untouched; a different one is refused.
     """
     out = Path(out_dir)
@@ -294,6 +323,7 @@ def merge(out_dir: str | os.PathLike) -> dict:
         if not (out / name).is_file():
             raise ProsecoError(f"cannot merge {out}: {name} is missing (prep copies it there); rerun prep")
     manifest = build_manifest(done)
+    check_trainable(manifest)
     old = read_json(out / MANIFEST)
     if old is not None:
         if old.get("fingerprint") == manifest["fingerprint"]:

@@ -24,13 +24,18 @@ completed shards and the stream position where the split's next shard starts: ``
 ordinal, tokens of that document already emitted)`` plus the packer's pending partial sequence
 (always empty at a shard boundary, since a shard closes right after a sample; recorded anyway).
 A rerun re-reads the files from the earliest split position, skips documents already in finished
-shards without tokenizing them, and rewrites only the unfinished shards. Counters in the
-checkpoint are as of the shard boundary, so a killed run neither drops nor double-counts a
-document. ``DONE.json`` marks a finished partition; a rerun skips it.
+shards without tokenizing them, and rewrites only the unfinished shards. Each split's counters
+(documents, dropped tokens) in the checkpoint are as of that split's own last shard boundary,
+also in a checkpoint written when the *other* split finishes a shard while this one has a shard
+open, so a killed run neither drops nor double-counts a document. Per-file skip counts are
+stored whole once a file is read to its end and replaced when a rerun reads the file again.
+``DONE.json`` marks a finished partition; a rerun skips it.
 
 **Failures.** A shard is written to a hidden ``.shard-...tar.tmp`` sibling, fsynced and renamed;
 every JSON file likewise. A full disk or an unwritable folder removes the temporary file and
 raises :class:`ProsecoError`; finished shards stay valid for the rerun; no manifest is written.
+Nor is one for a run without a train sample (no document found, all went to val, too little text
+for one sequence): :func:`data_prep.manifest.check_trainable` raises; a lone empty partition is fine.
 """
 
 from __future__ import annotations
@@ -299,13 +304,20 @@ class _SplitWriter:
         self.fill = len(state["pending"])
         self.buf[: self.fill] = state["pending"]
         self.pending_at_start = list(state["pending"])
+        # the counters as of `start`, for the checkpoint: the live ones also count the open shard,
+        # whose documents a resume reads (and counts) again
+        self.documents_at_start, self.dropped_at_start = self.documents, self.dropped
         self.open: _ShardFile | None = None
         self.on_shard = on_shard
         (out / split).mkdir(parents=True, exist_ok=True)
 
     def state(self) -> dict:
+        """Checkpoint: resuming from it redoes exactly what came after the last shard boundary.
+
+        Also called while this split has an open shard (when the other split finishes one).
+        """
         return {"start": list(self.start), "pending": self.pending_at_start, "shards": self.shards,
-                "documents": self.documents, "dropped_tokens": self.dropped}
+                "documents": self.documents_at_start, "dropped_tokens": self.dropped_at_start}
 
     def wants(self, pos: tuple[int, int]) -> bool:
         return pos >= self.start[:2]
@@ -367,6 +379,7 @@ class _SplitWriter:
             raise
         self.start = after
         self.pending_at_start = self.buf[: self.fill].tolist()
+        self.documents_at_start, self.dropped_at_start = self.documents, self.dropped
         self.on_shard()
 
     def finish(self, end: tuple[int, int, int]) -> None:
@@ -404,6 +417,7 @@ def build_shards(settings: ShardSettings, *, progress: bool = True) -> dict:
 
     Returns the manifest (``num_tasks == 1``) or this partition's ``DONE.json`` record. Resumes
     an interrupted run from its checkpoint; returns at once for a finished partition / run.
+    Raises ProsecoError when the run (one task, or the merge) has no train sample.
     Workers are started with ``spawn``: a script calling this with ``num_workers > 0`` needs the
     usual ``if __name__ == "__main__":`` guard (the ``proseco`` CLI has it).
     """
@@ -518,6 +532,8 @@ def _run_partition(settings, out, work, files, rel, mine, sources, tok, dtype, k
             "dtype": dtype, "sources": sources, "skipped": skipped,
             "splits": {s: w.summary() for s, w in writers.items()},
         }
+        if settings.num_tasks == 1:  # the whole run: refuse before DONE.json (an empty corpus leaves no record)
+            mf.check_trainable(mf.build_manifest({part: record}), settings.inputs)
         mf.write_json(work / mf.DONE, record, out)
         (work / mf.STATE).unlink(missing_ok=True)
         ok = True

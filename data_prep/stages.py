@@ -7,6 +7,7 @@ index); it returns the process exit code.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from data_prep import readers
@@ -67,6 +68,7 @@ def shards(cfg: Config, out: str | None, *, task: str | None = None) -> int:
         print(f"partition {i}/{n} done in {seconds:.1f} s; run `proseco prep merge` once all {n} are done")
         return 0
     print(_manifest_summary(result, settings.out_dir, seconds))
+    _warn_empty_val(result)
     return 0
 
 
@@ -74,7 +76,9 @@ def merge(cfg: Config, out: str | None) -> int:
     from data_prep.manifest import merge as merge_parts
 
     out = out or cfg.prep.out_dir
-    print(_manifest_summary(merge_parts(out), out, None))
+    manifest = merge_parts(out)
+    print(_manifest_summary(manifest, out, None))
+    _warn_empty_val(manifest)
     return 0
 
 
@@ -84,6 +88,15 @@ def verify(cfg: Config, out: str | None) -> int:
     report, ok = verify_report(out or cfg.prep.out_dir)
     print(report)
     return 0 if ok else 1
+
+
+def _warn_empty_val(manifest: dict) -> None:
+    """An empty val split is accepted (an empty train split is refused), but validation would fail."""
+    fraction = manifest["config"]["val_fraction"]
+    if fraction and not manifest["splits"]["val"]["samples"]:
+        print(f"warning: the val split holds no sample ({manifest['documents']['val']} document(s) at "
+              f"val_fraction {fraction}); train with train.val_every=0, or give more text or a higher "
+              "prep.val_fraction", file=sys.stderr)
 
 
 def _manifest_summary(manifest: dict, out: str, seconds: float | None) -> str:

@@ -4,7 +4,8 @@ Reads every shard: sha256, tar structure, sample keys (``p{partition:05d}-{index
 contiguous per partition and split), dtype and length of each ``.tokens.npy``, ids inside the
 vocabulary, samples and real (non-pad) tokens per shard and per split. Also checks the manifest
 fingerprint, the copied tokenizer (sha256, vocab size, special ids, dtype rule) and decodes a few
-samples. Nothing is trusted from the manifest that can be recounted from the bytes.
+samples. Nothing is trusted from the manifest that can be recounted from the bytes. A folder
+without a train sample fails (``prep shards`` refuses to write one).
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def _verify(out_dir: str | os.PathLike, decode_samples: int) -> tuple[list[str],
             problems.append(f"split {split}: totals {table.get('samples')} samples / {table.get('tokens')} tokens "
                             "differ from the sum over its shards")
         notes.append(f"{split}: {len(shards)} shards, {samples} samples, {tokens} real tokens recounted")
+    if not ctx["seen"].get("train", [0])[0]:
+        problems.append("split train holds no sample: nothing to train on (prep of an empty corpus?); "
+                        "rebuild it from inputs with documents")
     for split in mf.SPLITS:
         folder = out / split
         if folder.is_dir():

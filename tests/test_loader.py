@@ -202,6 +202,13 @@ def test_too_few_shards_refused_before_any_read(data, monkeypatch):
         ShardLoader(data, batch_size=1, rank=0, world_size=10, num_workers=0)
 
 
+def test_an_empty_split_is_named_as_empty(tmp_path):
+    root = make_shards(tmp_path / "empty", counts=())
+    with pytest.raises(ProsecoError, match=r"split 'train' of .* is empty") as info:
+        ShardLoader(root, batch_size=4, rank=0, world_size=1, num_workers=0)
+    assert "shard_mb" not in str(info.value)
+
+
 def test_tampered_or_incomplete_manifest_refused(data, tmp_path):
     copy = make_shards(tmp_path / "copy")
     path = copy / "manifest.json"

@@ -60,3 +60,52 @@ def test_bad_task_and_missing_input_are_one_line_errors(tmp_path, capsys):
                  f"prep.inputs=[{tmp_path / 'nope.txt'}]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nope.txt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("files, reasons", [
+    ({"empty.txt": b""}, ["empty_file 1"]),
+    ({"blob.txt": b"\x00\x01 binary", "latin1.txt": "caf\xe9 au lait\n".encode("latin-1")},
+     ["binary_file 1", "not_utf8 1"]),
+])
+def test_inputs_without_documents_are_a_one_line_error(prepared, tmp_path, capsys, files, reasons):
+    base, _ = prepared
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["prep", "shards", "--config", "text", f"prep.tokenizer_dir={base / 'tok'}", f"prep.out_dir={out}",
+                 "prep.workers=0", f"prep.inputs=[{tmp_path}/*.txt]"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"no documents found in {tmp_path}/*.txt ({len(files)} file(s)" in errors[0]
+    assert all(reason in errors[0] for reason in reasons), errors[0]
+    assert not (out / "manifest.json").exists()
+
+
+def test_verify_fails_on_a_manifest_without_train_samples(prepared, tmp_path, capsys):
+    """What an empty corpus used to produce: a consistent manifest with zero shards."""
+    from data_prep import manifest as mf
+
+    base, _ = prepared
+    out = tmp_path / "shards"
+    out.mkdir()
+    for name in mf.TOKENIZER_FILES:
+        (out / name).write_bytes((base / "shards" / name).read_bytes())
+    manifest = json.loads((base / "shards" / "manifest.json").read_text())
+    manifest["splits"] = {s: {"samples": 0, "tokens": 0, "dropped_tokens": 0, "shards": []} for s in mf.SPLITS}
+    manifest["documents"] = dict.fromkeys(mf.SPLITS, 0)
+    manifest["fingerprint"] = mf.fingerprint(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["prep", "verify", "--config", "text", f"prep.out_dir={out}"]) == 1
+    assert "split train holds no sample" in capsys.readouterr().out
+
+
+def test_an_empty_val_split_is_a_warning(prepared, tmp_path, capsys):
+    base, _ = prepared
+    (tmp_path / "one.txt").write_text(" ".join(["the whale and the sea"] * 200) + "\n")  # one document
+    capsys.readouterr()
+    assert main(["prep", "shards", "--config", "text", f"prep.tokenizer_dir={base / 'tok'}", "prep.workers=0",
+                 f"prep.out_dir={tmp_path / 'out'}", f"prep.inputs=[{tmp_path / 'one.txt'}]", "prep.val_fraction=0.01"]) == 0
+    assert "warning: the val split holds no sample (0 document(s) at val_fraction 0.01)" in capsys.readouterr().err

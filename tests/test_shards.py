@@ -239,6 +239,58 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(corpus, tokdir, refere
     assert len(encoded) < total  # finished shards' documents were skipped, not tokenized again
 
 
+# Kills itself (SIGKILL: no cleanup, no flush) at a deterministic point of the run.
+_KILLED_WITH_A_SPLIT_OPEN = """
+import os, signal, sys
+from data_prep import manifest as mf, shards
+corpus, tokdir, out, mode, open_split = sys.argv[1:]
+writers, last = {}, {}  # split -> its _SplitWriter; split -> (file, document) it was last given
+real_init, real_add, real_write = shards._SplitWriter.__init__, shards._SplitWriter.add, mf.write_json
+def init(self, split, *args, **kw):
+    real_init(self, split, *args, **kw)
+    writers[split] = self
+def add(self, fi, n, ids):
+    real_add(self, fi, n, ids)
+    last[self.split] = (fi, n)
+def write_json(path, obj, root):
+    real_write(path, obj, root)
+    w = writers.get(open_split)
+    # a checkpoint written by the other split's finished shard while this split has a finished
+    # shard, an open one, and a document counted since its last shard boundary (one whose first
+    # token lies at or after `start`, i.e. (file, document, 0) >= start)
+    if path.name == mf.STATE and w is not None and w.shards and w.open is not None \\
+            and (*last.get(open_split, (-1, -1)), 0) >= tuple(w.start):
+        os.kill(os.getpid(), signal.SIGKILL)
+shards._SplitWriter.__init__, shards._SplitWriter.add, mf.write_json = init, add, write_json
+s = shards.ShardSettings(inputs=[corpus], tokenizer_dir=tokdir, out_dir=out, seq_len=32, shard_bytes=12000,
+                         val_fraction=0.3, mode=mode, num_workers=0, chunk_docs=4)
+shards.build_shards(s, progress=False)
+"""
+
+
+@pytest.mark.parametrize("mode, open_split", [("wrap", "val"), ("pad", "train")])
+def test_kill_9_while_the_other_split_has_an_open_shard(corpus, tokdir, tmp_path, mode, open_split):
+    """The checkpoint written when one split finishes a shard holds the other split's counters as
+    of that split's own last shard boundary, so its open shard's documents are not counted twice."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WITH_A_SPLIT_OPEN, str(corpus), str(tokdir), str(out),
+                           mode, open_split], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          stderr=subprocess.PIPE, timeout=120, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob(f"{open_split}/.shard-*.tar.tmp"))  # killed with that split's shard open
+
+    build_shards(_settings(corpus, tokdir, out, mode=mode, val_fraction=0.3), progress=False)
+    ref = tmp_path / "ref"
+    build_shards(_settings(corpus, tokdir, ref, mode=mode, val_fraction=0.3), progress=False)
+    got, want = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    assert got["documents"] == want["documents"]
+    assert {s: t["dropped_tokens"] for s, t in got["splits"].items()} == \
+        {s: t["dropped_tokens"] for s, t in want["splits"].items()}
+    assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert _shard_bytes(out) == _shard_bytes(ref)
+
+
 def test_resume_from_a_checkpoint_inside_a_document(corpus, tokdir, reference, tmp_path, monkeypatch):
     """Stop right after each of several shards (pad and wrap positions mid-document included)."""
     out = tmp_path / "out"
@@ -304,6 +356,30 @@ def test_partitions_build_separately_and_merge(corpus, tokdir, tok, reference, t
     done1.write_text(json.dumps({**json.loads(done1.read_text()), "run_key": "0" * 64}))
     with pytest.raises(ProsecoError, match=r"partition\(s\) 1 were built with other settings"):
         merge(out)
+
+
+def test_an_empty_partition_is_fine_but_a_run_without_train_samples_is_refused(tokdir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("")  # partition 0 of 2: no document
+    (corpus / "b.txt").write_text("the white whale\n")  # partition 1: one document, < SEQ_LEN tokens
+    out = tmp_path / "out"
+    for i in range(2):
+        done = build_shards(_settings(corpus, tokdir, out, num_tasks=2, task_index=i, val_fraction=0.0),
+                            progress=False)
+    assert done["splits"]["train"]["documents"] == 1 and done["splits"]["train"]["shards"] == []
+    with pytest.raises(ProsecoError, match=r"train split has no sample: its 1 document\(s\) hold \d+ tokens "
+                                           r"with bos/eos, fewer than seq_len 32 per partition"):
+        merge(out)
+    assert not (out / "manifest.json").exists()
+    assert shards.val_score("b.txt", 0) < 0.9
+    with pytest.raises(ProsecoError, match=r"all 1 document\(s\) went to val \(val_fraction 0.9\)"):
+        build_shards(_settings(corpus, tokdir, tmp_path / "val", mode="pad", val_fraction=0.9), progress=False)
+    assert not (tmp_path / "val" / "manifest.json").exists()
+    manifest = build_shards(_settings(corpus, tokdir, tmp_path / "pad", mode="pad", val_fraction=0.0),
+                            progress=False)  # pad mode: the short document is a sample; no val is fine
+    assert manifest["splits"]["train"]["samples"] == 1 and manifest["skipped"]["empty_file"] == 1
+    assert verify(tmp_path / "pad") == []
 
 
 def test_partitions_with_different_settings_are_not_merged(corpus, tokdir, tmp_path):

@@ -279,6 +279,9 @@ class ShardLoader:
         self.slots = world_size * self.workers
         self._plans: dict[tuple[int, int], EpochPlan] = {}
         where = f"split {split!r} of {self.manifest.root}"
+        if not self.shards:
+            raise ProsecoError(f"{where} is empty (no shard, no sample): prepare more data for it "
+                               "(`proseco prep shards`; prep.val_fraction sets the share of val)")
         if len(self.shards) < self.slots:
             fewer = (f"use at most {len(self.shards) // world_size} loader workers per rank (num_workers), or "
                      if len(self.shards) >= world_size else "")
