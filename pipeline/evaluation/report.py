@@ -1,24 +1,74 @@
 """``proseco report``: the results of ``proseco eval`` as one Markdown and one HTML page.
 
-For each task (all evaluated models together; a line per model x sampler): a table of every sampler setting (T, S, omega, NFE, the task's primary
-metric and its diversity metric), a plot of quality against NFE with one line per sampler (the
-line walks over T) and diversity beside it, and an NFE-matched comparison: for each NFE budget the
-best primary metric each sampler reaches within it, the best of the row in bold. Failed items
-are listed with their messages. The commands that produced the results (``commands.txt``) close
-the page.
+The page opens with the folder, the date and the number of results and failures. Then, per task
+(all evaluated models together; one line per model x sampler, T varying along the line):
+
+* a figure of the task's primary metric against NFE with its diversity metric beside it
+  (:mod:`pipeline.evaluation.plots`: a legend on every plot, log axes where values span decades);
+* a table of every sampler setting (T, S, omega, the number of samples n, NFE, primary and
+  diversity metrics);
+* an NFE-matched comparison: for each NFE budget the best setting of each line within it, the
+  best of the row in bold;
+* a few decoded samples of each line at its best setting.
+
+Then training curves (loss, mdm, correction, val_mdm_nelbo from the run's ``metrics.jsonl``, with
+the evaluated steps marked) for results of training checkpoints, the failed items with their
+messages, and the commands that produced the results (``commands.txt``).
+
+Low-diversity rule (stated in the report too): a result is flagged "⚠ low diversity" when its
+task's diversity metric is below ``LOW_DIVERSITY_FRACTION`` (0.5) x the highest diversity among
+the task's results (all models and samplers in the folder) whose primary metric is equal or worse.
+It catches a better primary metric bought by collapse onto repetitive or identical samples (low
+unigram entropy, few distinct grids or molecules), and only that: a count such as distinct valid
+grids also falls with quality, so comparing a poor setting against better ones would flag it for
+being poor. A line's best setting is chosen among its unflagged settings (a flagged one only when
+nothing else fits, shown with the flag), and a flagged result is never bold.
+
+Result files are read tolerantly: a missing field shows as "-", and a result without the fields
+the report needs (task, NFE, metrics) is listed with the failed items.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import math
+import re
 from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.errors import ProsecoError
+from pipeline.evaluation import plots
+from pipeline.runlog import read_metrics
+
+LOW_DIVERSITY_FRACTION = 0.5
+FLAG = "⚠ low diversity"
+SAMPLES_SHOWN = 3
+SAMPLE_CHARS = 400
+NFE = "NFE = mean network evaluations per sample (predictor + corrector)"
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; line-height: 1.45; color: #222; }
+h1 { font-size: 1.6em; border-bottom: 2px solid #ddd; padding-bottom: .3em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #eee; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; }
+th { background: #f0f0f0; }
+tr:nth-child(even) td { background: #fafafa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.flag { color: #b00; white-space: nowrap; }
+img { max-width: 100%; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; white-space: pre-wrap; font-size: .85em; }
+code { background: #f3f3f3; padding: 0 .2em; }
+"""
 
 
+# ------------------------------------------------------------------------------------ results
 def load_results(folder: Path) -> list[dict]:
+    """Every result JSON under ``folder/results``, with ``_path`` (relative to ``folder``) added."""
     rows = []
     for path in sorted((folder / "results").rglob("*.json")):
         try:
@@ -26,6 +76,102 @@ def load_results(folder: Path) -> list[dict]:
         except (OSError, ValueError):
             continue
     return rows
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def usable(r: dict) -> bool:
+    """An ``ok`` result with what the report needs: a task, a numeric NFE and a metrics dict."""
+    return (r.get("status") == "ok" and bool(r.get("task")) and _number(r.get("nfe")) is not None
+            and isinstance(r.get("metrics"), dict))
+
+
+def metric(r: dict, name: str | None) -> float | None:
+    return _number(r["metrics"].get(name)) if name else None
+
+
+def flag_low_diversity(rows: list[dict], primary: str | None, higher: bool, diversity: str | None) -> None:
+    """Set each row's ``_low_diversity``: its diversity is below LOW_DIVERSITY_FRACTION x the highest
+    diversity among the rows whose primary metric is equal or worse (the rule of the module docstring)."""
+    sign = 1 if higher else -1
+    scored = [(sign * q, d) for r in rows
+              if (q := metric(r, primary)) is not None and (d := metric(r, diversity)) is not None]
+    for r in rows:
+        q, d = metric(r, primary), metric(r, diversity)
+        r["_low_diversity"] = q is not None and d is not None and d < LOW_DIVERSITY_FRACTION * max(
+            other for quality, other in scored if quality <= sign * q)
+
+
+def best_setting(rows: list[dict], primary: str, higher: bool) -> dict | None:
+    """The row with the best primary metric, unflagged rows first (a flagged one only if no other has a value)."""
+    scored = [r for r in rows if metric(r, primary) is not None]
+    sign = 1 if higher else -1
+    return max(scored, key=lambda r: (not r.get("_low_diversity", False), sign * metric(r, primary)), default=None)
+
+
+def nfe_matched(rows: list[dict], primary: str, higher: bool, budgets: list[float]) -> dict:
+    """label -> budget -> the line's :func:`best_setting` with mean NFE <= budget (None when none fits)."""
+    return {label: {b: best_setting([r for r in rs if r["nfe"] <= b + 1e-9], primary, higher) for b in budgets}
+            for label, rs in sorted(_by_label(rows).items())}
+
+
+def _by_label(rows: list[dict]) -> dict[str, list[dict]]:
+    out = defaultdict(list)
+    for r in rows:
+        out[r["_label"]].append(r)
+    return out
+
+
+def _prepare(rows: list[dict]) -> dict[str, list[dict]]:
+    """Group usable results by task; set each row's ``_label`` (prefixed by the model when a task
+    has several) and ``_low_diversity`` flag."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["task"]].append(r)
+    for rs in groups.values():
+        several = len({_model_key(r) for r in rs}) > 1
+        for r in rs:
+            label = r.get("label") or _setting(r, "sampler") or "?"
+            r["_label"] = f"{_model_key(r)}: {label}" if several else label
+        flag_low_diversity(rs, rs[0].get("primary"), _higher(rs[0]), rs[0].get("diversity"))
+    return dict(sorted(groups.items()))
+
+
+def _higher(r: dict) -> bool:
+    return bool(r.get("higher_is_better", True))
+
+
+def _setting(r: dict, key: str):
+    return (r.get("setting") or {}).get(key)
+
+
+def _model_key(r: dict) -> str:
+    model = r.get("model") or {}
+    return str(model.get("key") or model.get("path") or "?")
+
+
+# ------------------------------------------------------------------------------------ page model
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    numeric: bool = True
+    bold: bool = False
+    flag: bool = False
+
+
+@dataclass(frozen=True)
+class Block:
+    """One piece of the page, rendered to both Markdown and HTML. kind: h1 h2 h3 p (text with
+    `code` spans) img (text = alt, src) table (header, rows of Cells) pre list (items)."""
+
+    kind: str
+    text: str = ""
+    src: str = ""
+    header: tuple = ()
+    rows: tuple = ()
+    items: tuple = ()
 
 
 def _fmt(v) -> str:
@@ -36,42 +182,195 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def nfe_matched(rows: list[dict], primary: str, higher: bool, budgets: list[float]) -> dict:
-    """label -> budget -> best row with mean NFE <= budget (None when no setting fits)."""
-    by_label = defaultdict(list)
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def _inline_html(text: str) -> str:
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def _md_cell(c: Cell) -> str:
+    text = (f"**{c.text}**" if c.bold else c.text) + (f" {FLAG}" if c.flag else "")
+    return text.replace("|", "\\|")
+
+
+def _html_cell(c: Cell) -> str:
+    text = html.escape(c.text)
+    text = (f"<b>{text}</b>" if c.bold else text) + (f' <span class="flag">{FLAG}</span>' if c.flag else "")
+    return f'<td class="num">{text}</td>' if c.numeric else f"<td>{text}</td>"
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "img":
+            out.append(f"![{b.text}]({b.src})")
+        elif b.kind == "table":
+            out.append("\n".join(["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)]
+                                 + ["| " + " | ".join(map(_md_cell, row)) + " |" for row in b.rows]))
+        elif b.kind == "pre":  # an indented code block: no sample text can close it
+            out.append("\n".join("    " + line for line in b.text.splitlines()))
+        elif b.kind == "list":
+            out.append("\n".join(f"- {item}" for item in b.items))
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{_inline_html(b.text)}</p>")
+        elif b.kind == "img":
+            out.append(f'<img src="{html.escape(b.src)}" alt="{html.escape(b.text)}">')
+        elif b.kind == "table":
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.header) + "</tr>\n"
+                       + "\n".join("<tr>" + "".join(map(_html_cell, row)) + "</tr>" for row in b.rows) + "</table>")
+        elif b.kind == "pre":
+            out.append(f"<pre>{html.escape(b.text)}</pre>")
+        elif b.kind == "list":
+            out.append("<ul>" + "".join(f"<li>{_inline_html(item)}</li>" for item in b.items) + "</ul>")
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------ sections
+def _task_section(task: str, rs: list[dict], folder: Path) -> list[Block]:
+    """Figure, settings table, NFE-matched table and samples of one task."""
+    primary, diversity = rs[0].get("primary", "?"), rs[0].get("diversity")
+    higher = _higher(rs[0])
+    models = sorted({(_model_key(r), (r.get("model") or {}).get("step")) for r in rs}, key=str)
+    title = f"{task}: " + ", ".join(f"{k}{f' (step {st})' if st is not None else ''}" for k, st in models)
+    png = _slug(f"plot_{task}") + ".png"
+    lines = {label: [plots.Point(r["nfe"], metric(r, primary), metric(r, diversity), r["_low_diversity"])
+                     for r in group] for label, group in sorted(_by_label(rs).items())}
+    fig = plots.quality_figure(lines, primary, higher, diversity, title)
+    plots.save(fig, folder / png)
+    arrow = plots.direction(higher)
+    intro = f"Primary metric: `{primary}` ({arrow})."
+    if diversity:
+        intro += f" Diversity: `{diversity}` ({plots.direction(True)})."
+        intro += (f" {FLAG}: `{diversity}` below {LOW_DIVERSITY_FRACTION:g} x the highest value among this task's "
+                  f"results with equal or worse `{primary}` (a better `{primary}` bought by collapse); such a "
+                  "setting is never marked best.")
+    blocks = [Block("h2", title), Block("p", intro), Block("img", title, src=png)]
+    header = ["line", "T", "S", "omega", "n", "NFE", "NFE corrector", primary] + ([diversity] if diversity else [])
+    table = []
+    for r in sorted(rs, key=lambda r: (r["_label"], r["nfe"])):
+        corr = _setting(r, "corrector_steps")
+        row = [Cell(r["_label"], numeric=False), Cell(_fmt(_setting(r, "steps"))), Cell(_fmt(corr)),
+               Cell(_fmt(_setting(r, "corrector_every") if corr else None)), Cell(_fmt(r.get("num_samples"))),
+               Cell(_fmt(r["nfe"])), Cell(_fmt(r.get("nfe_corrector"))), Cell(_fmt(metric(r, primary)))]
+        if diversity:
+            row.append(Cell(_fmt(metric(r, diversity)), flag=r["_low_diversity"]))
+        table.append(row)
+    blocks.append(Block("table", header=tuple(header), rows=tuple(table)))
+    return blocks + _matched_blocks(rs, primary, higher) + _sample_blocks(rs, primary, higher, folder)
+
+
+def _matched_blocks(rs: list[dict], primary: str, higher: bool) -> list[Block]:
+    """For each power-of-2 budget around the NFE range: each line's best setting within it."""
+    nfes = [r["nfe"] for r in rs]
+    budgets = [2 ** i for i in range(16) if min(nfes) / 2 <= 2 ** i <= 2 * max(nfes)]
+    matched = nfe_matched(rs, primary, higher, budgets)
+    rows = []
+    for b in budgets:
+        present = [r for r in (matched[lb][b] for lb in matched) if r is not None]
+        unflagged = [metric(r, primary) for r in present if not r["_low_diversity"]]
+        best = (max if higher else min)(unflagged, default=None)
+        cells = [Cell(str(b))]
+        for r in (matched[lb][b] for lb in matched):
+            if r is None:
+                cells.append(Cell("-"))
+                continue
+            value = metric(r, primary)
+            strong = len(present) > 1 and not r["_low_diversity"] and value == best
+            cells.append(Cell(f"{_fmt(value)} (T={_fmt(_setting(r, 'steps'))}, NFE {r['nfe']:.3g})",
+                              bold=strong, flag=r["_low_diversity"]))
+        rows.append(cells)
+    note = (f"NFE-matched: best `{primary}` of each line with mean NFE <= the budget (its T and NFE in brackets; "
+            "low-diversity settings only where nothing else fits); the best of the row in bold.")
+    return [Block("p", note), Block("table", header=("NFE <=", *matched), rows=tuple(rows))]
+
+
+def read_samples(path: Path, k: int) -> list[dict]:
+    """The first ``k`` rows ({"i", "nfe", "text"}) of a samples JSONL file ([] if it cannot be read)."""
+    out = []
+    with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(out) == k:
+                break
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and "text" in row:
+                    out.append(row)
+    return out
+
+
+def _sample_blocks(rs: list[dict], primary: str, higher: bool, folder: Path) -> list[Block]:
+    blocks = []
+    for label, group in sorted(_by_label(rs).items()):
+        r = best_setting(group, primary, higher)
+        if r is None or not r.get("samples_file"):
+            continue
+        samples = read_samples((folder / r["_path"]).parent / Path(r["samples_file"]).name, SAMPLES_SHOWN)
+        if not samples:
+            continue
+        texts = []
+        for s in samples:
+            text = str(s["text"])
+            if len(text) > SAMPLE_CHARS:
+                text = text[:SAMPLE_CHARS] + f" … [{len(text) - SAMPLE_CHARS} more characters]"
+            texts.append(f"[sample {s.get('i', '?')}, NFE {_fmt(s.get('nfe'))}]\n{text}")
+        flag = f" {FLAG}" if r["_low_diversity"] else ""
+        blocks += [Block("p", f"`{label}` at T={_fmt(_setting(r, 'steps'))} (NFE {r['nfe']:.3g}, "
+                              f"{primary} {_fmt(metric(r, primary))}){flag}:"),
+                   Block("pre", "\n\n".join(texts))]
+    if not blocks:
+        return []
+    intro = (f"The first {SAMPLES_SHOWN} samples of each line at its best setting, "
+             f"at most {SAMPLE_CHARS} characters each.")
+    return [Block("h3", "Samples"), Block("p", intro), *blocks]
+
+
+def checkpoint_run(r: dict) -> Path | None:
+    """RUN for a result of a training checkpoint RUN/checkpoints/step_N, else None."""
+    model = r.get("model") or {}
+    if model.get("step") is None or not model.get("path"):
+        return None
+    path = Path(model["path"])
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def _training_blocks(rows: list[dict], folder: Path) -> list[Block]:
+    """One training-curve figure per run whose checkpoints were evaluated and whose metrics.jsonl exists."""
+    steps = defaultdict(set)
     for r in rows:
-        by_label[r["label"]].append(r)
-    sign = 1 if higher else -1
-    return {label: {b: max((r for r in rs if r["nfe"] <= b + 1e-9 and r["metrics"].get(primary) is not None),
-                           key=lambda r: sign * r["metrics"][primary], default=None) for b in budgets}
-            for label, rs in sorted(by_label.items())}
-
-
-def _plot(rows: list[dict], primary: str, diversity: str | None, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = 2 if diversity else 1
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
-    by_label = defaultdict(list)
-    for r in rows:
-        by_label[r["label"]].append(r)
-    for label, rs in sorted(by_label.items()):
-        rs = sorted(rs, key=lambda r: r["nfe"])
-        for ax, metric in zip(axes[0], [primary, diversity][:n]):
-            pts = [(r["nfe"], r["metrics"].get(metric)) for r in rs if r["metrics"].get(metric) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("NFE (mean network evaluations per sample)")
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-    axes[0][0].set_title(title)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if (run := checkpoint_run(r)) is not None:
+            steps[run].add(int(r["model"]["step"]))
+    blocks = []
+    for run, evaluated in sorted(steps.items()):
+        metrics_file = run / "metrics.jsonl"
+        try:
+            logged = read_metrics(metrics_file)
+        except OSError:
+            continue
+        fig = plots.training_figure(logged, evaluated, f"training: {run.name}")
+        if fig is None:
+            continue
+        png = _slug(f"train_{run.name}") + ".png"
+        plots.save(fig, folder / png)
+        blocks += [Block("h3", run.name),
+                   Block("p", f"`{metrics_file}`; dashed lines: the evaluated checkpoints (steps "
+                              f"{', '.join(map(str, sorted(evaluated)))})."),
+                   Block("img", f"training curves of {run.name}", src=png)]
+    return [Block("h2", "Training"), *blocks] if blocks else []
 
 
 def build(folder: str | Path) -> tuple[Path, Path]:
@@ -80,81 +379,23 @@ def build(folder: str | Path) -> tuple[Path, Path]:
     rows = load_results(folder)
     if not rows:
         raise ProsecoError(f"no results under {folder / 'results'}; run `proseco eval` first")
-    ok = [r for r in rows if r.get("status") == "ok"]
-    failed = [r for r in rows if r.get("status") != "ok"]
-    groups = defaultdict(list)
-    for r in ok:  # one section per task; with several models, each model x sampler is a line
-        groups[r["task"]].append(r)
-    for rs in groups.values():
-        models = {r["model"]["key"] for r in rs}
-        for r in rs:
-            r["label"] = f"{r['model']['key']}: {r['label']}" if len(models) > 1 else r["label"]
-    md = [f"# ProSeCo evaluation report: {folder}", "",
-          (f"{len(ok)} results, {len(failed)} failed. Quality against compute: NFE is the mean number of "
-          "network evaluations per sample (predictor + corrector)."), ""]
-    body = [f"<h1>ProSeCo evaluation report: {html.escape(str(folder))}</h1>",
-            (f"<p>{len(ok)} results, {len(failed)} failed. NFE = mean network evaluations per sample "
-            "(predictor + corrector).</p>")]
-    for task, rs in sorted(groups.items()):
-        primary, higher, diversity = rs[0]["primary"], rs[0]["higher_is_better"], rs[0].get("diversity")
-        models = sorted({(r["model"]["key"], r["model"].get("step")) for r in rs}, key=str)
-        names = ", ".join(f"{k}{f' (step {st})' if st is not None else ''}" for k, st in models)
-        title = f"{task}: {names}"
-        png = f"plot_{task}.png".replace("/", "_")
-        _plot(rs, primary, diversity, folder / png, title)
-        cols = ["sampler", "T", "S", "omega", "NFE", "NFE corrector", primary] + ([diversity] if diversity else [])
-        table = [[r["label"], r["setting"]["steps"], r["setting"]["corrector_steps"],
-                  r["setting"]["corrector_every"] if r["setting"]["corrector_steps"] else "-",
-                  r["nfe"], r["nfe_corrector"], r["metrics"].get(primary)]
-                 + ([r["metrics"].get(diversity)] if diversity else [])
-                 for r in sorted(rs, key=lambda r: (r["label"], r["nfe"]))]
-        arrow = "higher is better" if higher else "lower is better"
-        md += [f"## {title}", "", f"Primary metric: `{primary}` ({arrow})" +
-               (f"; diversity: `{diversity}`." if diversity else "."), "", f"![{title}]({png})", "",
-               "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table]
-        body += [f"<h2>{html.escape(title)}</h2>",
-                 f"<p>Primary metric: <code>{primary}</code> ({arrow})"
-                 + (f"; diversity: <code>{diversity}</code>" if diversity else "") + "</p>",
-                 f'<img src="{png}" alt="{html.escape(title)}">',
-                 "<table border=1 cellpadding=3><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"]
-        body += ["<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in table]
-        body.append("</table>")
-        # NFE-matched comparison
-        max_nfe = max(r["nfe"] for r in rs)
-        budgets = [2 ** i for i in range(16) if 2 ** i <= 2 * max_nfe and 2 ** i >= min(r["nfe"] for r in rs) / 2]
-        matched = nfe_matched(rs, primary, higher, budgets)
-        labels = list(matched)
-        md += ["", f"NFE-matched: best `{primary}` within each budget (best of the row in bold).", "",
-               "| NFE <= | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
-        body += [f"<p>NFE-matched: best <code>{primary}</code> within each budget (best of the row in bold).</p>",
-                 "<table border=1 cellpadding=3><tr><th>NFE &lt;=</th>"
-                 + "".join(f"<th>{html.escape(lb)}</th>" for lb in labels) + "</tr>"]
-        for b in budgets:
-            vals = {lb: matched[lb][b]["metrics"][primary] if matched[lb][b] else None for lb in labels}
-            present = [v for v in vals.values() if v is not None]
-            best = (max(present) if higher else min(present)) if present else None
-            cells_md, cells_html = [], []
-            for lb in labels:
-                v = vals[lb]
-                text = _fmt(v)
-                strong = v is not None and v == best and len(present) > 1
-                cells_md.append(f"**{text}**" if strong else text)
-                cells_html.append(f"<td><b>{text}</b></td>" if strong else f"<td>{text}</td>")
-            md.append(f"| {b} | " + " | ".join(cells_md) + " |")
-            body.append(f"<tr><td>{b}</td>" + "".join(cells_html) + "</tr>")
-        md.append("")
-        body.append("</table>")
+    ok = [r for r in rows if usable(r)]
+    failed = [r for r in rows if not usable(r)]
+    groups = _prepare(ok)
+    title = f"ProSeCo evaluation report: {folder}"
+    blocks = [Block("h1", title),
+              Block("p", f"Folder `{folder}`, generated {datetime.now():%Y-%m-%d %H:%M}: {len(ok)} results "
+                         f"({len(groups)} task(s), {len({_model_key(r) for r in ok})} model(s)), "
+                         f"{len(failed)} failed. {NFE}; n = samples per result.")]
+    for task, rs in groups.items():
+        blocks += _task_section(task, rs, folder)
+    blocks += _training_blocks(ok, folder)
     if failed:
-        md += ["## Failed items", ""] + [f"- `{r['_path']}`: {r.get('error', '?')}" for r in failed] + [""]
-        body += ["<h2>Failed items</h2><ul>"] + [f"<li><code>{html.escape(r['_path'])}</code>: "
-                                                  f"{html.escape(str(r.get('error', '?')))}</li>" for r in failed]
-        body.append("</ul>")
+        blocks += [Block("h2", "Failed items"), Block("list", items=tuple(
+            f"`{r['_path']}`: {r.get('error') or 'incomplete result (no task, NFE or metrics)'}" for r in failed))]
     commands = (folder / "commands.txt").read_text().splitlines() if (folder / "commands.txt").is_file() else []
-    md += ["## Commands", "", "```", *commands, f"proseco report {folder}", "```", ""]
-    body += ["<h2>Commands</h2><pre>" + html.escape("\n".join([*commands, f"proseco report {folder}"])) + "</pre>"]
+    blocks += [Block("h2", "Commands"), Block("pre", "\n".join([*commands, f"proseco report {folder}"]))]
     md_path, html_path = folder / "report.md", folder / "report.html"
-    md_path.write_text("\n".join(md))
-    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>ProSeCo report</title></head>"
-                         "<body>" + "\n".join(body) + "</body></html>\n")
+    md_path.write_text(to_markdown(blocks), encoding="utf-8")
+    html_path.write_text(to_html(blocks, title), encoding="utf-8")
     return md_path, html_path
