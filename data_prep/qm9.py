@@ -30,10 +30,10 @@ import importlib.util
 import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_write
 
 QM9_PARTS = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 QM9_MOLECULES = 130_831  # rows in qm9pack 1.0.3
@@ -80,23 +80,9 @@ def read_qm9_smiles() -> list[str]:
     return smiles
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _write_lines(path: Path, lines: list[str]) -> str:
     data = "".join(f"{line}\n" for line in lines).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a corpus file is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

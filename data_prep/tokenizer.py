@@ -32,13 +32,13 @@ import io
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from data_prep.readers import DEFAULT_INPUTS, SkipLog, expand_inputs, iter_documents
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_write
 
 FORMAT = "proseco-tokenizer/1"
 MODEL_FILE = "tokenizer.model"
@@ -147,19 +147,6 @@ def _model_type(proto: bytes) -> str:
 # ------------------------------------------------------------------ files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sidecar_bytes(sidecar: dict) -> bytes:
     return (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()
 
@@ -180,8 +167,8 @@ def _prepare_out(out_dir: str | os.PathLike, overwrite: bool) -> Path:
 
 def _write(out: Path, model: bytes, sidecar: dict) -> None:
     (out / SIDECAR).unlink(missing_ok=True)  # a sidecar never describes a half-replaced model
-    _write_atomic(out / MODEL_FILE, model)
-    _write_atomic(out / SIDECAR, _sidecar_bytes(sidecar))  # last: its presence means complete
+    atomic_write(out / MODEL_FILE, model)
+    atomic_write(out / SIDECAR, _sidecar_bytes(sidecar))  # last: its presence means complete
 
 
 # ------------------------------------------------------------------ training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,12 +23,14 @@ from pipeline.checkpoint.manager import (
     FORMAT,
     CheckpointManager,
     code_version,
+    rewrite_meta,
     rng_state,
     set_rng_state,
     topology_mismatch,
     topology_refusal,
 )
 from pipeline.errors import ProsecoError
+from pipeline.io import save_torch
 
 REPO = Path(__file__).resolve().parents[1]
 META = {"topology": {"backend": "torch", "dp": 1, "tp": 1, "zero_stage": 0}, "manifest": "abc", "config": {}}
@@ -130,6 +133,46 @@ def test_corrupted_file_is_refused(tmp_path, damage):
         mgr.load()
 
 
+def test_every_file_has_a_true_sha256_whatever_its_size(tmp_path):
+    """A state above the old 64 MiB checksum limit: the sha256 recorded while writing equals an
+    independent hash of the bytes on disk, and one flipped byte anywhere is refused."""
+    mgr = CheckpointManager(tmp_path)
+
+    def writer(folder: Path, state: dict) -> dict:  # one file hashed while written, one left to the manager
+        (folder / "extra.bin").write_bytes(b"\x01" * 1000)
+        return {"state.pt": save_torch(state, folder / "state.pt")}
+
+    path = mgr.save(1, {"w": torch.arange(17 * 2**20, dtype=torch.float32)}, META, writer=writer)
+    files = mgr.read_meta(path)["files"]
+    assert (path / "state.pt").stat().st_size > 64 * 2**20
+    for name in ("state.pt", "extra.bin"):
+        assert files[name]["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest()
+    marker = (path / "COMPLETE").read_text().split()
+    assert marker == ["1", hashlib.sha256((path / "meta.json").read_bytes()).hexdigest()]
+
+    raw = bytearray((path / "state.pt").read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    (path / "state.pt").write_bytes(bytes(raw))
+    with pytest.raises(ProsecoError, match="state.pt fails its sha256 check"):
+        mgr.load()
+    from pipeline.checkpoint import tools
+
+    with pytest.raises(ProsecoError, match="corrupted"):
+        tools.info(path)
+
+
+def test_a_changed_meta_json_is_refused(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    path = _touch_save(mgr, 1)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["manifest"] = "abd"  # one character: still valid JSON, silently different without a checksum
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    with pytest.raises(ProsecoError, match="meta.json fails its sha256 check"):
+        mgr.load()
+    rewrite_meta(path, meta)  # the sanctioned way to edit it
+    assert mgr.load()[1]["manifest"] == "abd"
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
@@ -217,12 +260,24 @@ def _dist_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     try:
         mgr = CheckpointManager(run_dir, rank=rank, world_size=world)
 
-        def writer(folder: Path, state: dict) -> None:
-            torch.save({"shard": state["shard"]}, folder / f"rank{rank}.pt")
+        def writer(folder: Path, state: dict) -> dict:  # rank{r}.pt hashed while written, extra{r}.bin not
+            (folder / f"extra{rank}.bin").write_bytes(bytes([rank]) * 100)
+            return {f"rank{rank}.pt": save_torch({"shard": state["shard"]}, folder / f"rank{rank}.pt")}
 
         path = mgr.save(5, {"shard": torch.full((4,), float(rank))}, META, writer=writer)
         latest = mgr.latest()
-        Path(run_dir, f"result{rank}.json").write_text(json.dumps({"path": str(path), "latest": str(latest)}))
+        mgr.verify(path, mgr.read_meta(path))  # collective: each rank hashes half of the files
+        dist.barrier()
+        if rank == 0:
+            (path / "extra1.bin").write_bytes(bytes([7]) * 100)  # same size, other bytes
+        dist.barrier()
+        try:
+            mgr.verify(path, mgr.read_meta(path))
+            error = None
+        except ProsecoError as exc:
+            error = str(exc)
+        Path(run_dir, f"result{rank}.json").write_text(json.dumps({"path": str(path), "latest": str(latest),
+                                                                   "error": error}))
     finally:
         dist.destroy_process_group()
 
@@ -233,8 +288,11 @@ def test_two_rank_gloo_save(tmp_path):
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
     final = tmp_path / "checkpoints" / "step_00000005"
     assert all(r["path"] == r["latest"] == str(final) for r in results)
-    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "meta.json", "rank0.pt", "rank1.pt"]
-    mgr = CheckpointManager(tmp_path)
-    shards = mgr.load(reader=lambda f: {r: torch.load(f / f"rank{r}.pt", weights_only=True) for r in range(2)})[0]
-    assert torch.equal(shards[1]["shard"], torch.ones(4))
-    assert sorted(mgr.read_meta(final)["files"]) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "extra0.bin", "extra1.bin", "meta.json",
+                                                        "rank0.pt", "rank1.pt"]
+    # every rank refuses the file that one rank found corrupted
+    assert all(r["error"] and "extra1.bin fails its sha256 check" in r["error"] for r in results), results
+    files = CheckpointManager(tmp_path).read_meta(final)["files"]
+    assert sorted(files) == ["extra0.bin", "extra1.bin", "rank0.pt", "rank1.pt"]
+    assert files["extra1.bin"]["sha256"] == hashlib.sha256(bytes([1]) * 100).hexdigest()
+    assert files["rank1.pt"]["sha256"] == hashlib.sha256((final / "rank1.pt").read_bytes()).hexdigest()

@@ -31,6 +31,7 @@ from train_utils import (  # noqa: F401 (re-exported helpers used below)
 )
 
 from pipeline import cli
+from pipeline.checkpoint.manager import rewrite_meta
 from pipeline.train import EXIT_REQUEUE, read_metrics
 
 
@@ -76,10 +77,10 @@ def test_sigterm_saves_and_exits_3_then_resume_matches(shards, reference, tmp_pa
 
 
 def _fake_topology(run: Path, **changes) -> None:
-    meta_file = max((run / "checkpoints").glob("step_*")) / "meta.json"
-    meta = json.loads(meta_file.read_text())
+    latest = max((run / "checkpoints").glob("step_*"))
+    meta = json.loads((latest / "meta.json").read_text())
     meta["topology"].update(changes)
-    meta_file.write_text(json.dumps(meta))
+    rewrite_meta(latest, meta)  # a consistent edit (meta.json and its checksum in COMPLETE)
 
 
 def test_full_state_checkpoint_resumes_under_another_layout(shards, reference, tmp_path, capsys):
@@ -217,9 +218,14 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shards, reference, t
 
 # ----------------------------------------------------------------------------------- DeepSpeed
 def _has(module: str) -> bool:
+    """Whether ``module`` can be imported (a dotted name whose parent package is missing raises in
+    find_spec: that is "not installed" too)."""
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 needs_deepspeed = pytest.mark.skipif(not _has("deepspeed"), reason="DeepSpeed is not installed")
@@ -387,13 +393,18 @@ def _corrupt(run: Path, how: str) -> list[str]:
     elif how == "other data":
         meta = json.loads((latest / "meta.json").read_text())
         meta["manifest"] = "0" * 16
+        rewrite_meta(latest, meta)
+    elif how == "edited meta.json":  # by hand, without updating the checksum in COMPLETE
+        meta = json.loads((latest / "meta.json").read_text())
+        meta["config"]["train"]["lr"] *= 10
         (latest / "meta.json").write_text(json.dumps(meta))
     return ["model.hidden=64"] if how == "other model" else []
 
 
 @pytest.mark.parametrize(("how", "needle"), [
     ("flipped byte", "fails its sha256 check"), ("truncated", "meta.json says"),
-    ("other model", "model.hidden: checkpoint 32, config 64"), ("other data", "trained on other data")])
+    ("other model", "model.hidden: checkpoint 32, config 64"), ("other data", "trained on other data"),
+    ("edited meta.json", "meta.json fails its sha256 check")])
 def test_bad_checkpoint_is_refused_before_training_and_nothing_is_overwritten(shards, reference, tmp_path,
                                                                               capsys, how, needle):
     run = tmp_path / "run"

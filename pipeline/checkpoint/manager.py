@@ -2,17 +2,25 @@
 
 A checkpoint folder holds the backend's files (``state.pt`` by default; a distributed backend
 writes its own, from every rank), ``meta.json`` (the caller's metadata - topology, manifest
-fingerprint, config, code version - plus ``step``, ``time``, ``format`` and the size / sha256 of
-every file) and ``COMPLETE``, the marker that makes it visible. Discovery only ever returns
-folders that have the marker.
+fingerprint, config, code version - plus ``step``, ``time``, ``format`` and the size and sha256 of
+*every* file, whatever its size) and ``COMPLETE``, the marker that makes it visible; the marker
+holds the sha256 of ``meta.json``, so no byte of the folder is unchecked. Discovery only ever
+returns folders that have the marker.
+
+Checksums cost little: files written through :func:`pipeline.io.save_torch` are hashed while they
+are written (no read-back); the others (DeepSpeed's own files) are read back and hashed, spread
+over the ranks. :meth:`CheckpointManager.verify` re-hashes every file before anything is loaded,
+also spread over the ranks (``benchmarks/bench_checksum.py`` measures both for a 1 GiB state).
 
 Save protocol (rank 0 drives it; other ranks only call the writer):
 
 1. remove leftovers of earlier crashed saves (:meth:`CheckpointManager.cleanup_partial`);
 2. create ``step_XXXXXXXX.tmp-<pid>``; every rank writes its files into it (barriers around);
-3. write ``meta.json``, fsync every file and the folder;
+3. checksum every file (the writers report the ones they hashed while writing; the rest are
+   hashed by all ranks, a share each); write ``meta.json``, fsync every file and the folder;
 4. rename the tmp folder to ``step_XXXXXXXX`` and fsync ``checkpoints/``;
-5. write ``COMPLETE`` inside it and fsync the folder; then prune old checkpoints.
+5. write ``COMPLETE`` (the step and the sha256 of ``meta.json``) inside it and fsync the folder;
+   then prune old checkpoints.
 
 Crash cases (``kill -9``, node loss, preemption without grace):
 
@@ -49,38 +57,16 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_write, fsync_path, save_torch, sha256_file, sha256_files
 
 FORMAT = "proseco-ckpt/1"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 MARKER = "COMPLETE"
-SHA_LIMIT = 64 * 2**20  # files below this size get a sha256 in meta.json
 TOPOLOGY_KEYS = ("backend", "dp", "tp", "zero_stage")
 
 _FINAL = re.compile(r"^step_(\d{8})$")
 _TMP = re.compile(r"^step_\d{8}\.tmp-")
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories: best effort, not every OS/filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dist_on() -> bool:
@@ -90,6 +76,18 @@ def _dist_on() -> bool:
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, on every rank (just ``[obj]`` in one process)."""
+    if not (_dist_on() and world_size > 1):
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+FileInfo = dict  # {"size": int, "sha256": str}
 
 
 def _remove_tree(folder: Path) -> None:
@@ -163,12 +161,14 @@ class CheckpointManager:
 
     # ---- save ----------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any], meta: dict, *,
-             writer: Callable[[Path, dict], None] | None = None) -> Path:
+             writer: Callable[[Path, dict], dict[str, FileInfo] | None] | None = None) -> Path:
         """Write checkpoint ``step``; returns its final folder on every rank.
 
         Without ``writer``, rank 0 writes ``state`` to ``state.pt``. With one, every rank calls
-        ``writer(tmp_folder, state)`` (a collective, for sharded backends). All ranks must call
-        ``save`` together when torch.distributed is initialised."""
+        ``writer(tmp_folder, state)`` (a collective, for sharded backends); a writer may return
+        ``{relative path: {"size", "sha256"}}`` for files it hashed while writing them
+        (:func:`pipeline.io.save_torch`), the other files are hashed afterwards. All ranks must
+        call ``save`` together when torch.distributed is initialised."""
         if step < 0 or step > 99_999_999:
             raise ProsecoError(f"checkpoint step must be in 0..99999999 (got {step})")
         final = self.path_for(step)
@@ -187,71 +187,97 @@ class CheckpointManager:
                                "initialised: only rank 0 may save in a single process")
         _barrier()
         if writer is not None:
-            writer(tmp, state)
-        elif self.rank == 0:
-            torch.save(state, tmp / STATE_FILE)
-        _barrier()
+            known = writer(tmp, state) or {}
+        else:
+            known = {STATE_FILE: save_torch(state, tmp / STATE_FILE)} if self.rank == 0 else {}
+        files = self._checksums(tmp, known)
         if self.rank == 0:
-            self._finish(step, tmp, final, meta)
+            self._finish(step, tmp, final, meta, files)
         _barrier()  # nobody returns (or resumes reading) before COMPLETE exists
         return final
 
-    def _finish(self, step: int, tmp: Path, final: Path, meta: dict) -> None:
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_path(f)
-            size = f.stat().st_size
-            files[f.relative_to(tmp).as_posix()] = ({"size": size, "sha256": _sha256(f)}
-                                                    if size < SHA_LIMIT else {"size": size})
+    def _checksums(self, tmp: Path, known: dict[str, FileInfo]) -> dict[str, FileInfo]:
+        """Size and sha256 of every file in ``tmp`` (a collective): the files some rank hashed while
+        writing are taken as reported, the rest are read back, each rank hashing a share."""
+        _barrier()  # every rank's files are complete
+        reported: dict[str, FileInfo] = {}
+        for part in _gather(known, self.world_size):
+            reported.update(part)
+        box: list[Any] = [None]
+        if self.rank == 0:
+            names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            box = [names]
+        if _dist_on() and self.world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        names = box[0]
+        mine = [n for n in names if n not in reported][self.rank::self.world_size]
+        hashed = dict(zip(mine, ({"size": (tmp / n).stat().st_size, "sha256": h}
+                                 for n, h in zip(mine, sha256_files(tmp / n for n in mine)))))
+        for part in _gather(hashed, self.world_size):
+            reported.update(part)
+        return {n: reported[n] for n in names}
+
+    def _finish(self, step: int, tmp: Path, final: Path, meta: dict, files: dict[str, FileInfo]) -> None:
+        for name in files:
+            fsync_path(tmp / name)
         full = {**meta, "step": step, "time": time.time(), "format": FORMAT, "files": files}
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(full, f, indent=1, default=str)
+        meta_bytes = (json.dumps(full, indent=1, default=str) + "\n").encode()
+        with open(tmp / META_FILE, "wb") as f:
+            f.write(meta_bytes)
             f.flush()
             os.fsync(f.fileno())
         for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}):
-            _fsync_path(d)
+            fsync_path(d)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             old = self.dir / f"{final.name}.tmp-old-{os.getpid()}"
             (final / MARKER).unlink(missing_ok=True)
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_path(self.dir)
+        fsync_path(self.dir)
         with open(final / MARKER, "w") as f:
-            f.write(f"{step}\n")
+            f.write(f"{step} {hashlib.sha256(meta_bytes).hexdigest()}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(final)
+        fsync_path(final)
         self.prune(protect=final)
 
     # ---- load ----------------------------------------------------------------------------
     def read_meta(self, path: str | os.PathLike) -> dict:
+        """``meta.json`` of a complete checkpoint, checked against the sha256 in its marker."""
         path = Path(path)
         if not (path / MARKER).is_file():
             raise ProsecoError(f"{path} is not a complete checkpoint (no {MARKER} marker): "
                                "its save was interrupted; resume from another one")
         try:
-            meta = json.loads((path / META_FILE).read_text())
-        except (OSError, ValueError) as exc:
+            marker = (path / MARKER).read_text().split()
+            raw = (path / META_FILE).read_bytes()
+        except OSError as exc:
             raise ProsecoError(f"{path / META_FILE} is missing or unreadable ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise ProsecoError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        if len(marker) > 1 and hashlib.sha256(raw).hexdigest() != marker[1]:
+            raise ProsecoError(f"{path / META_FILE} fails its sha256 check (recorded in {MARKER}): the checkpoint "
+                               "is corrupted; move it aside to resume from the one before")
+        try:
+            meta = json.loads(raw)
+        except ValueError as exc:
+            raise ProsecoError(f"{path / META_FILE} is unreadable ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ProsecoError(f"{path} is not a {FORMAT} checkpoint (format "
+                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
         return meta
 
     def verify(self, path: str | os.PathLike, meta: dict) -> None:
-        """Check every file against the sizes / sha256s recorded in ``meta.json``."""
+        """Check every file against the size and sha256 recorded in ``meta.json``, before anything
+        loads. A collective when several ranks share the manager: each rank hashes a share of the
+        files and every rank raises the same error."""
         path = Path(path)
-        for name, info in meta.get("files", {}).items():
-            f = path / name
-            if not f.is_file():
-                raise ProsecoError(f"checkpoint file {f} is missing")
-            size = f.stat().st_size
-            if size != info["size"]:
-                raise ProsecoError(f"checkpoint file {f} has {size} bytes, meta.json says {info['size']}: "
-                                   "it is corrupted; resume from another checkpoint")
-            if "sha256" in info and _sha256(f) != info["sha256"]:
-                raise ProsecoError(f"checkpoint file {f} fails its sha256 check: it is corrupted; "
-                                   "resume from another checkpoint")
+        names = sorted(meta.get("files", {}))
+        problems = [_check_file(path / n, meta["files"][n]) for n in names[self.rank::self.world_size]]
+        found = sorted(p for part in _gather([p for p in problems if p], self.world_size) for p in part)
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise ProsecoError(f"checkpoint {path} is corrupted: {found[0]}{more}; move it aside to resume from "
+                               "the one before")
 
     def load(self, path: str | os.PathLike | None = None, *, map_location: Any = "cpu",
              reader: Callable[[Path], dict] | None = None) -> tuple[dict, dict]:
@@ -272,6 +298,35 @@ class CheckpointManager:
         except Exception as exc:  # truncated / foreign files raise many types
             raise ProsecoError(f"{path / STATE_FILE} is not loadable ({type(exc).__name__}: {exc})") from exc
         return state, meta
+
+
+def _check_file(f: Path, info: FileInfo) -> str | None:
+    """Why ``f`` does not match its recorded size / sha256 (None when it does)."""
+    if not f.is_file():
+        return f"{f.name} is missing"
+    size = f.stat().st_size
+    if size != info.get("size"):
+        return f"{f.name} has {size} bytes, meta.json says {info.get('size')}"
+    if "sha256" not in info:  # written before every file had a checksum: only its size is known
+        return None
+    if sha256_file(f) != info["sha256"]:
+        return f"{f.name} fails its sha256 check"
+    return None
+
+
+def file_entries(folder: Path, names: list[str]) -> dict[str, FileInfo]:
+    """``{name: {"size", "sha256"}}`` of files in ``folder`` (for writers outside a save)."""
+    return {n: {"size": (folder / n).stat().st_size, "sha256": h}
+            for n, h in zip(names, sha256_files(folder / n for n in names))}
+
+
+def rewrite_meta(path: Path, meta: dict) -> None:
+    """Replace a complete checkpoint's ``meta.json`` (e.g. after adding converted files) and the
+    checksum in its marker; a crash between the two leaves a checkpoint that fails its check
+    (never one that passes with a wrong meta.json)."""
+    raw = (json.dumps(meta, indent=1, default=str) + "\n").encode()
+    atomic_write(path / META_FILE, raw)
+    atomic_write(path / MARKER, f"{meta['step']} {hashlib.sha256(raw).hexdigest()}\n")
 
 
 # ---- RNG state -----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """``proseco ckpt``: inspect, export and convert training checkpoints.
 
 * ``export``: one consolidated ``model.safetensors`` (EMA weights by default, the weights used for
-  evaluation) plus ``model.json`` (format, vocabulary, mask id, step, the training config) and
-  ``config.yaml``, written to a temporary folder and renamed into place. Loading it needs torch and
+  evaluation) plus ``model.json`` (format, vocabulary, mask id, step, the training config),
+  ``config.yaml`` and ``SHA256SUMS`` (checked before every load; ``sha256sum -c`` checks it by
+  hand), written to a temporary folder and renamed into place. Loading it needs torch and
   safetensors only - no DeepSpeed, no megatron-core: :func:`pipeline.checkpoint.load_model` reads
   an export folder the same way as a model file.
 * ``universal``: DeepSpeed ZeRO files are tied to the data-parallel size and ZeRO stage that wrote
@@ -21,13 +22,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint.manager import MARKER, CheckpointManager
+from pipeline.checkpoint.manager import MARKER, CheckpointManager, file_entries, rewrite_meta
 from pipeline.config import config_from_dict, dump_yaml
 from pipeline.errors import ProsecoError
+from pipeline.io import SUMS_FILE, atomic_write, check_sums, default_file_mode, write_sums
 
 EXPORT_FORMAT = "proseco-export/1"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -109,8 +112,10 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None = None, weight
     # safetensors refuses tensors that share memory (a tied head): store each name's own copy
     save_file({k: v.detach().clone().contiguous() for k, v in probe.state_dict().items()},
               str(tmp / EXPORT_WEIGHTS), metadata={"format": EXPORT_FORMAT})
-    (tmp / EXPORT_META).write_text(json.dumps(info, indent=1) + "\n")
-    (tmp / "config.yaml").write_text(dump_yaml(cfg))
+    os.chmod(tmp / EXPORT_WEIGHTS, default_file_mode())  # safetensors creates 0600 whatever the umask
+    atomic_write(tmp / EXPORT_META, json.dumps(info, indent=1) + "\n")
+    atomic_write(tmp / "config.yaml", dump_yaml(cfg))
+    write_sums(tmp, [EXPORT_WEIGHTS, EXPORT_META, "config.yaml"])
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -121,6 +126,16 @@ def read_export(folder: Path) -> dict:
     """An export folder as the dict :func:`pipeline.checkpoint.read_model_file` returns."""
     from safetensors.torch import load_file
 
+    try:
+        bad = check_sums(folder)
+    except FileNotFoundError:
+        print(f"warning: {folder} has no {SUMS_FILE} (exported by an older version): its files are not "
+              "checked; re-export it to add checksums", file=sys.stderr)
+        bad = []
+    except OSError as exc:
+        raise ProsecoError(f"{folder / SUMS_FILE} is unreadable ({exc})") from exc
+    if bad:
+        raise ProsecoError(f"export {folder} is corrupted: {'; '.join(bad)}; export the checkpoint again")
     try:
         info = json.loads((folder / EXPORT_META).read_text())
         state = load_file(str(folder / EXPORT_WEIGHTS))
@@ -137,7 +152,8 @@ def universal(path: str | os.PathLike, force: bool = False) -> Path:
     from pipeline.engines.deepspeed_engine import DS_TAG, UNIVERSAL_TAG, import_deepspeed
 
     ckpt = resolve(path)
-    backend = _meta(ckpt).get("topology", {}).get("backend")
+    meta = _meta(ckpt)
+    backend = meta.get("topology", {}).get("backend")
     if backend != "deepspeed":
         raise ProsecoError(f"{ckpt} was written by backend {backend}, not deepspeed: its full-state format "
                            "already resumes under any data- or tensor-parallel layout, nothing to convert")
@@ -147,6 +163,10 @@ def universal(path: str | os.PathLike, force: bool = False) -> Path:
     import_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
+    # the converted files get checksums like every other file; old ones leave meta.json before they go
+    files = {k: v for k, v in meta["files"].items() if not k.startswith(f"{UNIVERSAL_TAG}/")}
+    if files != meta["files"]:
+        rewrite_meta(ckpt, {**meta, "files": files})
     tmp = ckpt / f"{UNIVERSAL_TAG}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(ckpt / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
@@ -156,6 +176,8 @@ def universal(path: str | os.PathLike, force: bool = False) -> Path:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    new = sorted(p.relative_to(ckpt).as_posix() for p in out.rglob("*") if p.is_file())
+    rewrite_meta(ckpt, {**meta, "files": {**files, **file_entries(ckpt, new)}})
     return out
 
 
@@ -164,10 +186,14 @@ def info(path: str | os.PathLike) -> str:
     meta = _meta(ckpt)
     topo = meta.get("topology", {})
     code = meta.get("code") or {}
-    size = sum(f["size"] for f in meta.get("files", {}).values())
+    files = meta.get("files", {})
+    size = sum(f["size"] for f in files.values())
+    by_size = sum("sha256" not in f for f in files.values())
+    how = "all checked against their sha256" if not by_size else (
+        f"verified: {len(files) - by_size} by sha256, {by_size} by size only (saved before every file had a checksum)")
     lines = [f"checkpoint {ckpt}", f"  step {meta['step']}",
              "  topology " + ", ".join(f"{k} {v}" for k, v in topo.items()),
-             f"  files {len(meta.get('files', {}))} ({size / 2**20:.1f} MiB), verified",
+             f"  files {len(files)} ({size / 2**20:.1f} MiB), {how}",
              f"  code {code.get('git_sha') or '?'}{' (dirty)' if code.get('dirty') else ''}"]
     if (ckpt / "deepspeed_universal").is_dir():
         lines.append("  DeepSpeed universal files: yes (resumes under any dp / ZeRO stage)")

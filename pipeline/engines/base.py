@@ -81,8 +81,10 @@ class Engine:
         """``{"backend", "dp", "tp", "zero_stage"}``, stored in every checkpoint's metadata."""
         raise NotImplementedError
 
-    def save(self, folder: Path, rank: int) -> None:
-        """Write this engine's files into ``folder`` (a collective: every rank calls it)."""
+    def save(self, folder: Path, rank: int) -> dict:
+        """Write this engine's files into ``folder`` (a collective: every rank calls it); returns
+        ``{relative path: {"size", "sha256"}}`` of the files this rank hashed while writing them
+        (:func:`pipeline.io.save_torch`; others are hashed by the checkpoint manager)."""
         raise NotImplementedError
 
     def load(self, folder: Path, saved_topology: dict) -> None:

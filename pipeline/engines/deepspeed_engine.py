@@ -44,6 +44,7 @@ from pipeline.engines.base import (
     unshared_copy,
 )
 from pipeline.errors import ProsecoError
+from pipeline.io import save_torch
 from pipeline.trainer import make_optimizer
 
 DS_TAG = "deepspeed"  # DeepSpeed's files: <checkpoint>/deepspeed/
@@ -170,7 +171,7 @@ class DeepSpeedEngine(Engine):
         return {"backend": "deepspeed", "dp": self.world, "tp": 1, "zero_stage": self.cfg.train.zero_stage}
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save(self, folder: Path, rank: int) -> None:
+    def save(self, folder: Path, rank: int) -> dict:
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -180,8 +181,10 @@ class DeepSpeedEngine(Engine):
         # the info ds_to_universal needs (`proseco ckpt universal`)
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.ds.save_checkpoint(str(folder), tag=DS_TAG, client_state=info, save_latest=False)
-        if rank == 0:
-            torch.save({"ema": self.ema.state_dict()} if self.ema is not None else {}, folder / STATE_FILE)
+        if rank != 0:
+            return {}  # DeepSpeed's own files are hashed by the checkpoint manager
+        return {STATE_FILE: save_torch({"ema": self.ema.state_dict()} if self.ema is not None else {},
+                                       folder / STATE_FILE)}
 
     def load(self, folder: Path, saved_topology: dict) -> None:
         universal = saved_topology != self.topology

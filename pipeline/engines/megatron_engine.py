@@ -29,6 +29,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.engines.base import STATE_FILE, Engine, checkpoint_blocks, load_state_file, param_names
 from pipeline.errors import ProsecoError
+from pipeline.io import save_torch
 from pipeline.trainer import EMA, make_optimizer
 
 
@@ -138,12 +139,11 @@ class MegatronEngine(Engine):
             groups.append({**saved, "params": [local_id[n] for n in mine_names]})
         return {"state": state, "param_groups": groups}
 
-    def save(self, folder: Path, rank: int) -> None:
+    def save(self, folder: Path, rank: int) -> dict:
         state = {"model": self._gather(self.model.state_dict()), "optimizer": self._optimizer_full()}
         if self.ema is not None:
             state["ema"] = self._gather(self.ema.shadow.state_dict())
-        if rank == 0:
-            torch.save(state, folder / STATE_FILE)
+        return {STATE_FILE: save_torch(state, folder / STATE_FILE)} if rank == 0 else {}
 
     def load(self, folder: Path, saved_topology: dict) -> None:
         state = load_state_file(folder, "cpu")

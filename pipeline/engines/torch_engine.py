@@ -35,6 +35,7 @@ from pipeline.engines.base import (
     optim_by_name,
     param_names,
 )
+from pipeline.io import save_torch
 from pipeline.trainer import EMA, make_optimizer
 
 
@@ -87,10 +88,9 @@ class TorchEngine(Engine):
             state["ema"] = self.ema.shadow.state_dict()
         return state
 
-    def save(self, folder: Path, rank: int) -> None:
+    def save(self, folder: Path, rank: int) -> dict:
         state = self.full_state()
-        if rank == 0:
-            torch.save(state, folder / STATE_FILE)
+        return {STATE_FILE: save_torch(state, folder / STATE_FILE)} if rank == 0 else {}
 
     def load(self, folder: Path, saved_topology: dict) -> None:
         state = load_state_file(folder, self.device)

@@ -1,0 +1,159 @@
+"""Files that are never half-written and never silently corrupt: atomic writes and checksums.
+
+* :func:`atomic_write` / :func:`atomic_write_json`: a hidden temporary sibling, fsync, rename,
+  fsync of the folder; a crash leaves either the old file or the new one, never a torn one. New
+  files get the mode an ordinary ``open()`` would give them (``0o666`` minus the umask), so a
+  shared group folder stays shared (``tempfile.mkstemp`` alone would make them ``0600``).
+* :func:`sha256_file` / :func:`sha256_files`: checksums of files already on disk (several files
+  hashed in threads: ``hashlib`` releases the GIL on large buffers).
+* :func:`save_torch`: ``torch.save`` through a writer that hashes the bytes on their way to disk,
+  so a large state is checksummed without reading it back (measured in
+  ``benchmarks/bench_checksum.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+CHUNK = 8 << 20  # read size for hashing: large enough that hashlib runs without the GIL
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux exposes it in /proc; elsewhere it is
+    set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a folder (folders: best effort; not every filesystem allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (temporary sibling + fsync + rename)."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        os.fchmod(fd, default_file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_path(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n", fsync=fsync)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; raises OSError / ValueError as ``json`` does (callers word the error)."""
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: Iterable[str | os.PathLike], threads: int = 4) -> list[str]:
+    """sha256 of each file, in order, hashed ``threads`` files at a time."""
+    paths = list(paths)
+    if len(paths) <= 1 or threads <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+class _HashingWriter:
+    """The write end ``torch.save`` streams into: hashes and counts every byte it passes on."""
+
+    def __init__(self, f) -> None:
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        self.size += view.nbytes
+        return self.f.write(view)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> dict:
+    """``torch.save(obj, path)``, fsynced, hashed on the way out: ``{"size", "sha256"}`` of the file."""
+    import torch
+
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": writer.size, "sha256": writer.hash.hexdigest()}
+
+
+SUMS_FILE = "SHA256SUMS"
+
+
+def write_sums(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """``folder/SHA256SUMS`` in ``sha256sum`` format (``sha256sum -c SHA256SUMS`` checks it by hand)."""
+    folder = Path(folder)
+    names = sorted(names)
+    lines = "".join(f"{h}  {n}\n" for n, h in zip(names, sha256_files(folder / n for n in names)))
+    atomic_write(folder / SUMS_FILE, lines)
+
+
+def check_sums(folder: str | os.PathLike) -> list[str]:
+    """What in ``folder`` does not match its ``SHA256SUMS`` (empty: all files match). Raises
+    FileNotFoundError when there is no ``SHA256SUMS``."""
+    folder = Path(folder)
+    expected: dict[str, str] = {}
+    for line in (folder / SUMS_FILE).read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if line.strip():
+            expected[name] = digest
+    present = [n for n in sorted(expected) if (folder / n).is_file()]
+    problems = [f"{n} is missing" for n in sorted(expected) if n not in present]
+    problems += [f"{n} fails its sha256 check" for n, h in zip(present, sha256_files(folder / n for n in present))
+                 if h != expected[n]]
+    return problems

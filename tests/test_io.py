@@ -1,0 +1,78 @@
+"""pipeline/io.py (atomic writes, checksums) and the file modes of everything the pipeline writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_utils import ROOT, TINY, _env
+
+from pipeline.io import (
+    atomic_write,
+    atomic_write_json,
+    check_sums,
+    current_umask,
+    read_json,
+    save_torch,
+    sha256_file,
+    sha256_files,
+    write_sums,
+)
+
+
+def test_atomic_write_follows_the_umask_and_leaves_no_temporary(tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        atomic_write(tmp_path / "a.txt", "hello")
+        atomic_write_json(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert (tmp_path / "a.txt").read_text() == "hello" and read_json(tmp_path / "b.json") == {"x": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.json"]
+
+
+def test_save_torch_hashes_exactly_the_bytes_on_disk(tmp_path):
+    obj = {"w": torch.randn(1000), "step": 3}
+    info = save_torch(obj, tmp_path / "s.pt")
+    raw = (tmp_path / "s.pt").read_bytes()
+    assert info == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert torch.equal(torch.load(tmp_path / "s.pt", weights_only=True)["w"], obj["w"])
+    assert sha256_file(tmp_path / "s.pt") == info["sha256"]
+    assert sha256_files([tmp_path / "s.pt"] * 3, threads=2) == [info["sha256"]] * 3
+
+
+def test_sums_file_matches_sha256sum_and_finds_damage(tmp_path):
+    for name, data in (("a.bin", b"a" * 100), ("b.json", b"{}")):
+        (tmp_path / name).write_bytes(data)
+    write_sums(tmp_path, ["a.bin", "b.json"])
+    assert check_sums(tmp_path) == []
+    done = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], check=False, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr  # the standard tool agrees
+    (tmp_path / "a.bin").write_bytes(b"a" * 99 + b"b")
+    (tmp_path / "b.json").unlink()
+    assert check_sums(tmp_path) == ["b.json is missing", "a.bin fails its sha256 check"]
+
+
+@pytest.mark.slow
+def test_files_of_prep_train_and_export_follow_the_umask(shards, tmp_path):
+    """With umask 002 (a group-shared project folder) every file the pipeline writes is group-writable:
+    tokenizer, run folder, checkpoints, export (safetensors alone would make 0600)."""
+    def run(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "pipeline", *args], check=False, cwd=ROOT, env=_env(), text=True,
+                              capture_output=True, preexec_fn=lambda: os.umask(0o002))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    tok, run_dir, export = tmp_path / "tok", tmp_path / "run", tmp_path / "export"
+    run("prep", "tokenizer", "--config", "text", f"prep.tokenizer_dir={tok}", "prep.vocab_size=512")
+    run("train", "--config", "text", f"data.manifest={shards}", f"run.dir={run_dir}", "train.steps=2", *TINY)
+    run("ckpt", "export", str(run_dir), "--out", str(export))
+    files = [p for root in (tok, run_dir, export) for p in root.rglob("*") if p.is_file()]
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert len(files) > 8 and set(modes.values()) == {"0o664"}, modes
