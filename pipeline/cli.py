@@ -100,13 +100,30 @@ def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
-    return _exit_code(_import_stage("pipeline.train").run(cfg))
+    train = _import_stage("pipeline.train")
+    if args.nproc is not None:
+        import os
+
+        from pipeline import spawn
+
+        if args.nproc < 1:
+            raise ProsecoError(f"--nproc must be >= 1, got {args.nproc}")
+        if "RANK" in os.environ:
+            raise ProsecoError("--nproc starts its own ranks: do not combine it with torchrun / srun "
+                               "(drop --nproc, or run `proseco train --nproc N` directly)")
+        train.check_world(cfg, args.nproc)
+        return spawn.run(spawn.strip_nproc(args.argv), args.nproc)
+    from pipeline.spawn import follow_launcher
+
+    follow_launcher()  # a rank of `proseco train --nproc`: stop (and save) if the launcher dies
+    return _exit_code(train.run(cfg))
 
 
 def _describe_train(args: argparse.Namespace, cfg: Config) -> str:
     from pipeline.train import world_layout
 
-    return f"pipeline.train.run(cfg)\n# world: {world_layout(cfg)}"
+    ranks = f"{args.nproc} ranks on this machine (proseco train --nproc), each: " if args.nproc else ""
+    return f"{ranks}pipeline.train.run(cfg)\n# world: {world_layout(cfg, args.nproc)}"
 
 
 def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
@@ -143,7 +160,8 @@ def _run_eval(args: argparse.Namespace, cfg: Config) -> int:
 
     command = "proseco " + shlex.join(args.argv)
     return _exit_code(_import_stage("pipeline.evaluation.runner").run(cfg, args.run, shard_spec=args.shard,
-                                                                     out=args.out, command=command))
+                                                                     out=args.out, command=command,
+                                                                     force=args.force, dry_run=args.dry_run))
 
 
 def _run_report(args: argparse.Namespace, cfg: Config) -> int:
@@ -282,24 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
         description=_describe(
             """Train a ProSeCo model on the shards in data.manifest (written by `proseco prep shards`)
             for train.steps optimizer steps. train.backend picks the engine: torch (one process, or
-            under torchrun DDP / FSDP2 with train.distributed=ddp|fsdp), deepspeed (ZeRO stage
+            with --nproc N or under torchrun DDP / FSDP2 with train.distributed=ddp|fsdp), deepspeed (ZeRO stage
             train.zero_stage=0..3, config generated from ours) or megatron (megatron-core tensor
             parallelism of size train.tp_size, data parallel over the remaining ranks); gloo on CPU,
             nccl on CUDA. Everything goes to the run folder (run.dir, default runs/<run.name>):
             run.json, config.yaml, metrics.jsonl, wandb/ (train.wandb=offline|online|disabled) and
             checkpoints/ every train.checkpoint_every steps. Rerunning the same command resumes from
-            the latest complete checkpoint. SIGTERM / SIGUSR1 or the time budget train.max_time_s
-            saves and exits with code 3 (requeue)."""
+            the latest complete checkpoint. Ctrl-C, SIGTERM / SIGUSR1 or the time budget
+            train.max_time_s saves at the next step boundary and exits with code 3 (requeue); a
+            second Ctrl-C aborts without saving. The log is plain lines: a header, a line every
+            train.log_every steps, validations and checkpoint saves."""
         ),
         epilog=_epilog("proseco train --config text train.steps=20",
-                       "torchrun --nproc_per_node=2 -m pipeline train --config text train.distributed=ddp",
-                       "torchrun --nproc_per_node=2 -m pipeline train --config text train.backend=deepspeed "
+                       "proseco train --nproc 2 --config text train.distributed=ddp",
+                       "proseco train --nproc 2 --config text train.backend=deepspeed "
                        "train.zero_stage=3",
-                       "torchrun --nproc_per_node=2 -m pipeline train --config text train.backend=megatron "
+                       "proseco train --nproc 2 --config text train.backend=megatron "
                        "train.tp_size=2",
                        "proseco train --config text run.name=exp1 train.max_time_s=3600 --dry-run"),
         formatter_class=fmt,
     )
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="start N ranks on this machine (instead of torchrun): Ctrl-C / SIGTERM make all "
+                            "ranks save and exit 3, a failed rank stops the others")
     _add_config_args(train)
     train.set_defaults(verb_parser=train)
 
@@ -335,10 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
             x sampler settings (eval.samplers x eval.steps T x eval.corrector_steps S x
             eval.corrector_every omega; S=0 is plain MDM sampling, remdm the remasking baseline)
             into a work list and write one result JSON + samples file per item under eval.out
-            (default RUN/eval/results/). Finished items are skipped, so a rerun resumes; a failing
-            item is recorded and the rest still runs. --shard i/n runs every n-th item (SLURM
-            arrays: `proseco launch eval --parts n`). Training checkpoints are read with their EMA
-            weights (eval.weights)."""
+            (default RUN/eval/results/). A result is keyed by everything that determines it (model
+            checksums, task options, scorer version, sampler settings, seed, sample count): a rerun
+            skips items finished with the same key and recomputes those whose settings changed
+            (--force: all). A failing item is recorded, the rest still runs, and the exit code is 1.
+            --shard i/n runs every n-th item (SLURM arrays: `proseco launch eval --parts n`).
+            --dry-run prints the work list and what would run. Training checkpoints are read with
+            their EMA weights (eval.weights)."""
         ),
         epilog=_epilog("proseco eval runs/demo/proseco.pt eval.steps=[4,8,16] eval.corrector_steps=[0,1,2]",
                        "proseco eval runs/exp1 eval.tasks=[text] eval.reference_lm=/models/gpt2-large",
@@ -348,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", metavar="RUN", help="run folder, checkpoint folder, glob, model file or export folder")
     ev.add_argument("--shard", metavar="i/n", help="run only every n-th item, starting at i")
     ev.add_argument("--out", metavar="DIR", help="results folder (default: eval.out or RUN/eval)")
+    ev.add_argument("--force", action="store_true",
+                    help="recompute every item, even those with a finished result of the same settings")
     _add_config_args(ev)
     ev.set_defaults(verb_parser=ev)
 
@@ -378,13 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
             uncommitted diff and the job script are saved under RUN/launch/. Before the time limit
             every rank saves at the same step and the job requeues itself (up to
             cluster.max_requeues); a restart resumes from the latest checkpoint under the same run
-            id. `launch prep --parts N` prepares shards as an array job of N partitions plus a
-            merge job; `launch eval --target RUN --parts N` runs `proseco eval` as N array shards
-            into one results folder. --dry-run prints the job script and submits nothing."""
+            id. A rank that dies ends the job step at once (srun --kill-on-bad-exit), ranks that
+            do not all meet within cluster.startup_timeout_s stop, and
+            cluster.retries_on_failure=N requeues a failed job up to N times. `launch prep --parts
+            N` prepares shards as an array job of N partitions plus a dependent merge job; `launch
+            eval --target RUN --parts N` runs `proseco eval` as N array shards into one results
+            folder. --dry-run prints the job scripts exactly as they would be submitted, what each
+            task runs and the resolved config, and submits nothing."""
         ),
         epilog=_epilog("proseco launch train --config text --config cluster_local cluster.nodes=2",
-                       "proseco launch train --config owt_small cluster.nodes=4 cluster.tasks_per_node=8 "
-                       "cluster.gpus_per_node=8 cluster.partition=gpu train.backend=deepspeed",
+                       "proseco launch train --config owt_small --config cluster_gpu cluster.nodes=4 "
+                       "cluster.partition=gpu train.backend=deepspeed",
                        "proseco launch prep --parts 8 --config text --config cluster_local",
                        "proseco launch eval --target runs/exp1 --parts 4 --config cluster_local",
                        "proseco launch train --config text --config cluster_local --dry-run"),
@@ -497,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner, describe = VERBS[args.verb]
     try:
         cfg = _resolve(args)
-        if args.dry_run and args.verb != "launch":  # launch --dry-run prints the job script
+        if args.dry_run and args.verb not in ("launch", "eval"):  # those print the job script / the work list
             print(dump_yaml(cfg), end="")
             print(_model_size_line(cfg))
             print(f"# dry run: would run {describe(args, cfg)}")

@@ -42,7 +42,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.checkpoint.manager import (
     CheckpointManager,
@@ -52,11 +51,14 @@ from pipeline.checkpoint.manager import (
 )
 from pipeline.checkpoint.model_file import model_config_mismatch
 from pipeline.config import Config, dump_yaml, to_dict
+from pipeline.console import Console
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
 from pipeline.diffusion.objective import proseco_loss
+from pipeline.distributed import init_process_group
 from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_write, atomic_write_json, read_json, save_torch
 from pipeline.runlog import RunLogger, read_metrics  # noqa: F401 (read_metrics: part of this module's API)
 from pipeline.trainer import lr_at
 
@@ -82,9 +84,12 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def world_layout(cfg: Config) -> str:
-    """One paragraph for `--dry-run`: processes, device, batch geometry, run folder."""
+def world_layout(cfg: Config, nproc: int | None = None) -> str:
+    """One paragraph for `--dry-run`: processes (``nproc``, else the launcher's environment),
+    device, batch geometry, run folder."""
     rank, world, _ = world_from_env()
+    if nproc:
+        rank, world = 0, nproc
     t = cfg.train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     comm = ("gloo" if device == "cpu" else "nccl") if world > 1 else "none (single process)"
@@ -116,19 +121,35 @@ def _all_reduce(values: list[float], op, device: torch.device, world: int) -> li
 
 
 class _StopFlag:
-    """SIGTERM / SIGUSR1 / SIGUSR2 -> flag (the signal number, the largest if several); the previous
-    handlers come back on exit. SLURM sends SIGUSR2 before the time limit (``--signal``) and SIGTERM
-    on ``scancel``, preemption and ``scontrol requeue``; SIGUSR1 is for users (``scancel -s USR1``)."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT -> flag (the signal number, the largest if several); the
+    previous handlers come back on exit. SLURM sends SIGUSR2 before the time limit (``--signal``)
+    and SIGTERM on ``scancel``, preemption and ``scontrol requeue``; SIGUSR1 is for users
+    (``scancel -s USR1``); SIGINT is Ctrl-C. A second Ctrl-C (at least ``ABORT_AFTER_S`` after the
+    first: a launcher that forwards the terminal's SIGINT to its workers must not count twice)
+    aborts at once with KeyboardInterrupt, without saving."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+    ABORT_AFTER_S = 1.0
+
+    def __init__(self, loud: bool = True):
+        self.loud = loud  # say so on stderr (rank 0)
 
     def __enter__(self):
-        self.seen, self._old = 0, {}
+        self.seen, self._old, self._first_int = 0, {}, None
         for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_int is not None and now - self._first_int >= self.ABORT_AFTER_S:
+                raise KeyboardInterrupt
+            if self._first_int is None:
+                self._first_int = now
+                if self.loud:  # os.write: print() is not safe inside a signal handler (reentrant buffer)
+                    os.write(2, b"\nCtrl-C: saving at the end of this step, then stopping "
+                                b"(Ctrl-C again to abort without saving)\n")
         self.seen = max(self.seen, int(signum))
 
     def __exit__(self, *exc):
@@ -153,18 +174,36 @@ def _open_data(cfg: Config) -> tuple[Manifest, int, int]:
     return manifest, vocab, int(manifest.special["mask"])
 
 
-def _start_run_folder(cfg: Config, folder: Path) -> dict:
-    """run.json: the run id and the wandb id, created once and reused on every requeue / resume."""
+def _start_run_folder(cfg: Config, folder: Path, ckpt: CheckpointManager) -> dict:
+    """run.json: the run id and the wandb id, created once and reused on every requeue / resume.
+
+    Written atomically. One that a crash or a full disk left unreadable is rebuilt from the
+    latest checkpoint's copy (every checkpoint keeps the run ids), else started afresh."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
     info_path = folder / "run.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
+    if info_path.exists():
+        try:
+            info = read_json(info_path)
+            if isinstance(info, dict) and info.get("run_id") and info.get("logger_id"):
+                return info
+            problem = "it holds no run id"
+        except (OSError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}" if info_path.stat().st_size else "it is empty"
+        latest = ckpt.latest()
+        saved = (ckpt.read_meta(latest).get("run") or {}) if latest is not None else {}
+        info = saved if saved.get("run_id") else _new_run_info(cfg)
+        source = f"the ids kept in {latest.name}" if saved.get("run_id") else "a new run id"
+        print(f"warning: {info_path} was unreadable ({problem}); rebuilt it from {source}", flush=True)
     else:
-        run_id = uuid.uuid4().hex[:12]
-        info = {"run_id": run_id, "logger_id": run_id, "name": cfg.run.name, "created": time.time()}
-        info_path.write_text(json.dumps(info, indent=1) + "\n")
+        info = _new_run_info(cfg)
+    atomic_write_json(info_path, info)
     return info
+
+
+def _new_run_info(cfg: Config) -> dict:
+    run_id = uuid.uuid4().hex[:12]
+    return {"run_id": run_id, "logger_id": run_id, "name": cfg.run.name, "created": time.time()}
 
 
 @torch.no_grad()
@@ -212,16 +251,22 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
 
 
 # ---------------------------------------------------------------------------------------- run
-def run(cfg: Config) -> int:
-    """Train ``cfg.train.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
+def check_world(cfg: Config, world: int) -> None:
+    """Refuse a process count the configured layout cannot use."""
     t = cfg.train
-    rank, world, local_rank = world_from_env()
     if world > 1 and t.backend == "torch" and t.distributed not in ("ddp", "fsdp"):
         raise ProsecoError(f"{world} processes were launched but train.distributed={t.distributed!r}; "
                            "set train.distributed=ddp (DDP) or train.distributed=fsdp (FSDP2)")
     if t.backend == "megatron" and world % t.tp_size:
         raise ProsecoError(f"world size {world} is not divisible by train.tp_size={t.tp_size}; launch a multiple "
                            f"of {t.tp_size} processes or change train.tp_size")
+
+
+def run(cfg: Config) -> int:
+    """Train ``cfg.train.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
+    t = cfg.train
+    rank, world, local_rank = world_from_env()
+    check_world(cfg, world)
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -230,12 +275,8 @@ def run(cfg: Config) -> int:
         torch.set_num_threads(t.threads)
     # DeepSpeed and megatron-core want a process group even in one process.
     own_group = (world > 1 or t.backend != "torch") and not dist.is_initialized()
-    if own_group:
-        backend = "nccl" if cuda else "gloo"
-        if world > 1 or "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if own_group:  # the ranks meet within cluster.startup_timeout_s, or all stop with an error
+        init_process_group("nccl" if cuda else "gloo", rank, world, cfg.cluster.startup_timeout_s)
     try:
         code = _train(cfg, rank, world, device)
         if own_group:
@@ -320,8 +361,8 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     ckpt = CheckpointManager(folder, t.keep_last, t.permanent_every, rank=rank, world_size=world)
     info = {}
     if rank == 0:
-        info = _start_run_folder(cfg, folder)
         ckpt.cleanup_partial()
+        info = _start_run_folder(cfg, folder, ckpt)
     if world > 1:
         dist.barrier()
 
@@ -330,36 +371,41 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     latest = ckpt.latest()
     if latest is not None:
         step, local_tokens = _resume(cfg, engine, loader, ckpt, latest, rank, device)
-        if rank == 0:
-            print(f"resuming {folder} from {latest.name} (step {step})", flush=True)
     if rank == 0:  # only once the checkpoint was accepted: a refused rerun leaves the folder as it was
-        (folder / "config.yaml").write_text(dump_yaml(cfg))
+        atomic_write(folder / "config.yaml", dump_yaml(cfg))
+    console = Console(t.steps, step, enabled=rank == 0)
+    console.header(_header(cfg, engine, loader, world, device, vocab, info, folder, latest, step))
 
     save_delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
 
     def save() -> Path:
+        t0 = time.perf_counter()
         mine = {"loader": loader.state_dict(), "rng": rng_state(), "local_tokens": local_tokens}
 
-        def writer(tmp: Path, _state: dict) -> None:
-            engine.save(tmp, rank)
+        def writer(tmp: Path, _state: dict) -> dict:
+            hashed = engine.save(tmp, rank) or {}
             if save_delay:  # a crash here leaves a tmp folder with some files and no marker
                 time.sleep(save_delay)
-            torch.save(mine, tmp / f"rank_{rank:05d}.pt")
+            own = f"rank_{rank:05d}.pt"
+            return {**hashed, own: save_torch(mine, tmp / own)}
 
         meta = {"topology": engine.topology, "manifest": manifest.fingerprint, "config": to_dict(cfg),
-                "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}}
-        return ckpt.save(step, {}, meta, writer=writer)
+                "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}, "run": info}
+        path = ckpt.save(step, {}, meta, writer=writer)
+        if rank == 0:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            console.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s)")
+        return path
 
     # ---- loop --------------------------------------------------------------------------------
     n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
-    bar = tqdm(total=t.steps, initial=step, desc="train", disable=rank != 0, mininterval=1.0, dynamic_ncols=True)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     last_saved, exit_code, stop_reason = step if latest is not None else -1, 0, "finished"
     batches = iter(loader)
     engine.model.train()
     log = RunLogger(folder, cfg, info, enabled=rank == 0)  # metrics.jsonl (+ wandb) on rank 0
     try:
-        with log, _StopFlag() as stop:
+        with log, _StopFlag(loud=rank == 0) as stop:
             while step < t.steps:
                 step_start, data_wait = time.perf_counter(), 0.0
                 lr = lr_at(step, t)
@@ -394,7 +440,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                 grad_norm = engine.step()
                 step += 1
                 local_tokens += step_tokens
-                bar.update(1)
+                console.step_done(step)
 
                 val_now = t.val_every > 0 and (step % t.val_every == 0 or step == t.steps)
                 if val_now or step % t.log_every == 0 or step == t.steps:
@@ -406,11 +452,13 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                            "lr": lr, "grad_norm": grad_norm, "tokens_seen": int(red[4] / tp),
                            "tokens_per_s": red[3] / tp / max(step_s, 1e-9), "data_wait_s": data_wait,
                            "step_s": step_s, "memory_mb": _memory_mb(device)}
+                    console.log_step(row)
                     if val_now:
-                        row.update(_validate(cfg, engine.eval_model, manifest, mask_id, d_rank, d_world, world,
-                                             device, collective=engine.eval_collective))
+                        val = _validate(cfg, engine.eval_model, manifest, mask_id, d_rank, d_world, world,
+                                        device, collective=engine.eval_collective)
+                        console.validation(step, val)
+                        row.update(val)
                     log.log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
                 if step % t.checkpoint_every == 0:
                     save()
                     last_saved = step
@@ -421,9 +469,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                 if step < t.steps and max(flags) > 0:
                     stop_reason = signal.Signals(int(flags[0])).name if flags[0] else "time_budget"
                     why = f"signal {stop_reason}" if flags[0] else f"the time budget train.max_time_s={t.max_time_s:g}"
-                    if rank == 0:
-                        print(f"\nstopping at step {step} after {why}; saving, exit {EXIT_REQUEUE} (requeue)",
-                              flush=True)
+                    console.print(f"stopping at step {step} after {why}; saving, exit {EXIT_REQUEUE} (requeue)")
                     exit_code = log.exit_code = EXIT_REQUEUE
                     break
 
@@ -431,20 +477,58 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
             if last_saved != step:
                 save()
     finally:
-        bar.close()
+        console.close()
 
     # ---- exit ----------------------------------------------------------------------------------
     if rank == 0:  # what a launcher reads to decide on a requeue (pipeline.launch)
         write_last_exit(folder, {"step": step, "exit_code": exit_code, "reason": stop_reason, "time": time.time()})
         if exit_code == 0:
-            print(f"done: {step} steps in {folder}", flush=True)
+            console.print(f"done: {step} steps in {folder}")
+        else:
+            console.print(f"stopped at step {step} of {t.steps}; the checkpoint is saved. Resume: rerun the same "
+                          f"command (run folder {folder}); it continues from step {step}")
     return exit_code
 
 
+def _header(cfg: Config, engine: Engine, loader: ShardLoader, world: int, device: torch.device, vocab: int,
+            info: dict, folder: Path, latest: Path | None, step: int) -> list[str]:
+    """The start-up lines of the log: where, what, how big, on which layout."""
+    from pipeline.model import parameter_count
+
+    t, m = cfg.train, cfg.model
+    topo = engine.topology
+    dp, tp = engine.data_world, world // engine.data_world
+    seq = cfg.data.seq_len
+    per_step = t.batch_size * t.grad_accum * dp
+    layout = {"torch": f"torch ({t.distributed if world > 1 else 'single process'})",
+              "deepspeed": f"deepspeed (ZeRO stage {t.zero_stage})",
+              "megatron": f"megatron-core (tensor parallel {tp})"}[topo["backend"]]
+    if topo["backend"] == "deepspeed":
+        precision = "bf16 (DeepSpeed, fp32 master weights)" if t.bf16 else "fp32"
+    elif t.bf16 and device.type == "cuda":
+        precision = "bf16 autocast (fp32 weights)"
+    else:
+        precision = "fp32" + (" (train.bf16 applies on CUDA only)" if t.bf16 else "")
+    objective = (f"ProSeCo (mdm + {cfg.diffusion.corrector_weight:g} x correction)"
+                 if cfg.diffusion.corrector_weight > 0 else "MDM (no correction term)")
+    start = (f"resuming from {latest.name} (step {step})" if latest is not None else "new run")
+    return [
+        f"proseco train: {folder} (run id {info.get('run_id', '?')}): {start}",
+        (f"  model      {parameter_count(m, vocab):,} parameters ({m.layers} layers x hidden {m.hidden}, "
+        f"{m.heads} heads, vocabulary {vocab:,}), objective {objective}"),
+        (f"  layout     {layout}, world {world} = data parallel {dp} x tensor parallel {tp}, device {device.type}, "
+        f"precision {precision}"),
+        (f"  batch      {per_step:,} sequences x {seq} tokens = {per_step * seq:,} tokens per step "
+        f"({t.batch_size} per rank x {t.grad_accum} micro-steps x {dp} data-parallel ranks)"),
+        (f"  schedule   steps {step} -> {t.steps}, lr {t.lr:g} (warmup {t.warmup_steps}, {t.lr_schedule}), "
+        f"log every {t.log_every}, validate every {t.val_every or 'never'}, checkpoint every {t.checkpoint_every}"),
+        f"  data       {cfg.data.manifest} ({loader.batches_per_epoch:,} batches per epoch per rank)",
+        f"  logs       {folder / 'metrics.jsonl'}, wandb {t.wandb}",
+    ]
+
+
 def write_last_exit(folder: Path, info: dict) -> None:
-    tmp = folder / "logs" / "last_exit.json.tmp"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, folder / "logs" / "last_exit.json")
+    atomic_write_json(folder / "logs" / "last_exit.json", info)
 
 
 def read_last_exit(folder: str | os.PathLike) -> dict | None:

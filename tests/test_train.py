@@ -76,6 +76,68 @@ def test_sigterm_saves_and_exits_3_then_resume_matches(shards, reference, tmp_pa
     _assert_same_run(reference, run)
 
 
+def test_ctrl_c_saves_and_exits_3_then_resume_matches_and_a_second_ctrl_c_aborts(shards, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = _train(shards, run, delay=0.3)
+    _wait_for_step(proc, run, 3)
+    os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: save at the step boundary, then stop
+    out = _finish(proc, expect=EXIT_REQUEUE)
+    stopped = max(_losses(run))
+    assert "Ctrl-C: saving at the end of this step" in out and f"stopping at step {stopped} after signal SIGINT" in out
+    assert f"Resume: rerun the same command (run folder {run}); it continues from step {stopped}" in out
+    assert "Traceback" not in out and (run / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()
+    _finish(_train(shards, run))
+    _assert_same_run(reference, run)
+
+    aborted = tmp_path / "aborted"
+    proc = _train(shards, aborted, delay=3.0)  # steps 3 s apart: both Ctrl-C land inside one step
+    _wait_for_step(proc, aborted, 2)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGINT)  # the second one aborts at once, without saving
+    out = _finish(proc, expect=130)
+    assert "interrupted" in out and "stopping at step" not in out
+    assert [p.name for p in (aborted / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
+def test_an_unreadable_run_json_is_rebuilt(shards, reference, tmp_path):
+    """A kill during a run's first start could leave run.json empty: the ids come back from the latest
+    checkpoint (every checkpoint keeps them), and the run resumes."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text("")
+    out = _finish(_train(shards, run, f"train.steps={STEPS + 2}"))
+    assert "run.json was unreadable (it is empty); rebuilt it from the ids kept in step_00000012" in out
+    assert json.loads((run / "run.json").read_text()) == info and max(_losses(run)) == STEPS + 2
+    fresh = tmp_path / "fresh"  # no checkpoint to take the ids from: a new id
+    fresh.mkdir()
+    (fresh / "run.json").write_text('{"run_id": ')
+    out = _finish(_train(shards, fresh, "train.steps=2"))
+    assert "rebuilt it from a new run id" in out and json.loads((fresh / "run.json").read_text())["run_id"]
+
+
+def test_the_log_is_plain_lines_a_person_can_read(shards, tmp_path):
+    run = tmp_path / "run"
+    out = _finish(_train(shards, run, "train.steps=4", "train.val_every=4", "train.val_batches=1"))
+    assert "\r" not in out  # a pipe / SLURM log gets no progress-bar stream
+    lines = out.splitlines()
+    assert lines[0].startswith(f"proseco train: {run} (run id ") and lines[0].endswith(": new run")
+    header = "\n".join(lines[1:8])
+    for needle in ("parameters (1 layers x hidden 32", "objective ProSeCo", "layout     torch (single process)",
+                   "precision fp32", "batch      4 sequences x 32 tokens = 128 tokens per step",
+                   "steps 0 -> 4", "checkpoint every 2", "wandb disabled"):
+        assert needle in header, (needle, header)
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == [f"step {i}/4" for i in range(1, 5)]
+    assert all(k in steps[-1] for k in ("loss ", "mdm ", "corr ", "lr ", "gnorm ", "tok/s", "s/step", "mem ",
+                                        "eta 0:00:00"))
+    assert sum(line.startswith("val  4/4 | mdm nelbo ") for line in lines) == 1
+    assert [line.split()[2] for line in lines if line.startswith("saved checkpoint")] == [
+        str(run / "checkpoints" / "step_00000002"), str(run / "checkpoints" / "step_00000004")]
+    assert lines[-1] == f"done: 4 steps in {run}"
+
+
 def _fake_topology(run: Path, **changes) -> None:
     latest = max((run / "checkpoints").glob("step_*"))
     meta = json.loads((latest / "meta.json").read_text())
@@ -143,6 +205,44 @@ def test_ddp_kill_9_and_resume_equals_uninterrupted(shards, tmp_path, capsys):
     assert cli.main(_args(shards, run, *accum, f"train.steps={STEPS + 2}")) == 0
     assert "under another layout" in capsys.readouterr().out
     assert max(_losses(run)) == STEPS + 2
+
+
+@pytest.mark.slow
+def test_nproc_launcher_stops_saving_resumes_exactly_and_ends_when_a_rank_dies(shards, tmp_path):
+    """`proseco train --nproc 2`: SIGTERM (or Ctrl-C) to the launcher reaches every rank, they save
+    together and the launcher exits 3 (torchrun: a traceback and exit 1); the resumed run equals an
+    uninterrupted one. A rank killed mid-run ends the whole run at once with its exit code; the
+    launcher killed by -9 leaves no rank behind (they get SIGTERM, save and stop)."""
+    import psutil
+
+    ref, run, dead, orphan = (tmp_path / name for name in ("ref", "run", "dead", "orphan"))
+    ddp = ("train.grad_accum=2", "train.distributed=ddp", "--nproc", "2")
+    _finish(_train(shards, ref, *ddp))
+    proc = _train(shards, run, *ddp, delay=0.3)
+    _wait_for_step(proc, run, 3)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher only
+    out = _finish(proc, expect=EXIT_REQUEUE)
+    assert "Traceback" not in out and "stopping at step" in out
+    _finish(_train(shards, run, *ddp))
+    _assert_same_run(ref, run)
+
+    proc = _train(shards, dead, *ddp, delay=0.3)
+    _wait_for_step(proc, dead, 3)
+    rank1 = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1")
+    t0 = time.monotonic()
+    rank1.kill()
+    out = _finish(proc, expect=128 + signal.SIGKILL)
+    assert time.monotonic() - t0 < 30 and f"rank 1 failed (exit -{int(signal.SIGKILL)})" in out
+
+    proc = _train(shards, orphan, *ddp, delay=0.3)
+    _wait_for_step(proc, orphan, 3)
+    ranks = psutil.Process(proc.pid).children()
+    proc.kill()
+    proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(ranks, timeout=60)
+    last = json.loads((orphan / "logs" / "last_exit.json").read_text())
+    assert not alive and (last["exit_code"], last["reason"]) == (EXIT_REQUEUE, "SIGTERM")  # saved and stopped
+    assert (orphan / "checkpoints" / f"step_{last['step']:08d}" / "COMPLETE").is_file()
 
 
 @pytest.mark.slow
