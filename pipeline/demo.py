@@ -135,7 +135,8 @@ def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[li
         cfg.eval, tasks=["sudoku4", "sudoku4-solve"], samplers=["ancestral"], steps=list(cfg.demo.steps_grid),
         corrector_steps=[0, *cfg.demo.corrector_grid], corrector_every=[1], num_samples=cfg.demo.eval_samples,
         batch_size=cfg.sampler.batch_size))
-    models = [runner.ModelRef(f"{kind}-{trained[kind]['key'][:8]}", str((out / f"{kind}.pt").resolve()))
+    models = [runner.ModelRef(f"{kind}-{trained[kind]['key'][:8]}", str((out / f"{kind}.pt").resolve()),
+                              identity=runner.model_identity(out / f"{kind}.pt", None))
               for kind in ("mdm", "proseco")]
     items = runner.work_list(models, ecfg.eval.tasks, ecfg)
     folder = out / "eval"

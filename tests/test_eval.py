@@ -59,7 +59,7 @@ def test_eval_writes_results_skips_done_items_and_records_failures(model_file, t
     args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.steps=[2,4]",
             "eval.corrector_steps=[0,1]", "eval.samplers=[ancestral]", "eval.num_samples=16", "eval.batch_size=5",
             "eval.tasks=[sudoku4,sudoku4-solve,text]"]
-    assert cli.main(args) == 0
+    assert cli.main(args) == 1  # some items failed: the exit code says so
     printed = capsys.readouterr().out
     assert "8 done, 0 already done, 4 failed" in printed  # text needs a text model: a clear per-item failure
     results = report.load_results(out)
@@ -73,7 +73,7 @@ def test_eval_writes_results_skips_done_items_and_records_failures(model_file, t
     assert all(r["nfe_corrector"] > 0 for r in corr)
     samples = out / "results" / ok[0]["model"]["key"] / ok[0]["task"] / ok[0]["samples_file"]
     assert len(samples.read_text().splitlines()) == 16
-    assert cli.main(args) == 0  # a rerun skips what is done (and retries the failures)
+    assert cli.main(args) == 1  # a rerun skips what is done (and retries the failures)
     assert "0 done, 8 already done, 4 failed" in capsys.readouterr().out
     # batch size does not change results (one seeded generator per sample)
     out2 = tmp_path / "eval_b16"
@@ -129,8 +129,83 @@ def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path
     out = tmp_path / "eval"
     assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
                      "eval.samplers=[ancestral,confidence]", "eval.steps=[3,4]", "eval.corrector_steps=[0]",
-                     "sampler.block_size=8", "eval.num_samples=4"]) == 0
+                     "sampler.block_size=8", "eval.num_samples=4"]) == 1
     rows = {r["_path"].split("/")[-1]: r for r in report.load_results(out)}
     assert rows["confidence_T3.json"]["status"] == "failed" and "multiple" in rows["confidence_T3.json"]["error"]
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "confidence_T3.json") and len(rows) == 4
     assert "confidence_T3" in report.build(out)[1].read_text()  # the failure is in the report
+
+
+def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp_path, capsys):
+    """A result is keyed by everything that determines it: other settings are a new item."""
+    out = tmp_path / "eval"
+    base = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+            "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0]"]
+    assert cli.main([*base, "eval.num_samples=8"]) == 0
+    first = {r["_path"]: r for r in report.load_results(out)}
+    capsys.readouterr()
+    assert cli.main([*base, "eval.num_samples=8"]) == 0
+    assert "0 done, 2 already done" in capsys.readouterr().out
+    now = ["eval.num_samples=8"]
+    for changed, what in (("eval.num_samples=12", "num_samples"), ("sampler.seed=7", "sampler.seed"),
+                          ("sampler.temperature=0.5", "sampler.temperature")):
+        now.append(changed)  # one more setting changed each time
+        assert cli.main([*base, *now]) == 0
+        printed = capsys.readouterr().out
+        assert "2 done, 0 already done" in printed and "computed with other settings" in printed
+        assert f"changed: {what})" in printed, printed
+    assert cli.main([*base, *now, "eval.weights=raw"]) == 0  # a model file has no EMA/raw choice: same items
+    assert "0 done, 2 already done" in capsys.readouterr().out
+    rows = {r["_path"]: r for r in report.load_results(out)}
+    assert all(r["num_samples"] == 12 and r["determinants"]["sampler"]["temperature"] == 0.5 for r in rows.values())
+    assert {k: r["key"] for k, r in rows.items()} != {k: r["key"] for k, r in first.items()}
+    assert len((out / next(iter(rows))).with_suffix(".samples.jsonl").read_text().splitlines()) == 12
+    assert cli.main([*base, "eval.num_samples=12", "sampler.seed=7", "sampler.temperature=0.5", "--force"]) == 0
+    assert "2 done, 0 already done" in capsys.readouterr().out
+
+
+def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, capsys):
+    out, model = tmp_path / "eval", tmp_path / "m.pt"
+    args = ["eval", str(model), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+            "eval.samplers=[ancestral]", "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]
+    model.write_bytes(model_file.read_bytes())
+    assert cli.main(args) == 0
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
+    torch.manual_seed(1)  # other weights, same file name
+    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 done, 0 already done" in printed and "model.identity" in printed
+
+
+def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[text]",
+                     "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]) == 1
+    rows = report.load_results(out)
+    assert rows and all(r["status"] == "failed" for r in rows)
+    assert f"{len(rows)} item(s) failed" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    yaml = run / "config.yaml"
+    yaml.write_text("model:\n  hidden: 32\n")
+    assert cli.main(["eval", str(yaml)]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a model" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no eval folder, no failed results
+
+
+def test_dry_run_prints_the_work_list_and_writes_nothing(model_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+            "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]", "eval.num_samples=4"]
+    assert cli.main([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 to run, 0 already done" in printed and not out.exists()
+    assert all(slug in printed for slug in ("sudoku4/ancestral_T2 ", "sudoku4/ancestral_T4_S1_w1 "))
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "eval.num_samples=6", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 to run" in printed and "changed: num_samples" in printed

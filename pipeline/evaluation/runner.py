@@ -14,7 +14,12 @@ The work list is the product of
 
 Each item writes ``OUT/results/<model>/<task>/<setting>.json`` (metrics, NFE breakdown, settings,
 seed, checkpoint step, wall time) and its decoded samples beside it, atomically (tmp + rename), so
-a rerun skips finished items and a killed run loses at most the item in progress. A failing item
+a killed run loses at most the item in progress. A result carries the **key** of everything that
+determines it (:func:`determinants`: the model's identity - the checksums of its files - and
+weights, the task, its options and scorer version, the full sampler settings with the seed, the
+number of samples); a rerun skips an item only when a finished result with the same key exists,
+so a changed setting recomputes the item (and says which settings changed), never reuses a stale
+number. ``--force`` recomputes everything. The exit code is 1 when any item failed. A failing item
 (a task that cannot run for this model, a sampler setting the model cannot run, a checkpoint that
 does not load) writes a result with ``status: failed`` and the message; the rest of the list
 still runs, and the report lists the failure. ``--shard i/n`` takes every n-th item of the sorted
@@ -28,11 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
-import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +48,7 @@ from tqdm import tqdm
 from pipeline.config import Config, config_from_dict, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
+from pipeline.io import SUMS_FILE, atomic_write, atomic_write_json, sha256_file
 
 RESULT_FORMAT = "proseco-eval/1"
 
@@ -54,6 +61,31 @@ class ModelRef:
     key: str  # a stable name for result paths: "<run>/step_00001000" for checkpoints, the file's stem otherwise
     path: str
     step: int | None = None
+    identity: str = ""  # what the weights are: a hash of the checksums of the model's files
+
+
+def model_identity(path: Path, step: int | None) -> str:
+    """A short hash of the model's content: a checkpoint's recorded file checksums, an export's
+    SHA256SUMS, a model file's own sha256. Another model at the same path gets another identity."""
+    if step is not None:
+        from pipeline.checkpoint.manager import CheckpointManager
+
+        files = CheckpointManager(path.parent.parent).read_meta(path).get("files", {})
+        blob = json.dumps(files, sort_keys=True).encode()
+    elif path.is_dir():
+        sums = path / SUMS_FILE
+        blob = sums.read_bytes() if sums.is_file() else sha256_file(path / "model.safetensors").encode()
+    else:
+        blob = sha256_file(path).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_model_file(p: Path) -> None:
+    """Refuse, before anything is written, a file that is not a model (a YAML, a log, a corpus)."""
+    if not zipfile.is_zipfile(p):
+        raise ProsecoError(f"{p} is not a model: expected a run folder, a checkpoint folder "
+                           "(runs/NAME/checkpoints/step_XXXXXXXX), a model file (.pt written by `proseco demo`) "
+                           "or an export folder (`proseco ckpt export`)")
 
 
 @dataclass(frozen=True)
@@ -108,11 +140,14 @@ def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
                 raise ProsecoError(f"{p} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
             out.append(ModelRef(f"{p.resolve().parent.parent.name}/{p.name}", str(p.resolve()),
                                 CheckpointManager.step_of(p)))
-        elif p.is_file() or (p / "model.json").is_file():
-            out.append(ModelRef(p.stem if p.is_file() else p.name, str(p.resolve())))
+        elif p.is_file():
+            _check_model_file(p)
+            out.append(ModelRef(p.stem, str(p.resolve())))
+        elif (p / "model.json").is_file():
+            out.append(ModelRef(p.name, str(p.resolve())))
         else:
             raise ProsecoError(f"{p} is not a run folder, checkpoint, model file or export folder")
-    return out
+    return [dataclasses.replace(m, identity=model_identity(Path(m.path), m.step)) for m in out]
 
 
 def settings(cfg: Config) -> list[Setting]:
@@ -186,30 +221,62 @@ def _tokenizer(cfg: Config):
 
 
 # ------------------------------------------------------------------------------------ running
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def result_path(out: Path, item: Item) -> Path:
     return out / "results" / f"{item.relpath}.json"
 
 
-def is_done(out: Path, item: Item) -> bool:
+def determinants(item: Item, cfg: Config) -> dict:
+    """Everything a result depends on (its key is a hash of this): the model's identity and
+    weights, the task with its options and scorer version, the complete sampler settings (seed
+    included) and the number of samples. Not the batch size of generation: per-sample
+    generators make results independent of it."""
+    from pipeline.evaluation.tasks import task_class
+
+    options = task_options(cfg, item.task)
+    files = {k: sha256_file(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
+    return {"model": {"identity": item.model.identity, "weights": cfg.eval.weights if item.model.step is not None
+                      else "file"},
+            "task": {"name": item.task, "options": options, "option_files": files,
+                     "scorer_version": task_class(item.task).version},
+            "sampler": dataclasses.asdict(_sampler(cfg, item.setting)),
+            "num_samples": cfg.eval.num_samples}
+
+
+def item_key(det: dict) -> str:
+    return hashlib.sha256(json.dumps(det, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two determinant dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def previous(out: Path, item: Item) -> dict | None:
+    """The result already written for ``item``'s path (any settings), or None."""
     try:
-        return json.loads(result_path(out, item).read_text()).get("status") == "ok"
+        old = json.loads(result_path(out, item).read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _sampler(cfg: Config, setting: Setting):
+    return dataclasses.replace(cfg.sampler, name=setting.sampler, steps=setting.steps,
+                               corrector_steps=setting.corrector_steps, corrector_every=setting.corrector_every)
 
 
 def generate(loaded: Loaded, task, setting: Setting, cfg: Config, n: int, batch_size: int,
              progress: bool = False) -> dict:
     """Sample ``n`` sequences for ``task`` at ``setting``; tokens, NFE per sample, conditioning."""
     tcfg = loaded.cfg
-    sampler = dataclasses.replace(cfg.sampler, name=setting.sampler, steps=setting.steps,
-                                  corrector_steps=setting.corrector_steps, corrector_every=setting.corrector_every)
+    sampler = _sampler(cfg, setting)
     seq_len = task.model.seq_len
     check_sampler(sampler, seq_len, tcfg.model.max_seq_len)
     cond = task.conditioning(n, cfg.sampler.seed)
@@ -239,21 +306,47 @@ def task_options(cfg: Config, task: str) -> dict:
     return {k: v for k, v in options.items() if v != ""}
 
 
-def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = True,
+def plan(items: list[Item], cfg: Config, out: Path, force: bool = False) -> list[tuple[Item, dict, str]]:
+    """(item, determinants, why) of the items to run: ``why`` is ``new``, ``failed before``,
+    ``forced`` or ``changed: <settings>`` (a finished result of other settings is not reused)."""
+    todo = []
+    for item in items:
+        det = determinants(item, cfg)
+        old = previous(out, item)
+        if old is None:
+            why = "new"
+        elif force:
+            why = "forced"
+        elif old.get("key") != item_key(det):
+            why = "changed: " + ", ".join(_changed(old.get("determinants") or {}, det) or ["the result's key"])
+        elif old.get("status") != "ok":
+            why = "failed before"
+        else:
+            continue
+        todo.append((item, det, why))
+    return todo
+
+
+def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = True, force: bool = False,
               log=print) -> dict[str, int]:
-    """Run every item not done yet; returns counts of ok / failed / skipped."""
+    """Run every item without a finished result of the same key; returns counts of ok / failed / skipped."""
     from pipeline.evaluation.tasks import ModelInfo, task_class
 
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     loaded_key, loaded, load_error = None, None, None
     tasks: dict[tuple[str, str], object] = {}
-    todo = [i for i in items if not is_done(out, i)]
+    todo = plan(items, cfg, out, force)
     counts["skipped"] = len(items) - len(todo)
+    stale = [(i, why) for i, _, why in todo if why.startswith("changed")]
+    if stale:
+        log(f"eval: {len(stale)} finished result(s) were computed with other settings and are recomputed "
+            f"(e.g. {stale[0][0].relpath}: {stale[0][1]})")
     bar = tqdm(todo, desc="eval", disable=not progress, dynamic_ncols=True)
-    for item in bar:
+    for n, (item, det, _why) in enumerate(bar, 1):
         bar.set_postfix_str(item.relpath[-48:])
         t0 = time.perf_counter()
-        base = {"format": RESULT_FORMAT, "model": dataclasses.asdict(item.model), "task": item.task,
+        base = {"format": RESULT_FORMAT, "key": item_key(det), "determinants": det,
+                "model": dataclasses.asdict(item.model), "task": item.task,
                 "setting": dataclasses.asdict(item.setting), "label": item.setting.label,
                 "num_samples": cfg.eval.num_samples, "seed": cfg.sampler.seed}
         try:
@@ -282,10 +375,8 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = Tru
             samples_file = result_path(out, item).with_suffix(".samples.jsonl")
             samples_file.parent.mkdir(parents=True, exist_ok=True)
             texts = task.decode(gen["tokens"])
-            tmp = samples_file.with_name(samples_file.name + ".tmp")
-            tmp.write_text("".join(json.dumps({"i": i, "nfe": int(gen["nfe"][i]), "text": t}) + "\n"
-                                   for i, t in enumerate(texts)))
-            os.replace(tmp, samples_file)
+            atomic_write(samples_file, "".join(json.dumps({"i": i, "nfe": int(gen["nfe"][i]), "text": t}) + "\n"
+                                               for i, t in enumerate(texts)), fsync=False)
             result = {**base, "status": "ok", "weights": loaded.weights, "primary": task.primary,
                       "higher_is_better": task.higher_is_better, "diversity": task.diversity,
                       "metrics": metrics, "nfe": float(gen["nfe"].mean()),
@@ -293,13 +384,21 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = Tru
                       "nfe_corrector": float(gen["nfe_corrector"].mean()),
                       "seconds": time.perf_counter() - t0, "samples_file": samples_file.name}
             counts["ok"] += 1
+            if not progress:  # plain lines in logs (a SLURM .out file gets no progress bar)
+                log(f"eval: [{n}/{len(todo)}] {item.relpath}: {task.primary} {_num(metrics.get(task.primary))}, "
+                    f"NFE {result['nfe']:.1f} ({result['seconds']:.1f} s)")
         except ProsecoError as exc:
             result = {**base, "status": "failed", "error": str(exc), "seconds": time.perf_counter() - t0}
             counts["failed"] += 1
             log(f"eval: {item.relpath} failed: {exc}")
-        _write_json(result_path(out, item), result)
+        result_path(out, item).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(result_path(out, item), result, fsync=False)
     bar.close()
     return counts
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 def default_out(spec: str, cfg: Config) -> Path:
@@ -314,7 +413,9 @@ def default_out(spec: str, cfg: Config) -> Path:
 
 
 def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | None = None,
-        command: str | None = None) -> int:
+        command: str | None = None, force: bool = False, dry_run: bool = False) -> int:
+    """Evaluate; 0 when every item has a result, 1 when any item failed. ``dry_run``: print the
+    work list (and what would run) without writing anything."""
     models = resolve_models(spec)
     if cfg.eval.tasks:
         tasks = list(cfg.eval.tasks)
@@ -327,17 +428,29 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
         tasks = sorted({_own_task(m) for m in models})
     folder = Path(out) if out else default_out(spec, cfg)
     items = shard(work_list(models, tasks, cfg), shard_spec)
+    summary = (f"{len(models)} model(s) x {len(tasks)} task(s) x {len(settings(cfg))} sampler settings"
+               f"{f' (shard {shard_spec})' if shard_spec else ''} = {len(items)} items -> {folder}")
+    if dry_run:
+        todo = {i.relpath: why for i, _, why in plan(items, cfg, folder, force)}
+        print(f"eval (dry run): {summary}; {len(todo)} to run, {len(items) - len(todo)} already done")
+        for item in items:
+            print(f"  {todo.get(item.relpath, 'done (skipped)'):<16} {item.relpath}  "
+                  f"[{item.model.path}, {cfg.eval.num_samples} samples]")
+        return 0
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "commands.txt", "a") as f:  # the report quotes the commands that made it
         f.write((command or " ".join(["proseco", *sys.argv[1:]])) + "\n")
-    (folder / "eval_config.json").write_text(json.dumps(to_dict(cfg)["eval"], indent=1) + "\n")
+    atomic_write_json(folder / "eval_config.json", to_dict(cfg)["eval"])
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    print(f"eval: {len(models)} model(s) x {len(tasks)} task(s) x {len(settings(cfg))} sampler settings"
-          f"{f' (shard {shard_spec})' if shard_spec else ''} = {len(items)} items -> {folder}")
-    counts = run_items(items, cfg, folder)
+    print(f"eval: {summary}")
+    counts = run_items(items, cfg, folder, force=force, progress=sys.stderr.isatty())
     print(f"eval: {counts['ok']} done, {counts['skipped']} already done, {counts['failed']} failed; "
           f"`proseco report {folder}` renders the table and plots")
+    if counts["failed"]:
+        print(f"eval: {counts['failed']} item(s) failed (their messages are above and in the report); exit 1",
+              file=sys.stderr)
+        return 1
     return 0
 
 

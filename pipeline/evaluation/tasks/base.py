@@ -9,6 +9,8 @@ a training set for novelty) happens once.
 Contract (:class:`EvalTask`):
 
 * ``name``: the registry name (``--tasks NAME``).
+* ``version``: the scorer's version, part of every result's key: bump it when ``score`` or
+  ``conditioning`` changes what they compute, so that old results are recomputed, not reused.
 * ``primary``: the quality metric the report plots against NFE; ``higher_is_better`` says its
   direction. ``diversity``: the diversity metric shown beside it (or None).
 * ``__init__(cfg, options, model)``: ``cfg`` is the checkpoint's training config (data.seq_len,
@@ -45,6 +47,7 @@ class ModelInfo:
 
 class EvalTask:
     name = "?"
+    version = 1
     primary = "?"
     higher_is_better = True
     diversity: str | None = None
