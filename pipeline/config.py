@@ -204,6 +204,9 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, venv)
     signal_delay_s: int = 120  # SLURM sends SIGUSR2 this long before the time limit: save and requeue
     max_requeues: int = 10  # give up requeueing after this many restarts (SLURM_RESTART_COUNT)
+    kill_on_bad_exit: bool = True  # srun --kill-on-bad-exit: one rank's failure ends the whole job step
+    startup_timeout_s: int = 300  # all ranks must meet at start-up within this, else they stop with an error
+    retries_on_failure: int = 0  # requeue a job whose training step failed (rank died, node lost) this often
     array_parallelism: int = 32  # array jobs (prep, eval): tasks running at once
     job_name: str = ""  # "" = proseco-<stage>-<run.name>
 
@@ -409,14 +412,14 @@ _RANGES: dict[str, str] = {
     "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed train.weight_decay "
     "train.warmup_steps train.grad_clip train.threads train.seed data.split_seed data.puzzle_clues "
     "prep.workers prep.seed prep.input_sentence_size train.permanent_every train.max_time_s train.val_every "
-    "train.loader_workers",
+    "train.loader_workers cluster.retries_on_failure",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
     "[0, 1)": "model.dropout train.beta1 train.beta2 train.ema prep.val_fraction",
     "(0, 1]": "sampler.nucleus_p prep.character_coverage",
     "[0, 1]": "train.min_lr_ratio",
     "[0, 3]": "train.zero_stage",
     "[1, inf)": "sampler.corrector_every train.tp_size cluster.nodes cluster.tasks_per_node cluster.cpus_per_task "
-    "cluster.time_min cluster.array_parallelism eval.num_samples eval.batch_size",
+    "cluster.time_min cluster.array_parallelism cluster.startup_timeout_s eval.num_samples eval.batch_size",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means
     "sampler.corrector_steps": ("sampler.corrector_steps (S)", " (0 turns the corrector off)"),

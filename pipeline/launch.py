@@ -16,11 +16,17 @@ uncommitted diff) and the rendered job script into ``RUN/launch/<time>/``, and s
    ``scontrol requeue`` - saves and stops; SLURM itself decides whether the job comes back.
 3. A restart runs the same pickled task, which resumes under the same run id, appends to the same
    logs (``RUN/slurm/<job>_<task>_log.{out,err}``) and continues the same wandb run.
+4. A rank that dies ends the job step at once (``srun --kill-on-bad-exit``, ``cluster.kill_on_bad_exit``),
+   and ranks that do not all meet within ``cluster.startup_timeout_s`` stop with an error
+   (:mod:`pipeline.distributed`), so a failure does not hold the allocation until the time limit.
+   With ``cluster.retries_on_failure=N`` the job script requeues a failed step up to N times
+   (:func:`requeue_on_failure`); the restart resumes from the latest checkpoint.
 
 A run folder belongs to one job at a time: ``launch`` refuses a folder whose recorded job is still
 queued or running (``RUN/slurm/job.json``). ``proseco launch prep --parts N`` tokenizes a corpus as
 an array job of N partitions (``proseco prep shards --task i/N``), then one dependent job merges
-them.
+them. ``--dry-run`` prints the job script(s) exactly as they would be submitted, what each task
+runs and the resolved config, and submits nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config, config_from_dict, dump_yaml, to_dict
@@ -41,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 REQUEUE_REASONS = {"SIGUSR1", "SIGUSR2", "time_budget"}  # a stop the job asked for; SIGTERM is SLURM's
+KILL_AT_START_ENV = "PROSECO_KILL_RANK_AT_START"  # fault-injection tests: this rank SIGKILLs itself at start
+GPU_MODEL_PARAMS = 50_000_000  # a model this large is trained on GPUs: warn when the job asks for none
 
 
 # ------------------------------------------------------------------------------------ the tasks
@@ -61,6 +72,10 @@ class TrainTask:
         print(f"proseco: rank {env.rank}/{env.world_size} (local {env.local_rank}) on {os.uname().nodename}, "
               f"master {env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
               flush=True)
+        if os.environ.get(KILL_AT_START_ENV) == str(env.rank):
+            print(f"proseco: {KILL_AT_START_ENV}={env.rank}: killing this rank before the process group "
+                  f"forms, at {time.time():.3f}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         code = train.run(cfg)
         if code == train.EXIT_REQUEUE and env.rank == 0:
             _requeue_after_stop(cfg, folder)
@@ -129,11 +144,13 @@ class PrepMergeTask:
 
 
 # ------------------------------------------------------------------------------------- executors
-def _slurm_parameters(cfg: Config, name: str) -> dict:
+def slurm_parameters(cfg: Config, name: str, **extra) -> dict:
+    """submitit ``SlurmExecutor`` parameters for ``cfg.cluster`` (``extra`` added or overriding)."""
     c = cfg.cluster
     params = {"job_name": name, "nodes": c.nodes, "ntasks_per_node": c.tasks_per_node,
               "cpus_per_task": c.cpus_per_task, "time": c.time_min, "signal_delay_s": c.signal_delay_s,
               "array_parallelism": c.array_parallelism, "stderr_to_stdout": False,
+              "srun_args": ["--kill-on-bad-exit=1"] if c.kill_on_bad_exit else [],
               "setup": [f"cd {ROOT}", f"source {ROOT / 'slurm' / 'env.sh'}", *c.setup]}
     for key, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos),
                        ("constraint", c.constraint)):
@@ -143,11 +160,51 @@ def _slurm_parameters(cfg: Config, name: str) -> dict:
         params["gpus_per_node"] = c.gpus_per_node
     if c.mem_gb:
         params["mem"] = f"{int(c.mem_gb * 1024)}MB"
-    return params
+    return {**params, **extra}
 
 
-def make_executor(cfg: Config, folder: Path, name: str):
-    """A submitit executor writing its job files and logs to ``folder``."""
+def train_parameters(cfg: Config, run: Path, name: str) -> dict:
+    """The training job's parameters: requeueable (``--requeue``; the self-requeues need it where
+    SLURM's default is not to requeue) and, with cluster.retries_on_failure, the failure requeue."""
+    extra: dict = {"additional_parameters": {"requeue": True}}
+    if cfg.cluster.retries_on_failure:
+        extra["teardown"] = requeue_on_failure(run / "slurm", cfg.cluster.retries_on_failure)
+    return slurm_parameters(cfg, name, **extra)
+
+
+# Job-script lines after srun (submitit's "teardown"); {folder} and {retries} are filled in.
+REQUEUE_ON_FAILURE = """\
+proseco_exit=$?
+proseco_failures={folder}/"${{SLURM_JOB_ID}}_failures.log"
+if [ "$proseco_exit" -ne 0 ]; then
+    echo "$(date -Is) restart ${{SLURM_RESTART_COUNT:-0}}: srun exit $proseco_exit" >> "$proseco_failures"
+    proseco_n=$(wc -l < "$proseco_failures")
+    if [ "$proseco_n" -le {retries} ]; then
+        echo "proseco: the training step failed (srun exit $proseco_exit): requeueing job $SLURM_JOB_ID" \\
+             "(retry $proseco_n of cluster.retries_on_failure={retries})"
+        scontrol requeue "$SLURM_JOB_ID" || echo "proseco: scontrol requeue failed; the job ends here"
+    else
+        echo "proseco: the training step failed (srun exit $proseco_exit): giving up, the" \\
+             "cluster.retries_on_failure={retries} requeue(s) are used; failures listed in $proseco_failures"
+    fi
+fi
+exit "$proseco_exit"
+"""
+
+
+def requeue_on_failure(folder: Path, retries: int) -> list[str]:
+    """The job-script lines, run after ``srun`` returns, that requeue a failed step up to ``retries`` times.
+
+    srun returns 0 when every rank returned, having finished or saved for a planned requeue (which
+    rank 0 already asked for; SLURM's SIGTERM then ends the script before these lines). Anything
+    else is a failure: a rank that raised or was killed, a lost node. Failures are counted per job in
+    ``FOLDER/<job>_failures.log``, a line each (SLURM_RESTART_COUNT also counts planned requeues).
+    """
+    return REQUEUE_ON_FAILURE.format(folder=shlex.quote(str(folder)), retries=retries).splitlines()
+
+
+def make_executor(cfg: Config, folder: Path, params: dict):
+    """A submitit executor writing its job files and logs to ``folder`` (``params``: slurm_parameters)."""
     try:
         import submitit
     except ImportError as exc:
@@ -158,24 +215,24 @@ def make_executor(cfg: Config, folder: Path, name: str):
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=c.time_min, tasks_per_node=c.nodes * c.tasks_per_node,
                              nodes=1, gpus_per_node=c.gpus_per_node, cpus_per_task=c.cpus_per_task,
-                             signal_delay_s=c.signal_delay_s, name=name)
+                             signal_delay_s=c.signal_delay_s, name=params["job_name"])
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=c.max_requeues)
-    ex.update_parameters(**_slurm_parameters(cfg, name))
+    ex.update_parameters(**params)
     return ex
 
 
-def job_script(cfg: Config, folder: Path, name: str) -> str:
-    """The sbatch script submitit's SlurmExecutor submits for ``cfg`` (rendered by submitit's own
-    function, so it is exactly what goes to sbatch; no SLURM command is needed to render it)."""
+def job_script(cfg: Config, folder: Path, params: dict, array: int = 1) -> str:
+    """The sbatch script submitit's SlurmExecutor submits for ``params`` (rendered by submitit's own
+    function, so it is exactly what goes to sbatch; no SLURM command is needed to render it).
+    ``array``: the number of tasks ``map_array`` submits (submitit makes an array job of more than one)."""
     if cfg.cluster.executor == "local":
         return "# cluster.executor=local: no job script (submitit starts the tasks as local processes)\n"
-    import shlex
-
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([sys.executable, "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder, **_slurm_parameters(cfg, name))
+    map_count = array if array > 1 else None  # submitit submits a single task as a plain job
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
 
 
 def _check_slurm_commands(cfg: Config) -> None:
@@ -285,12 +342,19 @@ def launch_train(cfg: Config, dry_run: bool = False) -> int:
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
     cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
     name = cfg.cluster.job_name or f"proseco-train-{cfg.run.name}"
-    script = job_script(cfg, run / "slurm", name)
+    params = train_parameters(cfg, run, name)
+    script = job_script(cfg, run / "slurm", params)
+    warning = gpu_warning(cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if dry_run:
-        print(script, end="")
+        tasks = cfg.cluster.nodes * cfg.cluster.tasks_per_node
+        print_sections(("job script (sbatch; exactly what would be submitted)", script),
+                       (f"each of the {tasks} tasks runs", _train_tasks(cfg, run)),
+                       ("the resolved config", dump_yaml(cfg)))
         return 0
     _check_not_owned(run)
-    executor = make_executor(cfg, run / "slurm", name)
+    executor = make_executor(cfg, run / "slurm", params)
     preflight(cfg, script)
     snap = _snapshot(run, cfg, script, "train")
     t0 = time.time()
@@ -307,6 +371,67 @@ def launch_train(cfg: Config, dry_run: bool = False) -> int:
     return 0
 
 
+def gpu_warning(cfg: Config) -> str | None:
+    """Why a job that asks for no GPU looks like a GPU run, or None. The rule: cluster.gpus_per_node
+    is 0 while train.bf16 is on (CUDA-only autocast) or the model has >= 50M parameters."""
+    if cfg.cluster.gpus_per_node:
+        return None
+    from pipeline.model import parameter_count
+
+    reasons = ["train.bf16 is on (bfloat16 autocast runs on CUDA only)"] if cfg.train.bf16 else []
+    params = parameter_count(cfg.model, cfg.model.vocab_size or cfg.prep.vocab_size)
+    if params >= GPU_MODEL_PARAMS:
+        reasons.append(f"the model has {params / 1e6:.0f}M parameters (>= {GPU_MODEL_PARAMS // 10**6}M)")
+    if not reasons:
+        return None
+    return (f"cluster.gpus_per_node is 0 but this looks like a GPU run: {'; '.join(reasons)}. The job gets "
+            "no GPU and trains on CPU; set cluster.gpus_per_node and tasks_per_node (e.g. --config cluster_gpu)")
+
+
+def print_sections(*sections: tuple[str, str]) -> None:
+    """A dry run's output: titled sections (job scripts, what the tasks run, the config)."""
+    for title, body in sections:
+        print(f"# ===== {title} =====")
+        print(body.rstrip("\n"))
+
+
+def _train_tasks(cfg: Config, run: Path) -> str:
+    c = cfg.cluster
+    world = c.nodes * c.tasks_per_node
+    dies = ("ends the job step (srun --kill-on-bad-exit=1)" if c.kill_on_bad_exit
+            else "leaves the others waiting (cluster.kill_on_bad_exit is off)")
+    failed = f"requeued up to {c.retries_on_failure} times" if c.retries_on_failure else "not requeued"
+    if c.executor == "local":
+        return (f"# {world} local processes (cluster.executor=local), one training rank each, running "
+                f"pipeline.train.run(cfg)\n# with the config below in the run folder {run}")
+    return "\n".join([
+        f"# {c.nodes} node(s) x {c.tasks_per_node} task(s) per node = {world} tasks, one training rank each:",
+        f"#   RANK = SLURM_PROCID (0..{world - 1}), LOCAL_RANK = SLURM_LOCALID, WORLD_SIZE = {world},",
+        "#   MASTER_ADDR = the first node of the allocation, MASTER_PORT = one port in 20000-60000 drawn",
+        "#   from the job id (submitit's TorchDistributedEnvironment; the same after a requeue).",
+        "# Each task runs the pickled pipeline.launch.TrainTask: pipeline.train.run(cfg) with the config",
+        "# below, i.e. `proseco train --config <that config>`, resuming from the latest complete",
+        f"# checkpoint of the run folder {run}",
+        f"# Start-up: the ranks must meet within cluster.startup_timeout_s={c.startup_timeout_s} s.",
+        f"# A rank that dies {dies};",
+        f"# the failed step is {failed} (cluster.retries_on_failure={c.retries_on_failure}).",
+        f"# Time limit: SIGUSR2 {c.signal_delay_s} s before the {c.time_min}-minute limit, every rank saves and",
+        f"# the job requeues itself (at most cluster.max_requeues={c.max_requeues} times).",
+    ])
+
+
+def _array_title(parts: int, what: str) -> str:
+    return f"array job script: {parts} {what}" if parts > 1 else "job script (--parts 1: one task, no array)"
+
+
+def _array_tasks(parts: int, call: str, command: Callable[[int], str]) -> str:
+    """What array task i of ``parts`` runs: the callable, and each task's equivalent command."""
+    shown = list(range(parts)) if parts <= 8 else [0, 1, 2, None, parts - 2, parts - 1]
+    lines = [f"# array task i = SLURM_ARRAY_TASK_ID (0..{parts - 1}) runs {call} with the config below:"]
+    lines += ["#   ..." if i is None else f"#   task {i}: {command(i)}" for i in shown]
+    return "\n".join(lines)
+
+
 def prep_jobs_dir(out: Path) -> Path:
     """Where a prep launch keeps its job files, logs and snapshot: ``<out_dir>.jobs`` beside the shards."""
     return out.with_name(out.name + ".jobs")
@@ -321,25 +446,32 @@ def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     cfg.prep.inputs = [str(Path(i).resolve()) if Path(i).exists() else i for i in cfg.prep.inputs]
     jobs_dir = prep_jobs_dir(out)  # next to the shards: their folder takes shard output only
     name = cfg.cluster.job_name or "proseco-prep"
-    script = job_script(cfg, jobs_dir / "slurm", name)
-    if dry_run:
-        print(script, end="")
+    params = slurm_parameters(cfg, name, nodes=1, ntasks_per_node=1)  # an array task is one process
+    merge_params = slurm_parameters(cfg, f"{name}-merge", nodes=1, ntasks_per_node=1)
+    script = job_script(cfg, jobs_dir / "slurm", params, array=parts)
+    if dry_run:  # the merge job's dependency names the array's job id, which sbatch gives at submission
+        merge_script = job_script(cfg, jobs_dir / "slurm", {**merge_params, "dependency": "afterok:ARRAY_JOB_ID"})
+        print_sections(
+            (f"{_array_title(parts, 'partitions')} (sbatch; exactly what would be submitted)", script),
+            ("each array task runs", _array_tasks(parts, f"data_prep.stages.shards(cfg, task='i/{parts}')",
+                                                  lambda i: f"proseco prep shards --task {i}/{parts}")),
+            ("then the merge job, once the whole array succeeded (ARRAY_JOB_ID: its job id)", merge_script),
+            ("the merge job runs", "# data_prep.stages.merge(cfg) with the config below: proseco prep merge"),
+            ("the resolved config", dump_yaml(cfg)))
         return 0
     _check_not_owned(jobs_dir)
-    array = make_executor(cfg, jobs_dir / "slurm", name)
+    array = make_executor(cfg, jobs_dir / "slurm", params)
     preflight(cfg, script)
     snap = _snapshot(jobs_dir, cfg, script, "prep")
     try:
         jobs = array.map_array(PrepPartTask(to_dict(cfg), parts), list(range(parts)))
-        merge_ex = make_executor(cfg, jobs_dir / "slurm", f"{name}-merge")
+        merge_ex = make_executor(cfg, jobs_dir / "slurm", merge_params)
         if cfg.cluster.executor == "slurm":
-            merge_ex.update_parameters(nodes=1, ntasks_per_node=1,
-                                       dependency=f"afterok:{jobs[0].job_id.split('_')[0]}")
-            merge = merge_ex.submit(PrepMergeTask(to_dict(cfg)))
+            merge_ex.update_parameters(dependency=f"afterok:{jobs[0].job_id.split('_')[0]}")
         else:
             for job in jobs:
                 job.result()
-            merge = merge_ex.submit(PrepMergeTask(to_dict(cfg)))
+        merge = merge_ex.submit(PrepMergeTask(to_dict(cfg)))
     except Exception as exc:
         raise _sbatch_error(exc) from exc
     array_id = jobs[0].job_id.split("_")[0]
@@ -362,12 +494,18 @@ def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> in
     out = (Path(cfg.eval.out) if cfg.eval.out else runner.default_out(spec, cfg)).resolve()
     spec = str(Path(spec).resolve()) if not any(c in spec for c in "*?[") else spec
     name = cfg.cluster.job_name or "proseco-eval"
-    script = job_script(cfg, out / "slurm", name)
+    params = slurm_parameters(cfg, name, nodes=1, ntasks_per_node=1)  # an array task is one process
+    script = job_script(cfg, out / "slurm", params, array=parts)
     if dry_run:
-        print(script, end="")
+        print_sections(
+            (f"{_array_title(parts, 'shards')} (sbatch; exactly what would be submitted)", script),
+            ("each array task runs", _array_tasks(
+                parts, f"pipeline.evaluation.runner.run(cfg, shard_spec='i/{parts}')",
+                lambda i: f"proseco eval {shlex.quote(spec)} --shard {i}/{parts} --out {shlex.quote(str(out))}")),
+            ("the resolved config", dump_yaml(cfg)))
         return 0
     _check_not_owned(out)
-    array = make_executor(cfg, out / "slurm", name)
+    array = make_executor(cfg, out / "slurm", params)
     preflight(cfg, script)
     snap = _snapshot(out, cfg, script, "eval")
     try:

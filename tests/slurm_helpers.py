@@ -223,6 +223,23 @@ def cancel(*job_ids: str | int) -> None:
         _run("scancel", *[str(j) for j in job_ids])
 
 
+def cancel_under(folder: str | os.PathLike, timeout: float = 30.0) -> None:
+    """Cancel the jobs whose batch script lies under ``folder`` (a test's tmp_path: submitit writes
+    it into the job folder) and wait until they left the queue. Other users' and sessions' jobs on
+    the same cluster are left alone, unlike :func:`cancel_all`."""
+    prefix = str(Path(folder).resolve()) + os.sep
+
+    def ours() -> list[str]:
+        res = _run("squeue", "-h", "-t", "PD,R,CG,S,CF", "-o", "%F|%o")
+        rows = [line.split("|", 1) for line in res.stdout.splitlines() if "|" in line]
+        return sorted({jid for jid, script in rows if script.startswith(prefix)})
+
+    jobs = ours()
+    if jobs:
+        cancel(*jobs)
+        wait_for(lambda: not ours(), timeout=timeout, interval=0.5, what=f"the jobs under {folder} to leave the queue")
+
+
 def cancel_all(wait: bool = True, timeout: float = 30.0) -> None:
     """Cancel every job of the current user and (optionally) wait until none is left in the
     queue as pending/running/completing."""

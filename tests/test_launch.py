@@ -1,15 +1,19 @@
-"""`proseco launch | status | cancel` (pipeline/launch.py).
+"""`proseco launch | status | cancel` (pipeline/launch.py) and the start-up rendezvous (pipeline/distributed.py).
 
-The first tests need no cluster (dry run against a golden file, refusals). The ``slurm`` ones run
-against the real local cluster of ``slurm/cluster/`` (CI starts it; they skip with the reason
-when it is absent): a 2-node x 1-task gloo training job, the same job requeued mid-run, a job
-that reaches its time limit and requeues itself, and a prep array job.
+The first tests need no cluster (dry runs, one against a golden file; refusals; the failure
+requeue lines run by bash; the rendezvous deadline). The ``slurm`` ones run against the real local
+cluster of ``slurm/cluster/`` (CI starts it; they skip with the reason when it is absent): a 2-node
+x 1-task gloo training job, the same job requeued mid-run, a job that reaches its time limit and
+requeues itself, a rank killed at start-up, and prep / eval array jobs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,9 +21,12 @@ from pathlib import Path
 import pytest
 import slurm_helpers as sh
 import torch
+import yaml
 from train_utils import ROOT, STEPS, TINY, _finish, _losses, _train
 
-from pipeline import cli
+from pipeline import cli, launch
+from pipeline.config import load_config
+from pipeline.errors import ProsecoError
 from pipeline.runlog import read_metrics
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "launch_train_dry_run.sbatch"
@@ -34,14 +41,142 @@ def _normalise(script: str, run: Path) -> str:
     return script.replace(str(run), "<RUN>").replace(sys.executable, "<PYTHON>").replace(str(ROOT), "<ROOT>")
 
 
-def test_dry_run_prints_the_job_script_matching_the_golden_file(shards, tmp_path, capsys):
+def _sections(out: str) -> dict[str, str]:
+    """A dry run's output by section title (``# ===== title =====`` lines)."""
+    parts = re.split(r"^# ===== (.+) =====\n", out, flags=re.MULTILINE)
+    assert parts[0] == "", parts[0]
+    return {title: body for title, body in zip(parts[1::2], parts[2::2])}
+
+
+def test_dry_run_prints_the_job_script_matching_the_golden_file_and_what_each_task_runs(shards, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main([*_launch_args(shards, run), "--dry-run"]) == 0
-    script = _normalise(capsys.readouterr().out, run)
+    out = capsys.readouterr()
+    sections = _sections(_normalise(out.out, run))
+    assert list(sections) == ["job script (sbatch; exactly what would be submitted)", "each of the 2 tasks runs",
+                              "the resolved config"]
+    script, tasks, config = sections.values()
     if os.environ.get("PROSECO_UPDATE_GOLDEN"):
         GOLDEN.write_text(script)
     assert script == GOLDEN.read_text()
+    assert "srun" in script and "--kill-on-bad-exit=1" in script and "#SBATCH --requeue" in script
+    assert "# teardown" not in script  # no failure requeue unless cluster.retries_on_failure asks for one
+    assert "RANK = SLURM_PROCID (0..1)" in tasks and "WORLD_SIZE = 2" in tasks and "MASTER_ADDR = the first node" in tasks
+    assert "pipeline.train.run(cfg)" in tasks and "run folder <RUN>" in tasks
+    assert "cluster.startup_timeout_s=300" in tasks and "not requeued" in tasks
+    resolved = yaml.safe_load(config)  # the config each task runs, as `proseco train --config` would load it
+    assert resolved["run"]["dir"] == "<RUN>" and resolved["train"]["steps"] == STEPS
+    assert resolved["cluster"]["nodes"] == 2 and resolved["data"]["manifest"] == str(shards)
+    assert out.err == ""  # a CPU config asks for no GPU: no warning
     assert not run.exists()  # a dry run writes nothing
+
+
+def test_retries_on_failure_add_the_requeue_lines_and_kill_on_bad_exit_can_be_turned_off(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main([*_launch_args(shards, run, "cluster.retries_on_failure=2"), "--dry-run"]) == 0
+    script = _sections(capsys.readouterr().out)["job script (sbatch; exactly what would be submitted)"]
+    command, teardown = script.split("# teardown\n")
+    assert "--kill-on-bad-exit=1" in command and "srun" in command
+    assert teardown.startswith("proseco_exit=$?\n") and 'scontrol requeue "$SLURM_JOB_ID"' in teardown
+    assert f"{run}/slurm/" in teardown and "cluster.retries_on_failure=2" in teardown
+    assert teardown.rstrip().endswith('exit "$proseco_exit"')
+    assert cli.main([*_launch_args(shards, run, "cluster.kill_on_bad_exit=false"), "--dry-run"]) == 0
+    assert "kill-on-bad-exit" not in capsys.readouterr().out
+    for bad in ("cluster.retries_on_failure=-1", "cluster.startup_timeout_s=0"):
+        assert cli.main([*_launch_args(shards, run, bad), "--dry-run"]) == cli.EXIT_USER_ERROR
+        assert bad.split("=")[0] in capsys.readouterr().err
+
+
+def test_the_failure_requeue_lines_requeue_a_failed_step_a_bounded_number_of_times(tmp_path):
+    """The job-script lines run by bash after a fake srun, with a fake scontrol: failures 1 and 2
+    requeue, the third gives up; a step that ended well (exit 0) is not counted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    lines = "\n".join(launch.requeue_on_failure(tmp_path / "slurm folder", retries=2))
+    (tmp_path / "slurm folder").mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+
+    def step(code: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f"(exit {code})\n{lines}"], env=env, capture_output=True, text=True,
+                              check=False)
+
+    done = step(0)
+    assert done.returncode == 0 and done.stdout == ""
+    first, second, third = step(137), step(1), step(137)
+    assert [first.returncode, second.returncode, third.returncode] == [137, 1, 137]
+    assert "requeueing job 77 (retry 1 of cluster.retries_on_failure=2)" in first.stdout
+    assert "retry 2 of" in second.stdout
+    assert "giving up" in third.stdout and "scontrol" not in third.stdout
+    assert (tmp_path / "scontrol.calls").read_text().splitlines() == ["requeue 77", "requeue 77"]
+    failures = (tmp_path / "slurm folder" / "77_failures.log").read_text().splitlines()
+    assert [line.split(": ")[-1] for line in failures] == ["srun exit 137", "srun exit 1", "srun exit 137"]
+
+
+def test_prep_dry_run_shows_the_array_each_partition_and_the_dependent_merge(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert cli.main(["launch", "prep", "--parts", "3", "--config", "text", "--config", "cluster_local",
+                     "cluster.nodes=1", "cluster.array_parallelism=2", f"prep.out_dir={out}", "--dry-run"]) == 0
+    sections = _sections(capsys.readouterr().out)
+    array, tasks, merge, merge_runs, config = sections.values()
+    assert "#SBATCH --array=0-2%2" in array and "%A_%a_0_log.out" in array  # as submitit's map_array renders it
+    assert [line.split(": ")[1] for line in tasks.splitlines()[1:]] == [f"proseco prep shards --task {i}/3"
+                                                                        for i in range(3)]
+    assert "#SBATCH --dependency=afterok:ARRAY_JOB_ID" in merge and "--array" not in merge
+    assert "#SBATCH --nodes=1" in merge and "proseco prep merge" in merge_runs
+    assert yaml.safe_load(config)["prep"]["out_dir"] == str(out)
+    assert not out.with_name("shards.jobs").exists()
+
+
+def test_eval_dry_run_shows_the_array_and_each_shard(tmp_path, capsys):
+    from pipeline.checkpoint import save_model
+    from pipeline.model import Backbone
+    from pipeline.tasks import sudoku
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
+    model = tmp_path / "tiny.pt"
+    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    out = tmp_path / "eval"
+    assert cli.main(["launch", "eval", "--target", str(model), "--parts", "2", "--config", "cluster_local",
+                     f"eval.out={out}", "--dry-run"]) == 0
+    array, tasks, _ = _sections(capsys.readouterr().out).values()
+    assert "#SBATCH --array=0-1%2" in array
+    assert f"proseco eval {model} --shard 1/2 --out {out}" in tasks
+    assert not out.exists()
+
+
+def test_a_gpu_sized_run_without_gpus_warns_and_cluster_gpu_asks_for_eight(tmp_path, capsys):
+    args = ["launch", "train", "--config", "owt_small", f"run.dir={tmp_path / 'run'}", "--dry-run"]
+    assert cli.main([*args, "--config", "cluster_local"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: cluster.gpus_per_node is 0 but this looks like a GPU run") and ">= 50M" in err
+    assert cli.main([*args, "--config", "cluster_local", "model.hidden=64", "model.heads=2", "train.bf16=true"]) == 0
+    err = capsys.readouterr().err
+    assert "train.bf16 is on" in err and "parameters" not in err  # a small model, but bf16 autocast is CUDA only
+    assert cli.main([*args, "--config", "cluster_gpu"]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    script = _sections(out.out)["job script (sbatch; exactly what would be submitted)"]
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --ntasks-per-node=8" in script
+    assert "each of the 8 tasks runs" in out.out
+
+
+def test_ranks_that_do_not_all_arrive_stop_at_the_start_up_deadline(monkeypatch):
+    from pipeline.distributed import init_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    t0 = time.monotonic()
+    with pytest.raises(ProsecoError) as err:  # rank 0 of 2; rank 1 never comes
+        init_process_group("gloo", rank=0, world=2, startup_timeout_s=1)
+    assert time.monotonic() - t0 < 10
+    assert f"127.0.0.1:{port}" in str(err.value) and "1 of 2 ranks arrived" in str(err.value)
+    assert "cluster.startup_timeout_s=1" in str(err.value)
 
 
 def test_missing_slurm_commands_are_one_clear_line(shards, tmp_path, capsys, monkeypatch):
@@ -71,9 +206,10 @@ slurm = pytest.mark.skipif(sh.slurm_available() is not None, reason=sh.slurm_ava
 
 
 @pytest.fixture
-def cluster():
+def cluster(tmp_path):
+    """Cancels what the test submitted (its jobs' scripts lie under tmp_path) when it ends."""
     yield
-    sh.cancel_all()
+    sh.cancel_under(tmp_path)
 
 
 def _job(run: Path) -> str:
@@ -161,6 +297,76 @@ def test_a_job_at_its_time_limit_saves_requeues_itself_and_finishes(shards, tmp_
     log0 = (run / "slurm" / f"{job}_0_log.out").read_text()
     assert "after signal SIGUSR2" in log0 and "requeueing job" in log0 and "done: 24 steps" in log0
     _assert_same_final_state(ref, run)
+
+
+def _killed_at(log: Path) -> float:
+    """The wall-clock time at which the fault-injection hook killed the rank writing ``log``."""
+    match = re.search(rf"{launch.KILL_AT_START_ENV}=\d+: .* at (\d+\.\d+)", log.read_text())
+    assert match, log.read_text()
+    return float(match.group(1))
+
+
+def _seconds_until_not_running(job: str, since: float, timeout: float = 120) -> float:
+    """Wall-clock seconds from ``since`` until SLURM no longer shows the job RUNNING (nor COMPLETING:
+    its processes are gone and the nodes free)."""
+    sh.wait_for(lambda: launch.job_state(job) not in {"RUNNING", "COMPLETING", "UNKNOWN"}, timeout=timeout,
+                interval=0.1, what=f"job {job} to leave RUNNING")
+    return time.time() - since
+
+
+@slurm
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_a_rank_killed_at_start_up_ends_the_job_at_once_retries_are_bounded_and_a_resubmit_finishes(
+        shards, tmp_path, cluster, monkeypatch, capsys):
+    """Rank 1 SIGKILLs itself before the process group forms, on every start: srun's
+    --kill-on-bad-exit ends the step (rank 0, waiting at the rendezvous, is killed within SLURM's
+    KillWait) and the job script requeues it once (cluster.retries_on_failure=1), then gives up.
+    Resubmitted without the fault, the run trains to its last step."""
+    run = tmp_path / "run"
+    monkeypatch.setenv(launch.KILL_AT_START_ENV, "1")  # sbatch exports the environment to the job
+    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.retries_on_failure=1")) == 0
+    job = _job(run)
+    log1 = run / "slurm" / f"{job}_1_log.out"
+    sh.wait_for(lambda: log1.is_file() and launch.KILL_AT_START_ENV in log1.read_text(), timeout=120,
+                interval=0.1, what="rank 1 to kill itself")
+    first = _seconds_until_not_running(job, _killed_at(log1))
+    assert first < 60, sh.describe_job(job)
+    sh.release_requeue_hold(job, timeout=60)  # requeued by the job script: skip SLURM's ~2-minute hold
+    sh.wait_job(job, states={"FAILED"}, timeout=120)  # the second start fails too: no third
+    log0 = (run / "slurm" / f"{job}_0_log.out").read_text()
+    assert "requeueing job" in log0 and "retry 1 of cluster.retries_on_failure=1" in log0, log0
+    assert "giving up" in log0 and "restart 1" in log0, log0
+    assert len((run / "slurm" / f"{job}_failures.log").read_text().splitlines()) == 2
+    assert not (run / "checkpoints").is_dir() or not list((run / "checkpoints").glob("step_*"))
+
+    monkeypatch.delenv(launch.KILL_AT_START_ENV)
+    capsys.readouterr()
+    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.retries_on_failure=1")) == 0
+    again = _job(run)
+    sh.wait_job(again, states={"COMPLETED"}, timeout=180)
+    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
+    assert max(_losses(run)) == STEPS
+    assert not (run / "slurm" / f"{again}_failures.log").exists()
+    print(f"rank 1 killed -> job no longer RUNNING after {first:.1f} s")
+
+
+@slurm
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_without_kill_on_bad_exit_the_start_up_deadline_ends_the_job(shards, tmp_path, cluster, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv(launch.KILL_AT_START_ENV, "1")
+    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.kill_on_bad_exit=false",
+                                 "cluster.startup_timeout_s=5")) == 0
+    job = _job(run)
+    log1 = run / "slurm" / f"{job}_1_log.out"
+    sh.wait_for(lambda: log1.is_file() and launch.KILL_AT_START_ENV in log1.read_text(), timeout=120,
+                interval=0.1, what="rank 1 to kill itself")
+    assert _seconds_until_not_running(job, _killed_at(log1)) < 60
+    sh.wait_job(job, states={"FAILED"}, timeout=60)
+    err0 = (run / "slurm" / f"{job}_0_log.err").read_text()
+    assert "1 of 2 ranks arrived within cluster.startup_timeout_s=5 s" in err0, err0[-2000:]
 
 
 @slurm

@@ -7,6 +7,7 @@ SLURM_CONF it prints.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,21 @@ def test_two_node_srun(tmp_path: Path, jobs: list[str]):
         pytest.fail(f"sacct never showed COMPLETED on node[1-2]\n{describe_job(jid)}")
     out = (tmp_path / f"{jid}.out").read_text().split()
     assert len(out) == 2, out  # one line per node
+
+
+def test_kill_on_bad_exit_ends_the_step_when_one_task_dies(tmp_path: Path, jobs: list[str]):
+    """What `proseco launch` relies on: with --kill-on-bad-exit, task 1 being killed ends task 0 too
+    (at once here; a task that ignores SIGTERM lives KillWait longer), srun returns non-zero and
+    the batch script goes on after it."""
+    task = "[ $SLURM_PROCID = 1 ] && kill -9 $$; sleep 300"
+    jid = sbatch("-N", "2", "-o", str(tmp_path / "out"), "--wrap",
+                 f"srun --kill-on-bad-exit=1 bash -c '{task}'; echo \"srun exit $?\"")
+    jobs.append(jid)
+    t0 = time.monotonic()
+    assert wait_job(jid, timeout=60) == "COMPLETED"  # the script's last command is the echo
+    assert time.monotonic() - t0 < 40, describe_job(jid)
+    lines = (tmp_path / "out").read_text().splitlines()
+    assert lines[-1].startswith("srun exit ") and lines[-1] != "srun exit 0", lines
 
 
 def test_array_runs_each_task_once(tmp_path: Path, jobs: list[str]):
