@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.io import save_torch, sha256_file  # noqa: E402
+from pipeline.io import save_torch, sha256_file
 
 
 def _timed(fn) -> float:
