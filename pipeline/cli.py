@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pipeline
-from pipeline.config import Config, dump_yaml, load_config
+from pipeline.config import Config, check_world_size, dump_yaml, load_config
 from pipeline.errors import ProsecoError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -100,23 +100,20 @@ def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
-    train = _import_stage("pipeline.train")
-    if args.nproc is not None:
-        import os
+    from pipeline import spawn
 
-        from pipeline import spawn
+    if args.nproc is not None:  # the launcher process: it does not import torch (the ranks start faster)
+        import os
 
         if args.nproc < 1:
             raise ProsecoError(f"--nproc must be >= 1, got {args.nproc}")
         if "RANK" in os.environ:
             raise ProsecoError("--nproc starts its own ranks: do not combine it with torchrun / srun "
                                "(drop --nproc, or run `proseco train --nproc N` directly)")
-        train.check_world(cfg, args.nproc)
+        check_world_size(cfg, args.nproc)
         return spawn.run(spawn.strip_nproc(args.argv), args.nproc)
-    from pipeline.spawn import follow_launcher
-
-    follow_launcher()  # a rank of `proseco train --nproc`: stop (and save) if the launcher dies
-    return _exit_code(train.run(cfg))
+    spawn.follow_launcher()  # a rank of `proseco train --nproc`: stop (and save) if the launcher dies
+    return _exit_code(_import_stage("pipeline.train").run(cfg))
 
 
 def _describe_train(args: argparse.Namespace, cfg: Config) -> str:

@@ -504,3 +504,14 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def check_world_size(cfg: Config, world: int) -> None:
+    """Refuse a number of training processes the configured layout cannot use."""
+    t = cfg.train
+    if world > 1 and t.backend == "torch" and t.distributed not in ("ddp", "fsdp"):
+        raise ConfigError(f"{world} processes were launched but train.distributed={t.distributed!r}; "
+                          "set train.distributed=ddp (DDP) or train.distributed=fsdp (FSDP2)")
+    if t.backend == "megatron" and world % t.tp_size:
+        raise ConfigError(f"world size {world} is not divisible by train.tp_size={t.tp_size}; launch a multiple "
+                          f"of {t.tp_size} processes or change train.tp_size")

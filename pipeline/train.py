@@ -23,9 +23,10 @@ run may change its world size, switch between single process / DDP / FSDP2 / ten
 (the loader then restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
 ``proseco ckpt universal`` first (the refusal says so).
 
-Graceful stop: SIGTERM / SIGUSR1 set a flag; at each optimizer-step boundary all ranks agree
-(one all-reduce MAX over [signal seen, time budget ``train.max_time_s`` spent]), save together
-and exit with :data:`EXIT_REQUEUE` (3), which tells a launcher to requeue the job.
+Graceful stop: SIGTERM / SIGUSR1 / SIGUSR2 / Ctrl-C set a flag; at each optimizer-step boundary
+all ranks agree (one all-reduce MAX over [signal seen, time budget ``train.max_time_s`` spent]),
+save together and exit with :data:`EXIT_REQUEUE` (3), which tells a launcher to requeue the job;
+a second Ctrl-C aborts without saving. What the run prints is :mod:`pipeline.console`'s.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from pipeline.checkpoint.manager import (
     set_rng_state,
 )
 from pipeline.checkpoint.model_file import model_config_mismatch
-from pipeline.config import Config, dump_yaml, to_dict
+from pipeline.config import Config, check_world_size, dump_yaml, to_dict
 from pipeline.console import Console
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
@@ -251,22 +252,11 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
 
 
 # ---------------------------------------------------------------------------------------- run
-def check_world(cfg: Config, world: int) -> None:
-    """Refuse a process count the configured layout cannot use."""
-    t = cfg.train
-    if world > 1 and t.backend == "torch" and t.distributed not in ("ddp", "fsdp"):
-        raise ProsecoError(f"{world} processes were launched but train.distributed={t.distributed!r}; "
-                           "set train.distributed=ddp (DDP) or train.distributed=fsdp (FSDP2)")
-    if t.backend == "megatron" and world % t.tp_size:
-        raise ProsecoError(f"world size {world} is not divisible by train.tp_size={t.tp_size}; launch a multiple "
-                           f"of {t.tp_size} processes or change train.tp_size")
-
-
 def run(cfg: Config) -> int:
     """Train ``cfg.train.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
     t = cfg.train
     rank, world, local_rank = world_from_env()
-    check_world(cfg, world)
+    check_world_size(cfg, world)
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:

@@ -12,6 +12,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 export PYTHONUNBUFFERED=1
 # DeepSpeed's JIT-built ops (the CPU shared-memory allreduce) are cached here, not in $HOME.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$_proseco_root/.cache/torch_extensions}"
+# sbatch passes the submitting shell's environment on: a rank layout set there (a shell inside
+# torchrun or another job) would clash with the one each task sets for itself.
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 # Multi-node GPU runs: uncomment what your fabric needs.
 # export NCCL_SOCKET_IFNAME=ib0
 # export NCCL_DEBUG=WARN

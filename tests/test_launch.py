@@ -87,6 +87,15 @@ def test_retries_on_failure_add_the_requeue_lines_and_kill_on_bad_exit_can_be_tu
         assert bad.split("=")[0] in capsys.readouterr().err
 
 
+def test_the_job_environment_drops_a_rank_layout_of_the_submitting_shell():
+    """sbatch exports the submitting shell's environment; RANK & co. from it (a shell inside torchrun,
+    an in-process DeepSpeed run) made submitit refuse to start the task."""
+    env = {**os.environ, "RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "elsewhere", "MASTER_PORT": "1"}
+    script = "source slurm/env.sh; echo ${RANK:-unset} ${WORLD_SIZE:-unset} ${MASTER_ADDR:-unset} ${MASTER_PORT:-unset}"
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["unset"] * 4
+
+
 def test_the_failure_requeue_lines_requeue_a_failed_step_a_bounded_number_of_times(tmp_path):
     """The job-script lines run by bash after a fake srun, with a fake scontrol: failures 1 and 2
     requeue, the third gives up; a step that ended well (exit 0) is not counted."""
@@ -216,9 +225,11 @@ def _job(run: Path) -> str:
     return str(json.loads((run / "slurm" / "job.json").read_text())["job_id"])
 
 
-def _reference(shards: Path, run: Path, *extra: str) -> Path:
-    """The same training as the 2-node job, run uninterrupted by torchrun on this machine."""
-    _finish(_train(shards, run, *extra, nproc=2))
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """The training of the 2-node jobs (DDP over 2 ranks, 12 steps), run uninterrupted on this machine."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    _finish(_train(shards, run, nproc=2))
     return run
 
 
@@ -242,9 +253,8 @@ def _first_step_after(run: Path, since: float, step_above: int = 0, timeout: flo
 @slurm
 @pytest.mark.slurm
 @pytest.mark.distributed
-def test_two_node_job_trains_and_a_requeue_mid_run_resumes_to_the_same_state(shards, tmp_path, cluster,
+def test_two_node_job_trains_and_a_requeue_mid_run_resumes_to_the_same_state(shards, reference, tmp_path, cluster,
                                                                              monkeypatch, capsys):
-    ref = _reference(shards, tmp_path / "ref", "train.distributed=ddp")
     run = tmp_path / "run"
     monkeypatch.setenv("PROSECO_STEP_DELAY_S", "0.5")  # sbatch exports the environment to the job
     t0 = time.monotonic()
@@ -267,7 +277,7 @@ def test_two_node_job_trains_and_a_requeue_mid_run_resumes_to_the_same_state(sha
     sh.wait_job(job, states={"COMPLETED"}, timeout=240)
     log0 = (run / "slurm" / f"{job}_0_log.out").read_text()
     assert "restart 0" in log0 and "restart 1" in log0 and "resuming" in log0  # appended across starts
-    _assert_same_final_state(ref, run)
+    _assert_same_final_state(reference, run)
     assert cli.main(["status", str(run)]) == 0
     status = capsys.readouterr().out
     assert f"job {job}" in status and "COMPLETED" in status and "latest checkpoint" in status
@@ -277,15 +287,14 @@ def test_two_node_job_trains_and_a_requeue_mid_run_resumes_to_the_same_state(sha
 @slurm
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_job_at_its_time_limit_saves_requeues_itself_and_finishes(shards, tmp_path, cluster, monkeypatch):
+def test_a_job_at_its_time_limit_saves_requeues_itself_and_finishes(shards, reference, tmp_path, cluster,
+                                                                    monkeypatch):
     """SLURM sends SIGUSR2 40 s before the 1-minute limit (in practice 20-30 s into each start):
-    every start trains ~12 steps, saves and requeues itself until the run is done."""
-    steps = ("train.steps=24", "train.checkpoint_every=5", "train.distributed=ddp")
-    ref = _reference(shards, tmp_path / "ref", *steps)
+    every start trains some steps, saves and requeues itself until the run is done."""
     run = tmp_path / "run"
-    monkeypatch.setenv("PROSECO_STEP_DELAY_S", "2.0")  # 24 steps x 2 s: more than one start's share
-    assert cli.main(_launch_args(shards, run, *steps, "cluster.time_min=1", "cluster.signal_delay_s=40",
-                                 "cluster.max_requeues=6")) == 0
+    monkeypatch.setenv("PROSECO_STEP_DELAY_S", "4.0")  # 12 steps x 4 s: more than one start's share
+    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.time_min=1",
+                                 "cluster.signal_delay_s=40", "cluster.max_requeues=6")) == 0
     job = _job(run)
     deadline = time.monotonic() + 600
     while sh.job_state(job) not in sh.TERMINAL_STATES:
@@ -295,8 +304,8 @@ def test_a_job_at_its_time_limit_saves_requeues_itself_and_finishes(shards, tmp_
         time.sleep(1)
     assert sh.job_state(job) == "COMPLETED", sh.describe_job(job)
     log0 = (run / "slurm" / f"{job}_0_log.out").read_text()
-    assert "after signal SIGUSR2" in log0 and "requeueing job" in log0 and "done: 24 steps" in log0
-    _assert_same_final_state(ref, run)
+    assert "after signal SIGUSR2" in log0 and "requeueing job" in log0 and "done: 12 steps" in log0
+    _assert_same_final_state(reference, run)
 
 
 def _killed_at(log: Path) -> float:
@@ -407,7 +416,7 @@ def test_impossible_jobs_are_refused_before_anything_is_queued(shards, tmp_path,
         conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
         bad = tmp_path / "slurm.conf"
         bad.write_text("\n".join("SlurmctldPort=16899" if line.startswith("SlurmctldPort=") else line
-                                 for line in conf.splitlines()))
+                                 for line in conf.splitlines()) + "\nMessageTimeout=1\n")  # fail in 0 s, not 18
         monkeypatch.setenv("SLURM_CONF", str(bad))
     run = tmp_path / "run"
     assert cli.main(_launch_args(shards, run, *overrides)) == cli.EXIT_USER_ERROR

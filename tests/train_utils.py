@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,8 @@ TINY = ["model.vocab_size=null", "model.hidden=32", "model.layers=1", "model.hea
 
 def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # set in this process by an in-process DeepSpeed run: not for the child's launcher
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
     for key, value in ((STEP_DELAY_ENV, delay), (SAVE_DELAY_ENV, save_delay)):
         env.pop(key, None)
@@ -38,18 +41,39 @@ def _args(shards: Path, run: Path, *extra: str) -> list[str]:
 
 
 def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int = 0,
-           distributed: str | None = "ddp", save_delay: float = 0.0) -> subprocess.Popen:
+           distributed: str | None = "ddp", save_delay: float = 0.0, torchrun: bool = False) -> subprocess.Popen:
+    """`proseco train` in a subprocess (its own session); ``nproc`` ranks through `proseco train
+    --nproc` (its launcher imports no torch, so ranks start sooner) or, with ``torchrun``, torchrun."""
+    launcher = [sys.executable, "-m", "pipeline"]
     if nproc:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    f"--master_port={port}", "-m", "pipeline"]
         extra = (*extra, f"train.distributed={distributed}") if distributed else extra
-    else:
-        launcher = [sys.executable, "-m", "pipeline"]
+        if torchrun:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                        f"--master_port={port}", "-m", "pipeline"]
+        else:
+            extra = (*extra, "--nproc", str(nproc))
     return subprocess.Popen([*launcher, *_args(shards, run, *extra)], cwd=ROOT, env=_env(delay, save_delay),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    """kill -9 a run and every rank it started (`--nproc` ranks live in sessions of their own)."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
+    for p in ranks:  # the ranks first: killed after the launcher they would get SIGTERM and save
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _finish(proc: subprocess.Popen, expect: int = 0) -> str:

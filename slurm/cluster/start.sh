@@ -228,7 +228,8 @@ AccountingStoragePass=$SOCK
 SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=300
-KillWait=10
+# SIGTERM -> SIGKILL grace of a cancelled step (30 s by default); short here, the test jobs save in < 1 s
+KillWait=3
 Waittime=0
 NodeName=node[1-2] NodeHostname=$(hostname) NodeAddr=127.0.0.1 Port=[16821-16822] CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP

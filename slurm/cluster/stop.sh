@@ -50,7 +50,7 @@ if pid_of slurmctld >/dev/null && [ -f "$CONF" ]; then
     echo "stop.sh: cancelling jobs: $jobs"
     # shellcheck disable=SC2086  # one argument per job id
     timeout 10 scancel $jobs 2>/dev/null || true
-    # wait until no job is pending/running/completing (KillWait=10 s for jobs that ignore SIGTERM)
+    # wait until no job is pending/running/completing (KillWait=3 s for jobs that ignore SIGTERM)
     end=$((SECONDS + 20))
     while [ $SECONDS -lt $end ] && [ -n "$(timeout 10 squeue -h -t PD,R,CG,S,CF -o %i 2>/dev/null)" ]; do sleep 0.5; done
   fi
