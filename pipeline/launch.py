@@ -45,6 +45,7 @@ from pathlib import Path
 
 from pipeline.config import Config, config_from_dict, dump_yaml, to_dict
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -301,10 +302,9 @@ def job_state(job_id: str) -> str:
 
 
 def _check_not_owned(run: Path) -> None:
-    path = _job_file(run)
-    if not path.is_file():
+    if not _job_file(run).is_file():
         return
-    job = json.loads(path.read_text())
+    job = _read_job(run)
     state = job_state(str(job["job_id"]))
     if state in ACTIVE_STATES:
         raise ProsecoError(f"run folder {run} belongs to job {job['job_id']}, which is {state}; a run folder takes "
@@ -362,8 +362,8 @@ def launch_train(cfg: Config, dry_run: bool = False) -> int:
         job = executor.submit(TrainTask(to_dict(cfg)))
     except Exception as exc:  # submitit wraps sbatch's error output
         raise _sbatch_error(exc) from exc
-    _job_file(run).write_text(json.dumps({"job_id": job.job_id, "stage": "train", "submitted": t0,
-                                          "snapshot": str(snap), "executor": cfg.cluster.executor}, indent=1) + "\n")
+    atomic_write_json(_job_file(run), {"job_id": job.job_id, "stage": "train", "submitted": t0,
+                                       "snapshot": str(snap), "executor": cfg.cluster.executor})
     print(f"submitted job {job.job_id} ({cfg.cluster.nodes} node(s) x {cfg.cluster.tasks_per_node} task(s)) "
           f"for run {run}")
     print(f"  logs:   {run / 'slurm'}/{job.job_id}_<task>_log.out")
@@ -475,9 +475,8 @@ def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     except Exception as exc:
         raise _sbatch_error(exc) from exc
     array_id = jobs[0].job_id.split("_")[0]
-    _job_file(jobs_dir).write_text(json.dumps({"job_id": merge.job_id, "array_job_id": array_id, "stage": "prep",
-                                          "parts": parts, "submitted": time.time(), "snapshot": str(snap)},
-                                         indent=1) + "\n")
+    atomic_write_json(_job_file(jobs_dir), {"job_id": merge.job_id, "array_job_id": array_id, "stage": "prep",
+                                            "parts": parts, "submitted": time.time(), "snapshot": str(snap)})
     print(f"submitted array job {array_id} ({parts} partitions) and merge job {merge.job_id} (after it) for {out}")
     print(f"  logs:   {jobs_dir / 'slurm'}")
     print(f"  status: proseco status {jobs_dir}")
@@ -513,8 +512,8 @@ def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> in
     except Exception as exc:
         raise _sbatch_error(exc) from exc
     array_id = jobs[0].job_id.split("_")[0]
-    _job_file(out).write_text(json.dumps({"job_id": array_id, "stage": "eval", "parts": parts,
-                                          "submitted": time.time(), "snapshot": str(snap)}, indent=1) + "\n")
+    atomic_write_json(_job_file(out), {"job_id": array_id, "stage": "eval", "parts": parts,
+                                       "submitted": time.time(), "snapshot": str(snap)})
     print(f"submitted array job {array_id} ({parts} shards) evaluating {spec} -> {out}")
     print(f"  status: proseco status {out}    then: proseco report {out}")
     return 0
@@ -524,7 +523,13 @@ def _read_job(run: Path) -> dict:
     path = _job_file(run)
     if not path.is_file():
         raise ProsecoError(f"{run} has no launched job ({path} missing); `proseco launch` writes it")
-    return json.loads(path.read_text())
+    try:
+        job = json.loads(path.read_text())
+        str(job["job_id"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ProsecoError(f"{path} is unreadable ({type(exc).__name__}: {exc}); if no job of this run is queued "
+                           "or running (squeue), delete it and launch again") from None
+    return job
 
 
 def status(run: str | os.PathLike) -> int:

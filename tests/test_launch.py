@@ -208,6 +208,11 @@ def test_a_run_folder_owned_by_a_live_job_is_refused(shards, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "belongs to job 4242, which is RUNNING" in err and "proseco cancel" in err
     assert sorted(p.name for p in run.rglob("*")) == before
+    (run / "slurm" / "job.json").write_text("")  # torn by a crash: one line, not a traceback
+    for args in (_launch_args(shards, run), ["status", str(run)], ["cancel", str(run)]):
+        assert cli.main(args) == cli.EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "job.json is unreadable" in err and "delete it" in err, err
 
 
 # ------------------------------------------------------------------------------ on a real cluster
