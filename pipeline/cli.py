@@ -514,6 +514,17 @@ def _exit_code(result: int | None) -> int:
     return 0 if result is None else int(result)
 
 
+def user_message(exc: ProsecoError) -> str:
+    """The error's own message. One raised in a DataLoader worker arrives wrapped with the worker's
+    traceback ("Caught ProsecoError in DataLoader worker process 0. Original Traceback ..."): its
+    last line holds the message."""
+    text = str(exc)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split("Error: ", 1)[-1] if last.startswith("pipeline.errors.") else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `proseco` console script; returns the process exit code."""
     parser = build_parser()
@@ -535,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProsecoError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if args.debug:

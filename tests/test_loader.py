@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -35,7 +36,8 @@ def make_shards(root: Path, counts=COUNTS, seq_len: int = SEQ_LEN, split: str = 
                 tokens[0], tokens[1], tokens[-1] = i + OFFSET, j + OFFSET, PAD
                 sink.write({"__key__": f"p00000-{index:010d}", "tokens.npy": tokens})
                 index += 1
-        shards.append({"name": name, "samples": n, "tokens": n * seq_len, "sha256": "-"})
+        shards.append({"name": name, "samples": n, "tokens": n * seq_len,
+                       "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()})
     manifest = {
         "format": "proseco-shards/1",
         "tokenizer": {"file": "tokenizer.model", "sha256": "-", "vocab_size": 64,
@@ -202,6 +204,17 @@ def test_too_few_shards_refused_before_any_read(data, monkeypatch):
         ShardLoader(data, batch_size=1, rank=0, world_size=10, num_workers=0)
 
 
+def test_a_shard_changed_since_prep_is_refused_before_its_samples_are_used(tmp_path):
+    root = make_shards(tmp_path / "flipped", counts=(4, 4))
+    shard = root / "train" / "shard-00000-000001.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[600] ^= 0x01  # inside the first sample's token payload: still a readable tar, other tokens
+    shard.write_bytes(bytes(raw))
+    loader = ShardLoader(root, batch_size=2, rank=0, world_size=1, num_workers=0, shuffle=False)
+    with pytest.raises(ProsecoError, match=r"shard-00000-000001.tar fails its sha256 check"):
+        list(loader.epoch_iter())
+
+
 def test_an_empty_split_is_named_as_empty(tmp_path):
     root = make_shards(tmp_path / "empty", counts=())
     with pytest.raises(ProsecoError, match=r"split 'train' of .* is empty") as info:
@@ -272,6 +285,10 @@ def test_shard_disagreeing_with_manifest_fails_in_workers_as_proseco_error(tmp_p
         for j in range(5):
             sink.write({"__key__": f"p00000-{j:010d}", "tokens.npy": np.full(SEQ_LEN, 9, dtype=np.uint16)})
     loader = ShardLoader(root, batch_size=2, rank=0, world_size=1, num_workers=2, shuffle=False)
-    with pytest.raises(ProsecoError, match="holds 5 samples, but the manifest says 8"):
+    with pytest.raises(ProsecoError, match="shard-00000-000002.tar fails its sha256 check") as info:
         for _ in range(3):
             list(loader.epoch_iter())
+    from pipeline.cli import user_message
+
+    shown = user_message(info.value)  # what `proseco train` prints: one line, the worker's traceback gone
+    assert len(shown.splitlines()) == 1 and shown.startswith("shard ") and "fails its sha256 check" in shown

@@ -31,6 +31,7 @@ Python's :mod:`tarfile` does the same walk about 10x slower (it parses every fie
 
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 import os
@@ -198,6 +199,11 @@ def read_slot(shards: list[Shard], shard_indices: tuple[int, ...], *, dtype: np.
             except (OSError, ValueError) as exc:  # ValueError: an empty file
                 raise ProsecoError(f"cannot read shard {shard.path}: {exc}; re-run `proseco prep shards`") from None
             with buf:
+                # a shard changed since prep would train silently on other tokens: check it whole
+                # once per opening (~1.5 GB/s, a small cost next to a training step's)
+                if shard.sha256 is not None and hashlib.sha256(buf).hexdigest() != shard.sha256:
+                    raise ProsecoError(f"shard {shard.path} fails its sha256 check: it changed since `proseco prep "
+                                       "shards` wrote it; `proseco prep verify` lists the damage, re-run prep")
                 entries = index_shard(buf, shard.path)
                 if len(entries) != shard.samples:
                     raise ProsecoError(f"shard {shard.path} holds {len(entries)} samples, but the manifest says "

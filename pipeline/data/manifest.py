@@ -33,11 +33,12 @@ def manifest_fingerprint(manifest: dict) -> str:
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar of a split: its manifest name, absolute path and exact sample count."""
+    """One tar of a split: its manifest name, absolute path, exact sample count and sha256."""
 
     name: str
     path: Path
     samples: int
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Manifest:
         if split not in self.data["splits"]:
             raise ProsecoError(f"{self.root / 'manifest.json'} has no split {split!r} "
                                f"(it has {', '.join(sorted(self.data['splits'])) or 'none'})")
-        return [Shard(s["name"], self.root / s["name"], int(s["samples"]))
+        return [Shard(s["name"], self.root / s["name"], int(s["samples"]), s.get("sha256"))
                 for s in self.data["splits"][split]["shards"]]
 
     @classmethod
