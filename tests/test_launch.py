@@ -385,12 +385,11 @@ def test_without_kill_on_bad_exit_the_start_up_deadline_ends_the_job(shards, tmp
 
 @slurm
 @pytest.mark.slurm
-def test_prep_array_job_runs_each_partition_once_then_merges(tmp_path, cluster, capsys):
+def test_prep_array_job_runs_each_partition_once_then_merges(shards, tmp_path, cluster, capsys):
     out = tmp_path / "shards"
-    tok = tmp_path / "tok"
+    tok = shards.parent / "tok"  # the session's tokenizer (vocab 512), trained once
     common = ["--config", "text", f"prep.tokenizer_dir={tok}", f"prep.out_dir={out}", "prep.vocab_size=512",
               "data.seq_len=32", "model.max_seq_len=32"]
-    assert cli.main(["prep", "tokenizer", *common]) == 0
     assert cli.main(["launch", "prep", "--parts", "2", *common, "--config", "cluster_local",
                      "cluster.nodes=1"]) == 0
     jobs = out.with_name("shards.jobs")

@@ -28,6 +28,7 @@ from train_utils import (  # noqa: F401 (re-exported helpers used below)
     _kill9,
     _losses,
     _train,
+    _train_here,
     _wait_for_step,
 )
 
@@ -40,7 +41,7 @@ from pipeline.train import EXIT_REQUEUE, read_metrics
 def reference(shards, tmp_path_factory) -> Path:
     """An uninterrupted single-process run."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    _finish(_train(shards, run))
+    _train_here(shards, run)
     return run
 
 
@@ -73,7 +74,7 @@ def test_sigterm_saves_and_exits_3_then_resume_matches(shards, reference, tmp_pa
     stopped = max(_losses(run))
     assert stopped < STEPS and f"stopping at step {stopped}" in out
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()
-    _finish(_train(shards, run))
+    _train_here(shards, run)
     _assert_same_run(reference, run)
 
 
@@ -87,7 +88,7 @@ def test_ctrl_c_saves_and_exits_3_then_resume_matches_and_a_second_ctrl_c_aborts
     assert "Ctrl-C: saving at the end of this step" in out and f"stopping at step {stopped} after signal SIGINT" in out
     assert f"Resume: rerun the same command (run folder {run}); it continues from step {stopped}" in out
     assert "Traceback" not in out and (run / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").is_file()
-    _finish(_train(shards, run))
+    _train_here(shards, run)
     _assert_same_run(reference, run)
 
     aborted = tmp_path / "aborted"
@@ -101,20 +102,22 @@ def test_ctrl_c_saves_and_exits_3_then_resume_matches_and_a_second_ctrl_c_aborts
     assert [p.name for p in (aborted / "checkpoints").glob("step_*")] == ["step_00000002"]
 
 
-def test_an_unreadable_run_json_is_rebuilt(shards, reference, tmp_path):
+def test_an_unreadable_run_json_is_rebuilt(shards, reference, tmp_path, capsys):
     """A kill during a run's first start could leave run.json empty: the ids come back from the latest
     checkpoint (every checkpoint keeps them), and the run resumes."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text("")
-    out = _finish(_train(shards, run, f"train.steps={STEPS + 2}"))
+    _train_here(shards, run, f"train.steps={STEPS + 2}")
+    out = capsys.readouterr().out
     assert "run.json was unreadable (it is empty); rebuilt it from the ids kept in step_00000012" in out
     assert json.loads((run / "run.json").read_text()) == info and max(_losses(run)) == STEPS + 2
     fresh = tmp_path / "fresh"  # no checkpoint to take the ids from: a new id
     fresh.mkdir()
     (fresh / "run.json").write_text('{"run_id": ')
-    out = _finish(_train(shards, fresh, "train.steps=2"))
+    _train_here(shards, fresh, "train.steps=2")
+    out = capsys.readouterr().out
     assert "rebuilt it from a new run id" in out and json.loads((fresh / "run.json").read_text())["run_id"]
 
 
@@ -288,7 +291,7 @@ def test_fsdp_kill_9_and_resume_equals_uninterrupted(shards, ddp_reference, tmp_
 
 
 # ------------------------------------------------------------------------- crash during a save
-def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shards, reference, tmp_path):
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shards, reference, tmp_path, capsys):
     """kill -9 while a checkpoint's files are half written: the tmp folder is ignored, cleaned up,
     and the rerun resumes from the checkpoint before it and ends equal to the uninterrupted run."""
     run = tmp_path / "run"
@@ -303,21 +306,23 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shards, reference, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((run / "checkpoints").glob("step_*/COMPLETE"))  # nothing complete yet
-    out = _finish(_train(shards, run))
-    assert "resuming" not in out  # no complete checkpoint: starts over, ignoring the partial one
+    _train_here(shards, run)
+    assert "resuming" not in capsys.readouterr().out  # no complete checkpoint: starts over, ignoring the partial one
     assert not list((run / "checkpoints").glob("*.tmp-*"))
     _assert_same_run(reference, run)
 
     # the same once a checkpoint exists: crash while saving step 4 -> resume from step 2
     run2 = tmp_path / "run2"
-    _finish(_train(shards, run2, "train.steps=2"))
+    _train_here(shards, run2, "train.steps=2")
     proc = _train(shards, run2, save_delay=30.0)
     while not list((run2 / "checkpoints").glob("step_00000004.tmp-*/state.pt")):
         assert proc.poll() is None and time.monotonic() < deadline + 60
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    out = _finish(_train(shards, run2))
+    capsys.readouterr()
+    _train_here(shards, run2)
+    out = capsys.readouterr().out
     assert "from step_00000002 (step 2)" in out and not list((run2 / "checkpoints").glob("*.tmp-*"))
     _assert_same_run(reference, run2)
 
@@ -354,22 +359,40 @@ def _export_weights(run: Path, weights: str = "raw", out: Path | None = None) ->
     return load_file(str(out / "model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def deepspeed_run(shards, tmp_path_factory):
+    """``deepspeed_run(stage, bf16, torchrun)``: an uninterrupted 2-rank DeepSpeed run of DS_EXTRA,
+    trained once per (stage, bf16) and shared (tests that change it work on a copy)."""
+    runs: dict[tuple[int, bool], Path] = {}
+
+    def get(stage: int, bf16: bool, torchrun: bool = False) -> Path:
+        if (stage, bf16) not in runs:
+            run = tmp_path_factory.mktemp(f"zero{stage}_{'bf16' if bf16 else 'fp32'}") / "run"
+            _finish(_train(shards, run, *DS_EXTRA, f"train.zero_stage={stage}", f"train.bf16={str(bf16).lower()}",
+                           nproc=2, distributed=None, torchrun=torchrun))
+            runs[stage, bf16] = run
+        return runs[stage, bf16]
+
+    return get
+
+
 @needs_deepspeed
 @pytest.mark.distributed
 @pytest.mark.parametrize(("stage", "bf16"), [
     (1, False), (2, False), (3, False),
     pytest.param(1, True, marks=pytest.mark.slow), pytest.param(2, True, marks=pytest.mark.slow),
     pytest.param(3, True, marks=pytest.mark.slow)])
-def test_deepspeed_zero_saves_reloads_and_continues_identically(shards, ddp_reference, tmp_path, stage, bf16):
+def test_deepspeed_zero_saves_reloads_and_continues_identically(shards, ddp_reference, deepspeed_run, tmp_path,
+                                                                stage, bf16):
     """2 ranks, ZeRO stage 1/2/3, fp32/bf16, grad accumulation, EMA, validation: a run resumed from
     its step-2 checkpoint (DeepSpeed's own save/load) logs the same losses and ends with the same
     weights as the uninterrupted run. ZeRO-1 fp32 runs under torchrun. ZeRO-3 fp32 also trains the
     same model as DDP: ZeRO partitioning, its gradient accumulation over the split backward and the
     zero_to_fp32 export are exact up to reduction order."""
-    ref, run = tmp_path / "ref", tmp_path / "run"
+    run = tmp_path / "run"
     extra = (*DS_EXTRA, f"train.zero_stage={stage}", f"train.bf16={str(bf16).lower()}")
     torchrun = (stage, bf16) == (1, False)
-    _finish(_train(shards, ref, *extra, nproc=2, distributed=None, torchrun=torchrun))
+    ref = deepspeed_run(stage, bf16, torchrun)
     assert (max((ref / "checkpoints").glob("step_*")) / "deepspeed").is_dir()
     _drop_last_checkpoint(ref, run)
     out = _finish(_train(shards, run, *extra, nproc=2, distributed=None, torchrun=torchrun))
@@ -390,10 +413,10 @@ def test_deepspeed_zero_saves_reloads_and_continues_identically(shards, ddp_refe
 
 @needs_deepspeed
 @pytest.mark.distributed
-def test_deepspeed_other_world_size_needs_universal_conversion(shards, tmp_path, capsys):
+def test_deepspeed_other_world_size_needs_universal_conversion(shards, deepspeed_run, tmp_path, capsys):
     run = tmp_path / "run"
     extra = (*DS_EXTRA, "train.zero_stage=2")
-    _finish(_train(shards, run, *extra, nproc=2, distributed=None))
+    shutil.copytree(deepspeed_run(2, False), run)
     more = (*extra, "train.steps=6")
     assert cli.main(_args(shards, run, *more)) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
@@ -401,7 +424,7 @@ def test_deepspeed_other_world_size_needs_universal_conversion(shards, tmp_path,
     assert len(err.splitlines()) == 1 and f"proseco ckpt universal {latest}" in err
     assert cli.main(["ckpt", "universal", str(run)]) == 0
     assert (latest / "deepspeed_universal").is_dir()
-    out = _finish(_train(shards, run, *more))  # one process now
+    out = _finish(_train(shards, run, *more))  # one process now (a fresh one: DeepSpeed keeps global state)
     assert "under another layout" in out and sorted(_losses(run))[-2:] == [5, 6]
 
 
@@ -445,7 +468,7 @@ def test_megatron_tp2_matches_tp1_and_resumes_identically(shards, tmp_path, caps
     1e-5); resumed from its step-2 checkpoint it repeats the uninterrupted run bitwise; and its
     full-state checkpoint resumes in one process (TP=1)."""
     single, tp2, resumed = tmp_path / "single", tmp_path / "tp2", tmp_path / "resumed"
-    _finish(_train(shards, single, *MEGATRON_EXTRA))
+    _train_here(shards, single, *MEGATRON_EXTRA)
     _finish(_train(shards, tp2, *MEGATRON_EXTRA, "train.tp_size=2", nproc=2, distributed=None))
     for step, loss in _losses(single).items():
         assert _losses(tp2)[step] == pytest.approx(loss, rel=1e-5), step
@@ -463,7 +486,9 @@ def test_megatron_tp2_matches_tp1_and_resumes_identically(shards, tmp_path, caps
         a, b = _export_weights(tp2, weights), _export_weights(resumed, weights)
         assert all(torch.equal(a[k], b[k]) for k in a), weights
 
-    out = _finish(_train(shards, tp2, *MEGATRON_EXTRA, "train.steps=6"))  # TP=2 -> TP=1
+    capsys.readouterr()
+    _train_here(shards, tp2, *MEGATRON_EXTRA, "train.steps=6")  # TP=2 -> TP=1
+    out = capsys.readouterr().out
     assert "under another layout" in out and sorted(_losses(tp2))[-2:] == [5, 6]
 
 

@@ -59,6 +59,14 @@ def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _train_here(shards: Path, run: Path, *extra: str) -> None:
+    """`proseco train` in this process: the same computation as a one-process :func:`_train`,
+    without ~4 s of interpreter and torch start-up (tests read what it printed with capsys)."""
+    from pipeline import cli
+
+    assert cli.main(_args(shards, run, *extra)) == 0
+
+
 def _kill9(proc: subprocess.Popen) -> None:
     """kill -9 a run and every rank it started (`--nproc` ranks live in sessions of their own)."""
     import psutil
