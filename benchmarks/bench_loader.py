@@ -31,6 +31,7 @@ import webdataset as wds
 from pipeline.config import DiffusionConfig, ModelConfig
 from pipeline.data import ShardLoader, manifest_fingerprint
 from pipeline.diffusion.objective import proseco_loss
+from pipeline.io import sha256_file
 from pipeline.model import Backbone
 
 CASES = {  # name: (model config, batch, samples written, shards)
@@ -51,7 +52,7 @@ def write_shards(root: Path, samples: int, shards: int, seq_len: int, vocab: int
             for j in range(per):
                 tokens = rng.integers(5, vocab, seq_len, dtype=np.uint16)
                 sink.write({"__key__": f"p00000-{s * per + j:010d}", "tokens.npy": tokens})
-        table.append({"name": name, "samples": per, "tokens": per * seq_len, "sha256": "-"})
+        table.append({"name": name, "samples": per, "tokens": per * seq_len, "sha256": sha256_file(root / name)})
     manifest = {"format": "proseco-shards/1", "seq_len": seq_len, "mode": "wrap", "dtype": "uint16",
                 "tokenizer": {"file": "-", "sha256": "-", "vocab_size": vocab,
                               "special": {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}},

@@ -202,7 +202,9 @@ class ClusterConfig:
     qos: str = ""
     constraint: str = ""
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, venv)
-    signal_delay_s: int = 120  # SLURM sends SIGUSR2 this long before the time limit: save and requeue
+    # SLURM sends SIGUSR2 this long before the time limit: save and requeue. slurmctld checks every 30 s,
+    # so it may come up to 30 s earlier: time_min x 60 - signal_delay_s must exceed 30 s + start-up
+    signal_delay_s: int = 120
     max_requeues: int = 10  # give up requeueing after this many restarts (SLURM_RESTART_COUNT)
     kill_on_bad_exit: bool = True  # srun --kill-on-bad-exit: one rank's failure ends the whole job step
     startup_timeout_s: int = 300  # all ranks must meet at start-up within this, else they stop with an error

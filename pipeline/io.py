@@ -6,9 +6,9 @@
   shared group folder stays shared (``tempfile.mkstemp`` alone would make them ``0600``).
 * :func:`sha256_file` / :func:`sha256_files`: checksums of files already on disk (several files
   hashed in threads: ``hashlib`` releases the GIL on large buffers).
-* :func:`save_torch`: ``torch.save`` through a writer that hashes the bytes on their way to disk,
-  so a large state is checksummed without reading it back (measured in
-  ``benchmarks/bench_checksum.py``).
+* :func:`save_torch`: ``torch.save`` + fsync, then the sha256 of the file read back from the page
+  cache by the process that wrote it. (Hashing the bytes on their way out, through a file object
+  ``torch.save`` writes into, was measured 3x slower: ``benchmarks/bench_checksum.py``.)
 """
 
 from __future__ import annotations
@@ -104,32 +104,15 @@ def sha256_files(paths: Iterable[str | os.PathLike], threads: int = 4) -> list[s
         return list(pool.map(sha256_file, paths))
 
 
-class _HashingWriter:
-    """The write end ``torch.save`` streams into: hashes and counts every byte it passes on."""
-
-    def __init__(self, f) -> None:
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.hash.update(view)
-        self.size += view.nbytes
-        return self.f.write(view)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def save_torch(obj: Any, path: str | os.PathLike) -> dict:
-    """``torch.save(obj, path)``, fsynced, hashed on the way out: ``{"size", "sha256"}`` of the file."""
+    """``torch.save(obj, path)``, fsynced; returns ``{"size", "sha256"}`` of the file."""
     import torch
 
     with open(path, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    return {"size": writer.size, "sha256": writer.hash.hexdigest()}
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 SUMS_FILE = "SHA256SUMS"

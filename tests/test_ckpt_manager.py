@@ -134,11 +134,11 @@ def test_corrupted_file_is_refused(tmp_path, damage):
 
 
 def test_every_file_has_a_true_sha256_whatever_its_size(tmp_path):
-    """A state above the old 64 MiB checksum limit: the sha256 recorded while writing equals an
+    """A state above the old 64 MiB checksum limit: the sha256 its writer recorded equals an
     independent hash of the bytes on disk, and one flipped byte anywhere is refused."""
     mgr = CheckpointManager(tmp_path)
 
-    def writer(folder: Path, state: dict) -> dict:  # one file hashed while written, one left to the manager
+    def writer(folder: Path, state: dict) -> dict:  # one file hashed by the writer, one left to the manager
         (folder / "extra.bin").write_bytes(b"\x01" * 1000)
         return {"state.pt": save_torch(state, folder / "state.pt")}
 
@@ -260,7 +260,7 @@ def _dist_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     try:
         mgr = CheckpointManager(run_dir, rank=rank, world_size=world)
 
-        def writer(folder: Path, state: dict) -> dict:  # rank{r}.pt hashed while written, extra{r}.bin not
+        def writer(folder: Path, state: dict) -> dict:  # rank{r}.pt hashed by its writer, extra{r}.bin not
             (folder / f"extra{rank}.bin").write_bytes(bytes([rank]) * 100)
             return {f"rank{rank}.pt": save_torch({"shard": state["shard"]}, folder / f"rank{rank}.pt")}
 

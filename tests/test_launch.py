@@ -294,12 +294,14 @@ def test_two_node_job_trains_and_a_requeue_mid_run_resumes_to_the_same_state(sha
 @pytest.mark.slow
 def test_a_job_at_its_time_limit_saves_requeues_itself_and_finishes(shards, reference, tmp_path, cluster,
                                                                     monkeypatch):
-    """SLURM sends SIGUSR2 40 s before the 1-minute limit (in practice 20-30 s into each start):
-    every start trains some steps, saves and requeues itself until the run is done."""
+    """SLURM sends SIGUSR2 15 s before the 1-minute limit: every start trains some steps, saves and
+    requeues itself until the run is done. slurmctld checks every 30 s and signals once the time left
+    is below signal_delay + 30 s, so here 15-45 s into each start (with signal_delay_s=40 it could
+    come 0 s in and kill a task still starting Python, before any handler exists)."""
     run = tmp_path / "run"
-    monkeypatch.setenv("PROSECO_STEP_DELAY_S", "4.0")  # 12 steps x 4 s: more than one start's share
+    monkeypatch.setenv("PROSECO_STEP_DELAY_S", "4.5")  # 12 steps x 4.5 s: more than one start's share
     assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.time_min=1",
-                                 "cluster.signal_delay_s=40", "cluster.max_requeues=6")) == 0
+                                 "cluster.signal_delay_s=15", "cluster.max_requeues=6")) == 0
     job = _job(run)
     deadline = time.monotonic() + 600
     while sh.job_state(job) not in sh.TERMINAL_STATES:

@@ -7,16 +7,17 @@ fingerprint, config, code version - plus ``step``, ``time``, ``format`` and the 
 holds the sha256 of ``meta.json``, so no byte of the folder is unchecked. Discovery only ever
 returns folders that have the marker.
 
-Checksums cost little: files written through :func:`pipeline.io.save_torch` are hashed while they
-are written (no read-back); the others (DeepSpeed's own files) are read back and hashed, spread
-over the ranks. :meth:`CheckpointManager.verify` re-hashes every file before anything is loaded,
-also spread over the ranks (``benchmarks/bench_checksum.py`` measures both for a 1 GiB state).
+Checksums: a file written through :func:`pipeline.io.save_torch` is hashed by the rank that wrote
+it, straight from the page cache; the others (DeepSpeed's own files) are hashed afterwards,
+spread over the ranks. :meth:`CheckpointManager.verify` re-hashes every file before anything is
+loaded, also spread over the ranks (``benchmarks/bench_checksum.py`` measures both for a 1 GiB
+state).
 
 Save protocol (rank 0 drives it; other ranks only call the writer):
 
 1. remove leftovers of earlier crashed saves (:meth:`CheckpointManager.cleanup_partial`);
 2. create ``step_XXXXXXXX.tmp-<pid>``; every rank writes its files into it (barriers around);
-3. checksum every file (the writers report the ones they hashed while writing; the rest are
+3. checksum every file (the writers report the ones they hashed themselves; the rest are
    hashed by all ranks, a share each); write ``meta.json``, fsync every file and the folder;
 4. rename the tmp folder to ``step_XXXXXXXX`` and fsync ``checkpoints/``;
 5. write ``COMPLETE`` (the step and the sha256 of ``meta.json``) inside it and fsync the folder;
@@ -166,7 +167,7 @@ class CheckpointManager:
 
         Without ``writer``, rank 0 writes ``state`` to ``state.pt``. With one, every rank calls
         ``writer(tmp_folder, state)`` (a collective, for sharded backends); a writer may return
-        ``{relative path: {"size", "sha256"}}`` for files it hashed while writing them
+        ``{relative path: {"size", "sha256"}}`` for files it hashed itself
         (:func:`pipeline.io.save_torch`), the other files are hashed afterwards. All ranks must
         call ``save`` together when torch.distributed is initialised."""
         if step < 0 or step > 99_999_999:
@@ -197,7 +198,7 @@ class CheckpointManager:
         return final
 
     def _checksums(self, tmp: Path, known: dict[str, FileInfo]) -> dict[str, FileInfo]:
-        """Size and sha256 of every file in ``tmp`` (a collective): the files some rank hashed while
+        """Size and sha256 of every file in ``tmp`` (a collective): the files some rank hashed after
         writing are taken as reported, the rest are read back, each rank hashing a share."""
         _barrier()  # every rank's files are complete
         reported: dict[str, FileInfo] = {}

@@ -83,7 +83,7 @@ class Engine:
 
     def save(self, folder: Path, rank: int) -> dict:
         """Write this engine's files into ``folder`` (a collective: every rank calls it); returns
-        ``{relative path: {"size", "sha256"}}`` of the files this rank hashed while writing them
+        ``{relative path: {"size", "sha256"}}`` of the files this rank hashed after writing them
         (:func:`pipeline.io.save_torch`; others are hashed by the checkpoint manager)."""
         raise NotImplementedError
 
