@@ -1,4 +1,4 @@
-"""`proseco prep tokenizer | shards | merge | verify`: the CLI's entry points into data prep.
+"""`proseco prep tokenizer | shards | merge | verify | sudoku`: the CLI's entry points into data prep.
 
 Each function takes the resolved config (the ``prep`` section, plus ``data.seq_len`` for the
 shard length) and the few command-line flags that are not settings (an output folder, a task
@@ -88,6 +88,13 @@ def verify(cfg: Config, out: str | None) -> int:
     report, ok = verify_report(out or cfg.prep.out_dir)
     print(report)
     return 0 if ok else 1
+
+
+def sudoku(cfg: Config, out: str | None) -> int:
+    """The 4x4 Sudoku task's files (default folder ``data/sudoku4``), written by the task itself."""
+    from pipeline.tasks import sudoku as task
+
+    return task.main(cfg, out or "data/sudoku4")
 
 
 def _warn_empty_val(manifest: dict) -> None:

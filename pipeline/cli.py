@@ -124,8 +124,6 @@ def _describe_train(args: argparse.Namespace, cfg: Config) -> str:
 
 
 def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
-    if args.target == "sudoku":
-        return _exit_code(_import_stage("data_prep.sudoku").main(cfg, args.out or "data/sudoku4"))
     stages = _import_stage("data_prep.stages")
     if args.target == "tokenizer":
         return _exit_code(stages.tokenizer(cfg, args.out, import_model=args.import_model, force=args.force))
@@ -198,13 +196,12 @@ def _resolve(args: argparse.Namespace) -> Config:
 def _model_size_line(cfg: Config) -> str:
     """`# model: N parameters`, as a YAML comment so the output still parses."""
     from pipeline.model import parameter_count
-    from pipeline.tasks import get_task
+    from pipeline.tasks import task_class
 
     vocab = cfg.model.vocab_size
     if vocab is None:
-        try:
-            vocab = get_task(cfg.data.task).VOCAB_SIZE
-        except ProsecoError:
+        vocab = task_class(cfg.data.task).vocab_size
+        if vocab is None:
             return "# model: size depends on the vocabulary of the data (model.vocab_size: null)"
     return f"# model: {parameter_count(cfg.model, vocab):,} parameters (vocabulary {vocab:,})"
 

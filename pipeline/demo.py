@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from data_prep import sudoku as sudoku_prep
 from pipeline.checkpoint import load_model, save_model
 from pipeline.config import Config, to_dict
+from pipeline.evaluation.matching import nfe_matched
 from pipeline.model import Backbone, count_parameters
 from pipeline.tasks import sudoku
 from pipeline.trainer import train_in_memory
@@ -73,16 +73,6 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     return result.model, {"steps": steps, "seconds": result.seconds, "cached": False, "key": key}
 
 
-def nfe_matched(results: list[dict], budgets: list[int], metric: str, nfe_key: str) -> dict:
-    """For each method and budget: the best ``metric`` among its settings with mean NFE <= budget."""
-    table = {}
-    for label in METHODS:
-        rows = [r for r in results if r["method"] == label]
-        table[label] = {b: max((r for r in rows if r[nfe_key] <= b + 1e-9), key=lambda r: r[metric], default=None)
-                        for b in budgets}
-    return table
-
-
 def nfe_ratio(results: list[dict], metric: str, nfe_key: str) -> dict | None:
     """NFE MDM needs for its best quality / NFE ProSeCo (d) needs to reach that quality."""
     base = [r for r in results if r["method"] == "a"]
@@ -102,7 +92,7 @@ def format_report(results: list[dict], budgets: list[int], trained: dict) -> str
     lines = []
     for metric, nfe_key, title in (("valid", "nfe", "valid grids generated from scratch (distinct valid)"),
                                    ("solved", "solve_nfe", "held-out puzzles solved")):
-        table = nfe_matched(results, budgets, metric, nfe_key)
+        table = nfe_matched(results, budgets, lambda r, m=metric: r[m], nfe=nfe_key, label="method", labels=METHODS)
         lines += [f"\nNFE-matched: {title}; best setting with mean NFE <= budget (T = steps, S = corrector)",
                   f"{'NFE <=':>7} | " + " | ".join(f"({k}) {METHOD_NAMES[k]:<22}" for k in METHODS)]
         for b in budgets:
@@ -185,9 +175,9 @@ def run(cfg: Config) -> int:
         print(msg, flush=True)
 
     log(f"proseco demo -> {out}/  (4x4 Sudoku; torch threads: {torch.get_num_threads()})")
-    sudoku_prep.prepare(out / "data", holdout_fraction=cfg.data.holdout_fraction, clues=cfg.data.puzzle_clues,
+    sudoku.prepare(out / "data", holdout_fraction=cfg.data.holdout_fraction, clues=cfg.data.puzzle_clues,
                         split_seed=cfg.data.split_seed)
-    data = sudoku_prep.load(out / "data")
+    data = sudoku.load(out / "data")
     log(f"1/3 data: {len(data['train'])} training grids, {len(data['puzzles'])} held-out puzzles "
         f"with {cfg.data.puzzle_clues} clues (fingerprint {data['manifest']['fingerprint'][:12]})")
 

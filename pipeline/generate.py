@@ -11,7 +11,7 @@ from pipeline.checkpoint import load_model
 from pipeline.config import Config
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
-from pipeline.tasks import get_task
+from pipeline.tasks import sudoku
 
 
 def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, infill: bool = False) -> int:
@@ -23,13 +23,14 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
     model, _, blob = load_model(model_file, cfg)
     if cfg.data.task == "text":
         return _run_text(cfg, model, blob, num, out)
-    task = get_task(cfg.data.task)
+    if cfg.data.task != sudoku.NAME:
+        raise ProsecoError(f"proseco sample generates for text and {sudoku.NAME} models, not data.task={cfg.data.task!r}")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     prompt = fixed = None
     if infill:
-        _, held = task.split(cfg.data.split_seed, cfg.data.holdout_fraction)
-        prompt, fixed = task.make_puzzles(held, cfg.data.puzzle_clues, cfg.data.split_seed + 1, n=num)
+        d = cfg.data
+        prompt, fixed = sudoku.heldout_puzzles(d.split_seed, d.holdout_fraction, d.puzzle_clues, n=num)
     seeds = sample_seeds(cfg.sampler.seed, 0, num)
     result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=blob["mask_id"],
                     batch=None if infill else num, prompt=prompt, fixed=fixed, seeds=seeds,
@@ -39,9 +40,9 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
                f"corrector {int(result.nfe_corrector[i])})"
         print(head)
         if infill:
-            print("  puzzle:\n" + _indent(task.to_text(prompt[i])))
-        print(_indent(task.to_text(row)))
-    score = task.score_solutions(result.tokens, prompt, fixed) if infill else task.score_generated(result.tokens)
+            print("  puzzle:\n" + _indent(sudoku.to_text(prompt[i])))
+        print(_indent(sudoku.to_text(row)))
+    score = sudoku.score_solutions(result.tokens, prompt, fixed) if infill else sudoku.score_generated(result.tokens)
     summary = {**result.summary(), **score}
     print("summary: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if out:

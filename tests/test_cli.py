@@ -103,7 +103,7 @@ def test_stage_returning_none_means_success(monkeypatch):
 
 
 def test_prep_dispatches(monkeypatch, tmp_path):
-    calls = fake_stage(monkeypatch, "data_prep.sudoku", "main", lambda cfg, out: 0)
+    calls = fake_stage(monkeypatch, "data_prep.stages", "sudoku", lambda cfg, out: 0)
     assert main(["prep", "sudoku", "--out", str(tmp_path), "data.puzzle_clues=5"]) == 0
     cfg, out = calls[0]
     assert out == str(tmp_path) and cfg.data.puzzle_clues == 5

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import demo
 from pipeline.config import load_config
+from pipeline.evaluation.matching import nfe_matched
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ RESULTS = [
 
 
 def test_nfe_matched_takes_the_best_setting_within_each_budget():
-    table = demo.nfe_matched(RESULTS, [4, 8, 16], "valid", "nfe")
+    table = nfe_matched(RESULTS, [4, 8, 16], lambda r: r["valid"], label="method", labels=demo.METHODS)
     assert table["a"][4]["valid"] == 0.10 and table["a"][8]["valid"] == 0.30 and table["a"][16]["valid"] == 0.55
     assert table["b"][4] is None and table["b"][8]["valid"] == 0.20
     assert table["d"][8]["valid"] == 0.35 and table["d"][16]["valid"] == 0.60

@@ -14,8 +14,8 @@ pytest.importorskip("sentencepiece")
 from data_prep.tokenizer import Tokenizer, train_tokenizer
 from pipeline.config import Config
 from pipeline.errors import ProsecoError
-from pipeline.evaluation.tasks import ModelInfo, task_class
-from pipeline.evaluation.tasks.gsm8k import answers_match, extract_answer, load_problems
+from pipeline.tasks import ModelInfo, task_class
+from pipeline.tasks.gsm8k import answers_match, extract_answer, load_problems
 
 GSM8K_SAMPLE = Path(__file__).parent / "data" / "gsm8k_sample.jsonl"
 SMILES = ["C", "N", "O", "C#C", "C#N", "C=O", "CC", "CO", "CC#C", "CC#N", "CC=O", "NC=O", "CCC", "CCO",
@@ -163,7 +163,7 @@ def test_canonical_and_molecule_metrics():
     from rdkit import Chem
     from rdkit.Chem import QED
 
-    from pipeline.evaluation.tasks.qm9 import canonical, molecule_metrics
+    from pipeline.tasks.qm9 import canonical, molecule_metrics
 
     assert canonical("OCC") == canonical("CCO") == "CCO"
     assert canonical("C1=CC=CC=C1") == canonical("c1ccccc1") == "c1ccccc1"  # Kekule == aromatic
@@ -214,7 +214,7 @@ def _rows(tok, texts: list[str], seq_len: int) -> torch.Tensor:
 
 def test_qm9_task_end_to_end(smiles_tok):
     pytest.importorskip("rdkit")
-    from pipeline.evaluation.tasks.qm9 import smiles_of_row
+    from pipeline.tasks.qm9 import smiles_of_row
 
     tok, train_file = smiles_tok
     model = ModelInfo(vocab_size=tok.vocab_size + 2, mask_id=tok.mask_id, seq_len=24, tokenizer=tok)
@@ -245,8 +245,7 @@ def test_qm9_task_end_to_end(smiles_tok):
 
 def test_qm9_task_errors_and_default_train_set(smiles_tok, monkeypatch):
     pytest.importorskip("rdkit")
-    import data_prep.qm9 as qm9data
-    from pipeline.evaluation.tasks import qm9
+    from pipeline.tasks import qm9
 
     tok, _ = smiles_tok
     model = ModelInfo(vocab_size=tok.vocab_size, mask_id=tok.mask_id, seq_len=24, tokenizer=tok)
@@ -255,7 +254,7 @@ def test_qm9_task_errors_and_default_train_set(smiles_tok, monkeypatch):
     with pytest.raises(ProsecoError, match="not a file"):
         task_class("qm9")(Config(), {"train_smiles": "/nonexistent/x.txt"}, model)
     # the default training set is QM9 from qm9pack (stubbed here: the real one takes ~7 s)
-    monkeypatch.setattr(qm9data, "read_qm9_smiles", lambda: ["CCO", "C1CC", "N"])
+    monkeypatch.setattr(qm9, "read_qm9_smiles", lambda: ["CCO", "C1CC", "N"])
     monkeypatch.setattr(qm9, "_TRAIN_CACHE", {})
     # the evaluator's shared options dict: other tasks' keys, train_smiles "" = the default
     options = {"reference": "smollm2", "data": "", "train_smiles": "", "mauve_reference": "",
@@ -265,11 +264,11 @@ def test_qm9_task_errors_and_default_train_set(smiles_tok, monkeypatch):
     assert task.train_info["source"].startswith("qm9pack")
 
 
-# ------------------------------------------------------------------ data_prep.qm9
+# ------------------------------------------------------------------ the QM9 corpus (pipeline.tasks.qm9)
 
 
 def test_write_qm9_corpus(tmp_path):
-    from data_prep.qm9 import write_qm9_corpus
+    from pipeline.tasks.qm9 import write_qm9_corpus
 
     molecules = [f"C{'C' * i}O" for i in range(20)]
     info = write_qm9_corpus(tmp_path / "qm9.txt", smiles=molecules, holdout_fraction=0.25, split_seed=7)
@@ -289,7 +288,7 @@ def test_write_qm9_corpus(tmp_path):
 
 def test_write_qm9_corpus_canonical(tmp_path):
     pytest.importorskip("rdkit")
-    from data_prep.qm9 import write_qm9_corpus
+    from pipeline.tasks.qm9 import write_qm9_corpus
 
     info = write_qm9_corpus(tmp_path / "can.txt", smiles=["OCC", "CCO", "C1CC", "C1=CC=CC=C1"],
                             holdout_fraction=0.0, canonicalize=True)
@@ -298,7 +297,7 @@ def test_write_qm9_corpus_canonical(tmp_path):
 
 
 def test_qm9pack_bundles_the_data():
-    from data_prep.qm9 import QM9_MOLECULES, qm9pack_data_dir, read_qm9_smiles
+    from pipeline.tasks.qm9 import QM9_MOLECULES, qm9pack_data_dir, read_qm9_smiles
 
     try:
         qm9pack_data_dir()

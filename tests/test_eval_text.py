@@ -23,9 +23,9 @@ from data_prep.readers import DEFAULT_CORPUS
 from data_prep.tokenizer import Tokenizer, train_tokenizer
 from pipeline.config import Config
 from pipeline.errors import ProsecoError
-from pipeline.evaluation.reference_lm import load_reference_lm
-from pipeline.evaluation.tasks import ModelInfo, task_class
-from pipeline.evaluation.tasks.text import Task, distinct_n, unigram_entropy
+from pipeline.tasks import ModelInfo, task_class
+from pipeline.tasks.reference_lm import load_reference_lm
+from pipeline.tasks.text import Task, distinct_n, unigram_entropy
 
 TEXTS = [
     "the cat sat on the mat",

@@ -1,4 +1,4 @@
-"""The 4x4 Sudoku demo task (pipeline.tasks.sudoku) and its file preparation (data_prep.sudoku)."""
+"""The 4x4 Sudoku demo task (pipeline.tasks.sudoku): layout, scoring, file preparation and its registration."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep import sudoku as prep
 from pipeline.config import Config
 from pipeline.errors import ProsecoError
-from pipeline.tasks import get_task
 from pipeline.tasks import sudoku as S
+from pipeline.tasks import task_class
 
 
 def grid(text: str) -> torch.Tensor:
@@ -52,11 +51,11 @@ def _groups_ok(g: torch.Tensor) -> tuple[bool, bool, bool]:
 
 def test_task_info_and_registry():
     assert (S.VOCAB_SIZE, S.MASK_ID, S.SEQ_LEN) == (5, 4, 16)
-    assert S.TASK_INFO.name == "sudoku4"
-    assert (S.TASK_INFO.vocab_size, S.TASK_INFO.mask_id, S.TASK_INFO.seq_len) == (5, 4, 16)
-    assert get_task("sudoku4") is S
-    with pytest.raises(ProsecoError, match="unknown task"):
-        get_task("sudoku9")
+    assert S.NAME == "sudoku4"
+    assert task_class("sudoku4") is S.GenerateTask and task_class("sudoku4-solve") is S.SolveTask
+    assert S.GenerateTask.vocab_size == S.SolveTask.vocab_size == S.VOCAB_SIZE
+    with pytest.raises(ProsecoError, match="unknown task 'sudoku9'"):
+        task_class("sudoku9")
 
 
 def test_valid_hand_grids():
@@ -181,8 +180,8 @@ SETTINGS = {"holdout_fraction": 0.2, "clues": 6, "split_seed": 1234}
 
 def test_prepare_load_round_trip(tmp_path):
     out = tmp_path / "data"
-    manifest = prep.prepare(out, **SETTINGS)
-    assert sorted(os.listdir(out)) == sorted([*prep.FILES, "manifest.json"])
+    manifest = S.prepare(out, **SETTINGS)
+    assert sorted(os.listdir(out)) == sorted([*S.FILES, "manifest.json"])
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left behind
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["task"] == "sudoku4" and manifest["vocab_size"] == 5 and manifest["mask_id"] == 4
@@ -192,9 +191,10 @@ def test_prepare_load_round_trip(tmp_path):
     assert np.load(out / "train.npy").dtype == np.uint8
     assert np.load(out / "puzzle_given.npy").dtype == np.bool_
 
-    data = prep.load(out)
+    data = S.load(out)
     train, held = S.split(1234, 0.2)
-    puzzles, given = S.make_puzzles(held, 6, seed=1234 + prep.PUZZLE_SEED_OFFSET)
+    puzzles, given = S.make_puzzles(held, 6, seed=1234 + S.PUZZLE_SEED_OFFSET)
+    assert all(torch.equal(a, b) for a, b in zip(S.heldout_puzzles(1234, 0.2, 6), (puzzles, given), strict=True))
     assert data["train"].dtype == torch.long and torch.equal(data["train"], train)
     assert torch.equal(data["heldout_grids"], held)
     assert torch.equal(data["puzzles"], puzzles) and data["puzzles"].dtype == torch.long
@@ -205,23 +205,23 @@ def test_prepare_load_round_trip(tmp_path):
 
 def test_prepare_is_idempotent_and_deterministic(tmp_path):
     out = tmp_path / "data"
-    first = prep.prepare(out, **SETTINGS)
+    first = S.prepare(out, **SETTINGS)
     stats = {name: os.stat(out / name) for name in os.listdir(out)}
-    again = prep.prepare(out, **SETTINGS)
+    again = S.prepare(out, **SETTINGS)
     assert again == first
     for name, st in stats.items():  # nothing rewritten
         assert os.stat(out / name).st_ino == st.st_ino and os.stat(out / name).st_mtime_ns == st.st_mtime_ns
-    other = prep.prepare(tmp_path / "elsewhere", **SETTINGS)
+    other = S.prepare(tmp_path / "elsewhere", **SETTINGS)
     assert other["fingerprint"] == first["fingerprint"]
 
 
 def test_prepare_refuses_different_data(tmp_path):
     out = tmp_path / "data"
-    prep.prepare(out, **SETTINGS)
+    S.prepare(out, **SETTINGS)
     with pytest.raises(ProsecoError, match="different prepared data.*new output folder"):
-        prep.prepare(out, **{**SETTINGS, "clues": 5})
+        S.prepare(out, **{**SETTINGS, "clues": 5})
     with pytest.raises(ProsecoError, match="different prepared data"):
-        prep.prepare(out, **{**SETTINGS, "split_seed": 1})
+        S.prepare(out, **{**SETTINGS, "split_seed": 1})
 
 
 def test_prepare_refuses_unknown_folder_but_accepts_empty_one(tmp_path):
@@ -229,51 +229,51 @@ def test_prepare_refuses_unknown_folder_but_accepts_empty_one(tmp_path):
     unknown.mkdir()
     (unknown / "notes.txt").write_text("keep me")
     with pytest.raises(ProsecoError, match="not empty"):
-        prep.prepare(unknown, **SETTINGS)
+        S.prepare(unknown, **SETTINGS)
     assert os.listdir(unknown) == ["notes.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert prep.prepare(empty, **SETTINGS)["counts"]["train"] == 230
+    assert S.prepare(empty, **SETTINGS)["counts"]["train"] == 230
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(ProsecoError, match="not a folder"):
-        prep.prepare(a_file, **SETTINGS)
+        S.prepare(a_file, **SETTINGS)
 
 
 def test_corrupted_or_missing_file_detected(tmp_path):
     out = tmp_path / "data"
-    prep.prepare(out, **SETTINGS)
+    S.prepare(out, **SETTINGS)
     path = out / "puzzles.npy"
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 1
     path.write_bytes(bytes(raw))
     with pytest.raises(ProsecoError, match="puzzles.npy sha256 does not match"):
-        prep.load(out)
+        S.load(out)
     with pytest.raises(ProsecoError, match="puzzles.npy"):  # prepare does not trust it either
-        prep.prepare(out, **SETTINGS)
+        S.prepare(out, **SETTINGS)
     (out / "train.npy").unlink()
     with pytest.raises(ProsecoError, match="puzzles.npy sha256.*train.npy is missing"):
-        prep.load(out)  # every bad file is named at once
+        S.load(out)  # every bad file is named at once
     with pytest.raises(ProsecoError, match="manifest.json"):
-        prep.load(tmp_path / "nowhere")
+        S.load(tmp_path / "nowhere")
 
 
 def test_prepare_rejects_bad_settings(tmp_path):
     with pytest.raises(ProsecoError, match="puzzle_clues"):
-        prep.prepare(tmp_path / "d", **{**SETTINGS, "clues": 17})
+        S.prepare(tmp_path / "d", **{**SETTINGS, "clues": 17})
     with pytest.raises(ProsecoError, match="holdout_fraction"):
-        prep.prepare(tmp_path / "d", **{**SETTINGS, "holdout_fraction": 1.0})
+        S.prepare(tmp_path / "d", **{**SETTINGS, "holdout_fraction": 1.0})
     assert not (tmp_path / "d").exists()
 
 
 def test_main_prints_summary(tmp_path, capsys):
     cfg = Config()
     out = tmp_path / "data"
-    assert prep.main(cfg, str(out)) == 0
+    assert S.main(cfg, str(out)) == 0
     text = capsys.readouterr().out
     assert "wrote" in text and str(out) in text and "230" in text and "58" in text
-    assert prep.main(cfg, str(out)) == 0
+    assert S.main(cfg, str(out)) == 0
     assert "already prepared" in capsys.readouterr().out
     cfg.data.task = "owt"
     with pytest.raises(ProsecoError, match="data.task"):
-        prep.main(cfg, str(tmp_path / "other"))
+        S.main(cfg, str(tmp_path / "other"))

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from pipeline.errors import ProsecoError
 from pipeline.evaluation import plots
+from pipeline.evaluation.matching import best, nfe_matched
 from pipeline.runlog import read_metrics
 
 LOW_DIVERSITY_FRACTION = 0.5
@@ -106,15 +107,7 @@ def flag_low_diversity(rows: list[dict], primary: str | None, higher: bool, dive
 
 def best_setting(rows: list[dict], primary: str, higher: bool) -> dict | None:
     """The row with the best primary metric, unflagged rows first (a flagged one only if no other has a value)."""
-    scored = [r for r in rows if metric(r, primary) is not None]
-    sign = 1 if higher else -1
-    return max(scored, key=lambda r: (not r.get("_low_diversity", False), sign * metric(r, primary)), default=None)
-
-
-def nfe_matched(rows: list[dict], primary: str, higher: bool, budgets: list[float]) -> dict:
-    """label -> budget -> the line's :func:`best_setting` with mean NFE <= budget (None when none fits)."""
-    return {label: {b: best_setting([r for r in rs if r["nfe"] <= b + 1e-9], primary, higher) for b in budgets}
-            for label, rs in sorted(_by_label(rows).items())}
+    return best(rows, lambda r: metric(r, primary), higher)
 
 
 def _by_label(rows: list[dict]) -> dict[str, list[dict]]:
@@ -278,7 +271,7 @@ def _matched_blocks(rs: list[dict], primary: str, higher: bool) -> list[Block]:
     """For each power-of-2 budget around the NFE range: each line's best setting within it."""
     nfes = [r["nfe"] for r in rs]
     budgets = [2 ** i for i in range(16) if min(nfes) / 2 <= 2 ** i <= 2 * max(nfes)]
-    matched = nfe_matched(rs, primary, higher, budgets)
+    matched = nfe_matched(rs, budgets, lambda r: metric(r, primary), higher)
     rows = []
     for b in budgets:
         present = [r for r in (matched[lb][b] for lb in matched) if r is not None]

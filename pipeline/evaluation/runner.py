@@ -6,7 +6,7 @@ The work list is the product of
   model file (``.pt``) or a ``proseco ckpt export`` folder; training checkpoints are read with
   their EMA weights by default (``eval.weights``);
 * **tasks**: ``eval.tasks`` (default: the model's own ``data.task``), plug-ins of
-  :mod:`pipeline.evaluation.tasks`;
+  :mod:`pipeline.tasks`;
 * **sampler settings**: ``eval.samplers`` x unmasking steps ``eval.steps`` (T) x corrector budget
   ``eval.corrector_steps`` (S; 0 = plain MDM sampling) x corrector frequency
   ``eval.corrector_every`` (omega, only with S > 0). ReMDM is its own remasking baseline and runs
@@ -230,7 +230,7 @@ def determinants(item: Item, cfg: Config) -> dict:
     weights, the task with its options and scorer version, the complete sampler settings (seed
     included) and the number of samples. Not the batch size of generation: per-sample
     generators make results independent of it."""
-    from pipeline.evaluation.tasks import task_class
+    from pipeline.tasks import task_class
 
     options = task_options(cfg, item.task)
     files = {k: sha256_file(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
@@ -330,7 +330,7 @@ def plan(items: list[Item], cfg: Config, out: Path, force: bool = False) -> list
 def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = True, force: bool = False,
               log=print) -> dict[str, int]:
     """Run every item without a finished result of the same key; returns counts of ok / failed / skipped."""
-    from pipeline.evaluation.tasks import ModelInfo, task_class
+    from pipeline.tasks import ModelInfo, task_class
 
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     loaded_key, loaded, load_error = None, None, None
@@ -419,11 +419,9 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
     models = resolve_models(spec)
     if cfg.eval.tasks:
         tasks = list(cfg.eval.tasks)
-        from pipeline.evaluation.tasks import TASKS
+        from pipeline.tasks import check_names
 
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:  # a typo fails the whole command before any work (an item-level failure would hide it)
-            raise ProsecoError(f"unknown evaluation task(s) {', '.join(unknown)}; known: {', '.join(sorted(TASKS))}")
+        check_names(tasks)  # a typo fails the whole command before any work (an item-level failure would hide it)
     else:
         tasks = sorted({_own_task(m) for m in models})
     folder = Path(out) if out else default_out(spec, cfg)

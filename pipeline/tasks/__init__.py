@@ -1,29 +1,49 @@
-"""Built-in synthetic tasks: small, exactly scorable problems for demos and science tests.
+"""Tasks: one module per task, each owning its data, layout, scoring and decoding; one registry.
 
-Each task module exposes its token layout (``VOCAB_SIZE``, ``MASK_ID``, ``SEQ_LEN``,
-``TASK_INFO``) plus generators and exact scorers, so training and sampling can be checked
-end to end on a laptop before any corpus data exists.
+* :mod:`pipeline.tasks.sudoku`: the 4x4 Sudoku demo task (``sudoku4``, ``sudoku4-solve``);
+* :mod:`pipeline.tasks.text`: unconditional text generation (``text``);
+* :mod:`pipeline.tasks.qm9`: QM9 molecules as SMILES (``qm9``);
+* :mod:`pipeline.tasks.gsm8k`: GSM8K-style maths word problems (``gsm8k``).
+
+The task API is :mod:`pipeline.tasks.base` (:class:`EvalTask`, :class:`ModelInfo`). The registry
+maps a name (``data.task``, ``eval.tasks``) to ``module:Class``; modules are imported on first use,
+so optional dependencies (RDKit, transformers) are only needed by the tasks that use them.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import importlib
 
-from pipeline.tasks import sudoku
-from pipeline.tasks.sudoku import TASK_INFO as SUDOKU4_INFO
-from pipeline.tasks.sudoku import TaskInfo
+from pipeline.errors import ProsecoError
+from pipeline.tasks.base import EvalTask, ModelInfo
 
-TASKS: dict[str, ModuleType] = {"sudoku4": sudoku}
+TASKS = {
+    "sudoku4": "pipeline.tasks.sudoku:GenerateTask",
+    "sudoku4-solve": "pipeline.tasks.sudoku:SolveTask",
+    "text": "pipeline.tasks.text:Task",
+    "qm9": "pipeline.tasks.qm9:Task",
+    "gsm8k": "pipeline.tasks.gsm8k:Task",
+}
 
 
-def get_task(name: str) -> ModuleType:
-    """The task module registered as ``name`` (``data.task`` in the config)."""
+def check_names(names: list[str]) -> None:
+    """Refuse, in one message, every name in ``names`` that is not a registered task."""
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ProsecoError(f"unknown evaluation task(s) {', '.join(unknown)}; known: {', '.join(sorted(TASKS))}")
+
+
+def task_class(name: str) -> type[EvalTask]:
+    """The :class:`EvalTask` subclass registered as ``name``."""
+    if name not in TASKS:
+        raise ProsecoError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    path, _, attr = TASKS[name].partition(":")
     try:
-        return TASKS[name]
-    except KeyError:
-        from pipeline.errors import ProsecoError  # lazy: keep the pure task code import-light
+        module = importlib.import_module(path)
+    except ImportError as exc:
+        raise ProsecoError(f"task {name!r} needs a package that is not installed ({exc}); "
+                           "pip install 'proseco-pipeline[eval]'") from None
+    return getattr(module, attr)
 
-        raise ProsecoError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}") from None
 
-
-__all__ = ["SUDOKU4_INFO", "TASKS", "TaskInfo", "get_task", "sudoku"]
+__all__ = ["TASKS", "EvalTask", "ModelInfo", "check_names", "task_class"]

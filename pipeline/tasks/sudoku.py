@@ -6,37 +6,43 @@ without a corrector. That is exactly the failure mode ProSeCo's self-correction 
 and with only 288 valid grids, "fraction valid" and "number of distinct grids" are exact
 metrics rather than proxies.
 
-Encoding: 16 cells in row-major order; digit ``d`` in 1..4 is token id ``d - 1``; the mask
-token is id 4. Everything here is pure and deterministic (seeded ``torch.Generator``s only).
+This module is the whole task: the layout (16 cells in row-major order; digit ``d`` in 1..4 is
+token id ``d - 1``; the mask token is id 4), the data (the seeded train / held-out split of the
+288 grids and the held-out puzzles, written by ``proseco prep sudoku`` as a folder of arrays,
+see :mod:`pipeline.tasks.arrays`), the scoring and the decoding, and its two evaluation tasks:
+
+* ``sudoku4``: generate grids from scratch; ``valid`` (fraction of valid grids, primary) and
+  ``distinct_valid`` (distinct valid grids: collapsing onto one valid grid scores high validity
+  but low diversity).
+* ``sudoku4-solve``: complete the held-out puzzles (``data.puzzle_clues`` given cells, grids never
+  trained on, cycled to the sample count); ``solved`` (primary) and ``clue_violations`` (must
+  stay 0: the sampler keeps given cells fixed).
+
+Everything is pure and deterministic (seeded ``torch.Generator``s only).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
+from pipeline.errors import ProsecoError
+from pipeline.tasks import arrays
+from pipeline.tasks.base import EvalTask, ModelInfo
+
+NAME = "sudoku4"
 VOCAB_SIZE = 5
 MASK_ID = 4
 SEQ_LEN = 16
 NUM_DIGITS = 4
 NUM_GRIDS = 288
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """The facts a model/sampler needs about a task, without importing the task's code."""
-
-    name: str
-    vocab_size: int
-    mask_id: int
-    seq_len: int
-
-
-TASK_INFO = TaskInfo(name="sudoku4", vocab_size=VOCAB_SIZE, mask_id=MASK_ID, seq_len=SEQ_LEN)
 
 
 def _groups() -> torch.Tensor:
@@ -212,3 +218,135 @@ def to_text(grid: torch.Tensor | Sequence[int]) -> str:
         if r == 1:
             lines.append("----+----")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ data
+FORMAT_VERSION = 1
+FILES = ("train.npy", "heldout_grids.npy", "puzzles.npy", "puzzle_given.npy")
+# Puzzle cells are drawn with a seed derived from split_seed, so one number pins the dataset
+# while the split and the cell choice still use different random streams.
+PUZZLE_SEED_OFFSET = 1
+
+
+def puzzle_seed(split_seed: int) -> int:
+    """The seed of the held-out puzzles' clue cells for a dataset split with ``split_seed``."""
+    return int(split_seed) + PUZZLE_SEED_OFFSET
+
+
+def heldout_puzzles(split_seed: int, holdout_fraction: float, clues: int,
+                    n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The puzzles of the held-out grids: ``(puzzles, given)`` as :func:`make_puzzles` makes them
+    (``n=None``: one per held-out grid, the prepared files; else ``n`` cycling over the grids)."""
+    _, held = split(split_seed, holdout_fraction)
+    return make_puzzles(held, clues, seed=puzzle_seed(split_seed), n=n)
+
+
+def _check_settings(holdout_fraction: float, clues: int, split_seed: int) -> None:
+    # Checked here too (not only in the config) because prepare() is a public entry point.
+    if isinstance(holdout_fraction, bool) or not isinstance(holdout_fraction, (int, float)):
+        raise ProsecoError(f"data.holdout_fraction must be a number, got {holdout_fraction!r}")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ProsecoError(f"data.holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if isinstance(clues, bool) or not isinstance(clues, int) or not 0 <= clues <= SEQ_LEN:
+        raise ProsecoError(f"data.puzzle_clues must be an integer in 0..{SEQ_LEN}, got {clues!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise ProsecoError(f"data.split_seed must be an integer, got {split_seed!r}")
+
+
+def _prepare(out_dir: str | os.PathLike, holdout_fraction: float, clues: int, split_seed: int) -> tuple[dict, bool]:
+    """Like :func:`prepare`, also saying whether files were written (False: already there)."""
+    _check_settings(holdout_fraction, clues, split_seed)
+    train, held = split(split_seed, float(holdout_fraction))
+    puzzles, given = make_puzzles(held, clues, seed=puzzle_seed(split_seed))
+    settings = {"format": FORMAT_VERSION, "task": NAME, "vocab_size": VOCAB_SIZE, "mask_id": MASK_ID,
+                "seq_len": SEQ_LEN, "holdout_fraction": float(holdout_fraction), "clues": int(clues),
+                "split_seed": int(split_seed), "puzzle_seed": puzzle_seed(split_seed)}
+    blobs, manifest = arrays.build(
+        dict(zip(FILES, (train.numpy().astype(np.uint8), held.numpy().astype(np.uint8),
+                         puzzles.numpy().astype(np.uint8), given.numpy().astype(np.bool_)))),
+        settings, {"train": len(train), "heldout_grids": len(held), "puzzles": len(puzzles)})
+    return arrays.write(out_dir, blobs, manifest, shown=("task", "holdout_fraction", "clues", "split_seed"))
+
+
+def prepare(out_dir: str | os.PathLike, *, holdout_fraction: float, clues: int, split_seed: int) -> dict:
+    """Write the Sudoku dataset into ``out_dir`` and return its manifest.
+
+    Files: ``train.npy`` (uint8 [N_train, 16], training grids), ``heldout_grids.npy`` (grids never
+    trained on), ``puzzles.npy`` (held-out grids with hidden cells set to MASK_ID),
+    ``puzzle_given.npy`` (bool: which puzzle cells are clues), ``manifest.json``. Idempotent: the
+    same settings again return the folder's manifest and rewrite nothing; a folder holding different
+    prepared data, or unknown files, raises :class:`ProsecoError` rather than being overwritten.
+    """
+    return _prepare(out_dir, holdout_fraction, clues, split_seed)[0]
+
+
+def load(out_dir: str | os.PathLike) -> dict:
+    """Load a prepared folder, verifying every file's sha256 against the manifest.
+
+    Returns ``train``, ``heldout_grids``, ``puzzles`` (torch.long), ``puzzle_given``
+    (torch.bool) and ``manifest``.
+    """
+    return arrays.load(out_dir, NAME, FILES)
+
+
+def main(cfg: Any, out_dir: str) -> int:
+    """``proseco prep sudoku``: prepare ``cfg.data`` (a :class:`pipeline.config.Config`) into ``out_dir``."""
+    data = cfg.data
+    if data.task != NAME:
+        raise ProsecoError(f"data.task={data.task!r}: this preparer handles {NAME!r} only")
+    if data.seq_len != SEQ_LEN:
+        raise ProsecoError(f"data.seq_len={data.seq_len} but {NAME} grids have {SEQ_LEN} cells")
+    manifest, wrote = _prepare(out_dir, holdout_fraction=data.holdout_fraction, clues=data.puzzle_clues,
+                               split_seed=data.split_seed)
+    counts = manifest["counts"]
+    verb = "wrote" if wrote else "already prepared (unchanged)"
+    print(
+        f"{manifest['task']}: {verb} {out_dir}\n"
+        f"  train grids {counts['train']}, held-out grids {counts['heldout_grids']}, "
+        f"puzzles {counts['puzzles']} with {manifest['clues']} clues\n"
+        f"  split_seed {manifest['split_seed']}, fingerprint {manifest['fingerprint'][:16]}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------ evaluation
+class GenerateTask(EvalTask):
+    """``sudoku4``: grids generated from scratch, scored by validity and distinct valid grids."""
+
+    name = NAME
+    vocab_size = VOCAB_SIZE
+    primary = "valid"
+    diversity = "distinct_valid"
+
+    def __init__(self, cfg, options: dict, model: ModelInfo):
+        super().__init__(cfg, options, model)
+        if model.vocab_size != VOCAB_SIZE or model.mask_id != MASK_ID or model.seq_len != SEQ_LEN:
+            raise ProsecoError(f"task {self.name} needs a 4x4 Sudoku model (vocabulary {VOCAB_SIZE}, mask id "
+                               f"{MASK_ID}, 16 cells); this one has vocabulary {model.vocab_size}, mask id "
+                               f"{model.mask_id}, {model.seq_len} tokens")
+
+    def score(self, tokens, conditioning):
+        g = score_generated(tokens)
+        return {"valid": g["valid"], "distinct_valid": float(g["distinct_valid"])}
+
+    def decode(self, tokens):
+        return [to_text(row).replace("\n", "/") for row in tokens]
+
+
+class SolveTask(GenerateTask):
+    """``sudoku4-solve``: the held-out puzzles (cycled to the sample count), scored by solved puzzles."""
+
+    name = "sudoku4-solve"
+    primary = "solved"
+    diversity = None
+
+    def conditioning(self, n: int, seed: int):
+        d = self.cfg.data
+        puzzles, given = heldout_puzzles(d.split_seed, d.holdout_fraction, d.puzzle_clues)
+        reps = math.ceil(n / len(puzzles))
+        return puzzles.repeat(reps, 1)[:n], given.repeat(reps, 1)[:n]
+
+    def score(self, tokens, conditioning):
+        puzzles, given = conditioning
+        s = score_solutions(tokens, puzzles, given)
+        return {"solved": s["solved"], "clue_violations": float(s["clue_violations"])}

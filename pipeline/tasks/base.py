@@ -1,6 +1,8 @@
-"""The plug-in interface of evaluation tasks (``proseco eval``).
+"""The task API: what every task module (:mod:`pipeline.tasks`) provides to prep, sample, eval and demo.
 
-A task turns generated token sequences into metrics. The evaluator (:mod:`pipeline.evaluation.runner`)
+A task module owns its data (generation or reading), its layout, its scoring and its decoding; its
+evaluation tasks are :class:`EvalTask` subclasses registered by name in :mod:`pipeline.tasks`. An
+evaluation task turns generated token sequences into metrics. The evaluator (:mod:`pipeline.evaluation.runner`)
 owns everything else: loading a checkpoint's weights, sampling with a sampler setting in batches,
 counting NFE, writing one result JSON per work item. A task is built once per (process, task) and
 reused for every checkpoint and sampler setting, so expensive set-up (a reference language model,
@@ -8,7 +10,9 @@ a training set for novelty) happens once.
 
 Contract (:class:`EvalTask`):
 
-* ``name``: the registry name (``--tasks NAME``).
+* ``name``: the registry name (``--tasks NAME``, ``data.task`` for the task a model trains on).
+* ``vocab_size``: the fixed vocabulary of a synthetic task (its token layout), None when the
+  vocabulary is the tokenizer's (text tasks).
 * ``version``: the scorer's version, part of every result's key: bump it when ``score`` or
   ``conditioning`` changes what they compute, so that old results are recomputed, not reused.
 * ``primary``: the quality metric the report plots against NFE; ``higher_is_better`` says its
@@ -39,6 +43,8 @@ from pipeline.config import Config
 
 @dataclass
 class ModelInfo:
+    """What a task needs to know about the model it scores: its token layout and tokenizer."""
+
     vocab_size: int
     mask_id: int
     seq_len: int
@@ -46,7 +52,10 @@ class ModelInfo:
 
 
 class EvalTask:
+    """An evaluation task: conditioning, scoring and decoding of generated sequences (contract above)."""
+
     name = "?"
+    vocab_size: int | None = None
     version = 1
     primary = "?"
     higher_is_better = True

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ProsecoError
-from pipeline.evaluation.tasks.base import EvalTask, ModelInfo
+from pipeline.tasks.base import EvalTask, ModelInfo
 
 OPTIONS = ("data", "template", "bos", "min_new_tokens")  # other keys are ignored (one dict for all tasks)
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"

@@ -3,7 +3,7 @@
 Metrics of n generated sequences (``score``):
 
 * ``gen_ppl`` (primary, lower is better), ``gen_nll``, ``ref_tokens``, ``ref_truncated``: the
-  decoded samples re-tokenized and scored by a reference causal LM (:mod:`pipeline.evaluation.reference_lm`,
+  decoded samples re-tokenized and scored by a reference causal LM (:mod:`pipeline.tasks.reference_lm`,
   MDLM's protocol). With ``reference: none`` they are NaN.
 * ``unigram_entropy`` (diversity): MDLM / ProSeCo's entropy - per sample, the entropy (nats) of the
   unigram distribution of the generated token ids, averaged over samples. It is computed on the
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ProsecoError
-from pipeline.evaluation.tasks.base import EvalTask, ModelInfo
+from pipeline.tasks.base import EvalTask, ModelInfo
 
 MASK_TEXT = "<mask>"
 OPTIONS = ("reference", "batch_size", "max_length", "distinct_n", "mauve_reference", "device")
@@ -127,7 +127,7 @@ class Task(EvalTask):
         # cheap checks now (paths, packages), the weights on first use
         self._ref = None
         if self.uses_reference:
-            from pipeline.evaluation.reference_lm import resolve_spec
+            from pipeline.tasks.reference_lm import resolve_spec
 
             resolve_spec(self.reference)
         if self.mauve_reference is not None:
@@ -149,7 +149,7 @@ class Task(EvalTask):
     def reference_lm(self):
         """The reference LM, loaded on first use and kept for the life of this task."""
         if self._ref is None:
-            from pipeline.evaluation.reference_lm import load_reference_lm
+            from pipeline.tasks.reference_lm import load_reference_lm
 
             self._ref = load_reference_lm(self.reference, device=self.device)
         return self._ref
