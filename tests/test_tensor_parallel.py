@@ -1,4 +1,5 @@
-"""Tensor-parallel Backbone (pipeline/model/tensor_parallel.py) against the single-process Backbone.
+"""Tensor parallelism applied to the Backbone (pipeline/model/parallelize.py, plan and state conversion in
+pipeline/model/tensor_parallel.py) against the single-process Backbone.
 
 One 2-process gloo run (module fixture ``tp2``) does every TP=2 computation and records the results;
 the tests below assert on them. Reference models are built in every process from the same seed and
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Warning. tp_group is None:Deprec
 from pipeline.config import ModelConfig
 from pipeline.errors import ProsecoError
 from pipeline.model import Backbone, count_parameters
+from pipeline.model import parallelize as par
 from pipeline.model import tensor_parallel as tpm
 
 V = 64
@@ -53,8 +55,8 @@ def _reference(cfg: ModelConfig, seed: int = 0) -> Backbone:
     return ref
 
 
-def _tp_copy(ref: Backbone, cfg: ModelConfig) -> tpm.TPBackbone:
-    model = tpm.TPBackbone(cfg, V, init="empty", device="cpu")
+def _tp_copy(ref: Backbone, cfg: ModelConfig) -> Backbone:
+    model = par.tensor_parallel_backbone(cfg, V, device="cpu")
     model.load_state_dict(tpm.shard_full_state(ref.state_dict(), cfg, V, tpm.tp_rank(), tpm.tp_world()))
     return model
 
@@ -156,7 +158,7 @@ def _check_adam(cfg: ModelConfig, steps: int = 4) -> dict:
 def _check_dropout() -> dict:
     cfg = ModelConfig(**{**BASE, "dropout": 0.2, "learned_positions": True})
     torch.manual_seed(0)  # same seed on both TP ranks, as the trainer does
-    model = tpm.TPBackbone(cfg, V, device="cpu")
+    model = par.tensor_parallel_backbone(cfg, V, device="cpu")
     tokens, targets, t, valid = _batch(7)
     model.eval()
     eval_logits = model(tokens, t, valid)
@@ -165,7 +167,7 @@ def _check_dropout() -> dict:
     logits = model(tokens, t, valid)
     _loss(logits, targets, valid).backward()
     torch.manual_seed(3)
-    with tpm._tp_region_rng(torch.device("cpu")):
+    with par.tp_region_rng(torch.device("cpu"), tpm.tp_rank()):
         inside = torch.rand(8)
     after = torch.rand(8)
     # What the attention's dropout would draw: spy on SDPA (this process only).
@@ -192,7 +194,7 @@ def _check_init_from_seed(cfg: ModelConfig) -> dict:
     ref_sd = Backbone(cfg, V).state_dict()
     ref_next = torch.rand(4)
     torch.manual_seed(0)
-    model = tpm.TPBackbone(cfg, V, device="cpu")
+    model = par.tensor_parallel_backbone(cfg, V, device="cpu")
     tp_next = torch.rand(4)
     gathered = tpm.gather_full_state(model.state_dict(), cfg, V)
     same = sorted(gathered) == sorted(ref_sd) and all(torch.equal(gathered[k], ref_sd[k]) for k in ref_sd)
@@ -206,13 +208,13 @@ def _check_native_gather(cfg: ModelConfig) -> dict:
     tokens, targets, t, valid = _batch(5)
     saved = torch.cuda.current_device
     torch.cuda.current_device = lambda: torch.device("cpu")
-    tpm._NATIVE_GATHER_ON_CPU = True
+    par.NATIVE_GATHER_ON_CPU = True
     try:
         logits = model(tokens, t, valid)
         _loss(logits, targets, valid).backward()
     finally:
         torch.cuda.current_device = saved
-        tpm._NATIVE_GATHER_ON_CPU = False
+        par.NATIVE_GATHER_ON_CPU = False
     _loss(ref(tokens, t, valid), targets, valid).backward()
     grads = tpm.gather_full_state(_grads(model), cfg, V, alias_tied_head=False)
     return {"logit_diff": (logits - ref(tokens, t, valid)).abs().max().item(),
@@ -233,7 +235,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         tpm.init_model_parallel(2)
         res["tp"] = (tpm.tp_rank(), tpm.tp_world(), dist.get_world_size(tpm.dp_group()))
         try:
-            tpm.TPBackbone(ModelConfig(**BASE), V - 1, device="cpu")
+            par.tensor_parallel_backbone(ModelConfig(**BASE), V - 1, device="cpu")
             res["bad_vocab"] = None
         except ProsecoError as e:
             res["bad_vocab"] = str(e)
@@ -244,7 +246,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res["native_gather"] = _check_native_gather(ModelConfig(**CONFIGS["time_cond_tied"]))
         torch.save(res, f"{out_dir}/rank{rank}.pt")
     finally:
-        if tpm.parallel_state.model_parallel_is_initialized():
+        if tpm.model_parallel_is_initialized():
             tpm.destroy_model_parallel()
         dist.destroy_process_group()
 
@@ -352,7 +354,7 @@ def world1():
     try:
         yield
     finally:
-        if tpm.parallel_state.model_parallel_is_initialized():
+        if tpm.model_parallel_is_initialized():
             tpm.destroy_model_parallel()
         dist.destroy_process_group()
 
@@ -401,9 +403,8 @@ def test_partition_dims():
 
 
 def test_qkv_shard_holds_own_heads_q_k_v_rows():
-    cfg = ModelConfig(**BASE)  # 4 heads of 16
     full = torch.arange(3 * 64, dtype=torch.float32)[:, None].expand(3 * 64, 5)
-    shard = tpm.shard_tensor("blocks.0.attn.qkv.weight", full, cfg, 1, 2)  # heads 2, 3
+    shard = tpm.shard_tensor("blocks.0.attn.qkv.weight", full, 1, 2)  # heads 2, 3
     rows = shard[:, 0].long().tolist()
     assert rows == list(range(32, 64)) + list(range(96, 128)) + list(range(160, 192))
     assert not torch.equal(shard, full.chunk(2)[1])  # not a plain contiguous chunk
@@ -418,7 +419,7 @@ def test_shard_unshard_roundtrip(tp, tied):
     shards = [tpm.shard_full_state(full, cfg, V, r, tp) for r in range(tp)]
     assert ("head.weight" in shards[0]) == (not tied)
     for name in shards[0]:
-        rebuilt = tpm.unshard_tensors(name, [s[name] for s in shards], cfg)
+        rebuilt = tpm.unshard_tensors(name, [s[name] for s in shards])
         assert torch.equal(rebuilt, full[name]), name
         if tpm.partition_dim(name) is not None and tp > 1:
             assert shards[0][name].numel() * tp == full[name].numel()
