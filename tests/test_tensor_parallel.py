@@ -8,6 +8,7 @@ sharded with ``shard_full_state``.
 
 from __future__ import annotations
 
+import re
 import socket
 import warnings
 
@@ -109,6 +110,8 @@ def _check_config(cfg: ModelConfig) -> dict:
                                   if getattr(p, "tensor_model_parallel", False))
     out["expected_sharded"] = sorted(n for n, _ in model.named_parameters() if tpm.partition_dim(n) is not None)
     out["counts"] = (tpm.full_parameter_count(model), count_parameters(ref))
+    out["one_model"] = (type(model) is Backbone, type(model.blocks[0].attn.qkv) is par.ColumnLinear,
+                        type(model.blocks[1].mlp[2]) is par.RowLinear, type(model.head) is par.VocabHead)
 
     local = model.state_dict()
     gathered = tpm.gather_full_state(local, cfg, V)
@@ -152,6 +155,14 @@ def _check_adam(cfg: ModelConfig, steps: int = 4) -> dict:
         # and back: the sharded reference state equals this rank's state
         sharded = tpm.shard_full_state(ref_state, cfg, V, tpm.tp_rank(), tpm.tp_world())
         out[key + "_shard_diff"] = _max_diff(sharded, tp_state)
+    # the optimizer-state converters the megatron checkpoints use: same ids as the reference's
+    names = [n for n, _ in model.named_parameters()]
+    full, ref_sd = tpm.gather_optimizer_state(opt_tp.state_dict(), names, cfg, V), opt_ref.state_dict()
+    out["optim_ids"] = (full["param_groups"] == ref_sd["param_groups"], sorted(full["state"]) == sorted(ref_sd["state"]))
+    out["optim_full_diff"] = max(_max_diff(full["state"][i], ref_sd["state"][i]) for i in ref_sd["state"])
+    back = tpm.shard_optimizer_state(full, names, tpm.tp_rank(), tpm.tp_world())["state"]
+    local = opt_tp.state_dict()["state"]
+    out["optim_roundtrip"] = all(torch.equal(back[i][k], local[i][k]) for i in local for k in local[i])
     return out
 
 
@@ -279,6 +290,7 @@ def test_tp2_gradients_match_backbone(tp2, name):
         assert res["grad_diff"] < TOL, res["grad_diff"]
         assert res["sharded_names"] == res["expected_sharded"]  # megatron's attribute marks exactly these
         assert res["counts"][0] == res["counts"][1]
+        assert res["one_model"] == (True, True, True, True)  # the Backbone itself, its projections swapped
     g0, g1 = (r["configs"][name]["replicated_grads"] for r in tp2)
     assert sorted(g0) == sorted(g1) and "embed.weight" in g0
     for n in g0:  # replicated parameters need no TP all-reduce: bitwise identical gradients
@@ -311,6 +323,7 @@ def test_tp2_adamw_steps_match(tp2, name):
         assert res["param_diff"] < 1e-3
         for key in ("exp_avg", "exp_avg_sq"):
             assert res[key + "_diff"] < TOL and res[key + "_shard_diff"] < TOL
+        assert res["optim_ids"] == (True, True) and res["optim_full_diff"] < TOL and res["optim_roundtrip"]
 
 
 @pytest.mark.distributed
@@ -388,10 +401,24 @@ def test_tp1_matches_backbone(world1, name):
     _loss(c, targets, valid).backward()
 
 
+@pytest.mark.distributed
+def test_plan_must_match_linear_modules(world1):
+    tpm.init_model_parallel(1)
+    cfg = ModelConfig(**BASE)
+    with pytest.raises(ValueError, match=re.escape(r"match no module of Backbone: blocks\.\d+\.gate")):
+        par.apply_tensor_parallel(Backbone(cfg, V), {**tpm.BACKBONE_PLAN, r"blocks\.\d+\.gate": tpm.RowParallel()})
+    with pytest.raises(TypeError, match="'blocks.0.norm1', a LayerNorm, not an nn.Linear"):
+        par.apply_tensor_parallel(Backbone(cfg, V), {r"blocks\.\d+\.norm1": tpm.ColumnParallel()})
+    dp = par.apply_tensor_parallel(Backbone(cfg, V), {r"blocks\.\d+\.mlp\.0": tpm.ColumnParallel()})
+    assert type(dp.blocks[1].mlp[0]) is par.ColumnLinear and type(dp.blocks[1].attn.qkv) is torch.nn.Linear
+
+
 # ---------------------------------------------------------------------------------------------- pure layout
 
 
 def test_partition_dims():
+    assert tpm.partition_dim("module.blocks.0.attn.qkv.weight") == 0  # a wrapper's prefix is allowed
+    assert tpm.param_split("blocks.3.attn.qkv.weight") == (0, 3) and tpm.param_split("head.weight") == (0, 1)
     assert tpm.partition_dim("blocks.0.attn.qkv.weight") == 0
     assert tpm.partition_dim("blocks.11.mlp.0.bias") == 0
     assert tpm.partition_dim("head.weight") == 0

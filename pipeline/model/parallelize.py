@@ -55,6 +55,7 @@ with warnings.catch_warnings():
 # Use megatron's all-gather for the logits even on CPU (tests only: it needs torch.cuda.current_device
 # patched to return the CPU there). On CUDA it is always used.
 NATIVE_GATHER_ON_CPU = False
+_NO_PARALLEL_STATE = "tensor parallelism needs megatron's parallel state: call init_model_parallel(tp) first"
 
 
 @contextlib.contextmanager
@@ -157,10 +158,11 @@ def _parallel_layer(name: str, linear: nn.Linear, plan: dict[str, tpp.Style], mo
                     config: ModelParallelConfig, group) -> nn.Module:
     """The megatron layer that replaces ``linear`` by ``plan``, holding this rank's shard of its weights."""
     if not isinstance(linear, nn.Linear):
-        raise TypeError(f"the tensor-parallel plan matches {name!r}, a {type(linear).__name__}, not an nn.Linear")
+        raise TypeError(f"the tensor-parallel plan matches {name!r}, a {type(linear).__name__}, "
+                        "not an nn.Linear")
     style, rank, size = tpp.plan_style(name, plan), dist.get_rank(group), dist.get_world_size(group)
-    shape = dict(input_size=linear.in_features, output_size=linear.out_features, config=config,
-                 init_method=_init_stub, bias=linear.bias is not None, tp_group=group)
+    shape = {"input_size": linear.in_features, "output_size": linear.out_features, "config": config,
+             "init_method": _init_stub, "bias": linear.bias is not None, "tp_group": group}
     if isinstance(style, tpp.VocabParallel):
         tied = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is linear.weight]
         layer = VocabHead(**shape, gather_output=False, embed=tied[0] if tied else None)
@@ -178,31 +180,30 @@ def _parallel_layer(name: str, linear: nn.Linear, plan: dict[str, tpp.Style], mo
     return layer.to(linear.weight.device)
 
 
-def apply_tensor_parallel(model: nn.Module, plan: dict[str, tpp.Style] | None = None, tp_group=None) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, plan: dict[str, tpp.Style] | None = None,
+                          tp_group=None) -> nn.Module:
     """Swap ``model``'s planned linear layers (in place) for megatron-core parallel layers over
     ``tp_group`` (default: megatron's TP group), each holding this rank's shard of the weights it
     replaces; returns ``model``. Draws nothing from the torch RNG. Every plan entry must match."""
     plan = tpp.BACKBONE_PLAN if plan is None else plan
     if tp_group is None:
         if not tpp.model_parallel_is_initialized():
-            raise RuntimeError("tensor parallelism needs megatron's parallel state: call init_model_parallel(tp)")
+            raise RuntimeError(_NO_PARALLEL_STATE)
         tp_group = tpp.tp_group()
     size = dist.get_world_size(tp_group)
     config = ModelParallelConfig(tensor_model_parallel_size=size, use_cpu_initialization=True,
                                  perform_initialization=False, gradient_accumulation_fusion=False,
                                  sequence_parallel=False, params_dtype=torch.float32)
-    used = set()
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        for name, module in list(model.named_modules()):
-            pattern = tpp.plan_pattern(name, plan)
-            if pattern is None:
-                continue
-            used.add(pattern)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, _parallel_layer(name, module, plan, model, config, tp_group))
-    missing = sorted(set(plan) - used)
+    targets = [(name, module) for name, module in model.named_modules() if tpp.plan_pattern(name, plan)]
+    missing = sorted(set(plan) - {tpp.plan_pattern(name, plan) for name, _ in targets})
     if missing:
-        raise ValueError(f"tensor-parallel plan entries match no module of {type(model).__name__}: {missing}")
+        raise ValueError(f"tensor-parallel plan entries match no module of {type(model).__name__}: "
+                         + ", ".join(missing))
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        for name, module in targets:
+            parent, _, child = name.rpartition(".")
+            layer = _parallel_layer(name, module, plan, model, config, tp_group)
+            setattr(model.get_submodule(parent), child, layer)
     if size > 1:  # attention dropout on this rank's heads draws from a per-rank generator
         for module in model.modules():
             if hasattr(module, "dropout_rng"):
@@ -210,13 +211,14 @@ def apply_tensor_parallel(model: nn.Module, plan: dict[str, tpp.Style] | None = 
     return model
 
 
-def tensor_parallel_backbone(cfg: ModelConfig, vocab_size: int, device: torch.device | str | None = None) -> Backbone:
+def tensor_parallel_backbone(cfg: ModelConfig, vocab_size: int,
+                             device: torch.device | str | None = None) -> Backbone:
     """``Backbone(cfg, vocab_size)`` built on CPU from the current torch RNG (drawing exactly what it
     draws: the same seed gives the same full weights at any TP size), with the Backbone plan applied
     over megatron's TP group, on ``device`` (default: the current CUDA device if any, else CPU).
     Needs :func:`pipeline.model.tensor_parallel.init_model_parallel` first."""
     if not tpp.model_parallel_is_initialized():
-        raise RuntimeError("tensor parallelism needs megatron's parallel state: call init_model_parallel(tp)")
+        raise RuntimeError(_NO_PARALLEL_STATE)
     tpp.check_tp_config(cfg, vocab_size, tpp.tp_world())
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

@@ -153,7 +153,8 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int,
     return blocks.chunk(tp_size, dim=dim + 1)[tp_rank].flatten(dim, dim + 1).clone()
 
 
-def unshard_tensors(name: str, shards: list[torch.Tensor], plan: dict[str, Style] = BACKBONE_PLAN) -> torch.Tensor:
+def unshard_tensors(name: str, shards: list[torch.Tensor],
+                    plan: dict[str, Style] = BACKBONE_PLAN) -> torch.Tensor:
     """Inverse of :func:`shard_tensor`: the full tensor from all ranks' shards (in TP-rank order)."""
     split = param_split(name, plan)
     if split is None or len(shards) == 1:
