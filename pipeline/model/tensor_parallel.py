@@ -110,7 +110,7 @@ def partition_dim(name: str, plan: dict[str, Style] = BACKBONE_PLAN) -> int | No
     return None if split is None else split[0]
 
 
-def mlp_inner(cfg: ModelConfig) -> int:
+def _mlp_inner(cfg: ModelConfig) -> int:
     """The MLP's hidden width."""
     return int(cfg.hidden * cfg.mlp_ratio)
 
@@ -122,8 +122,8 @@ def check_tp_config(cfg: ModelConfig, vocab_size: int, tp_size: int) -> None:
     if cfg.heads % tp_size:
         raise ProsecoError(f"model.heads={cfg.heads} is not divisible by train.tp_size={tp_size}; "
                            "pick a tp_size that divides the number of heads")
-    if mlp_inner(cfg) % tp_size:
-        raise ProsecoError(f"the MLP width int(model.hidden*model.mlp_ratio)={mlp_inner(cfg)} is not divisible "
+    if _mlp_inner(cfg) % tp_size:
+        raise ProsecoError(f"the MLP width int(model.hidden*model.mlp_ratio)={_mlp_inner(cfg)} is not divisible "
                            f"by train.tp_size={tp_size}")
     if vocab_size % tp_size:
         raise ProsecoError(f"model.vocab_size={vocab_size} is not divisible by train.tp_size={tp_size}; set "

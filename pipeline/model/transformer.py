@@ -9,6 +9,9 @@
   optional ``valid`` mask ([B, L] bool, True = real token) hides padding keys.
 * Output head tied to the input embedding or separate (the paper's DiT: untied).
 
+Tensor parallelism is applied to this one model by a plan (:mod:`pipeline.model.parallelize`),
+which swaps its projections for megatron-core layers; the forward below serves both.
+
 The backbone returns raw logits over the whole vocabulary. Forcing the mask logit to -inf
 (MDLM's "SUBS"/zero-masking parameterisation) is the objective's and the sampler's business,
 see :func:`pipeline.diffusion.objective.denoiser_logits`.
