@@ -6,7 +6,8 @@ groups across them. The model is the same seeded Backbone as the other backends 
 parallelism applied to it (:func:`pipeline.model.parallelize.tensor_parallel_backbone`: megatron-core
 ``ColumnParallelLinear`` / ``RowParallelLinear`` for attention, MLP and head), so TP=2 starts from -
 and computes - the same model as TP=1. Data parallelism is torch DDP over the DP group (gradient
-sync once per optimizer step, as in the torch engine); clipping uses the global norm over the TP group (:func:`clip_grad_norm_tp`).
+sync once per optimizer step, as in the torch engine); clipping uses the global norm over the TP
+group (:func:`clip_grad_norm_tp`).
 
 The loop gives every rank of a TP group the same data slice (``data_rank`` = DP rank) and the same
 masking / dropout seeds, as tensor parallelism requires.
