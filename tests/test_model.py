@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model import Backbone, count_parameters
+from pipeline.model.transformer import rotary_tables
 
 V, L = 6, 10
 
@@ -114,3 +118,25 @@ def test_an_all_padding_row_gives_finite_logits_and_leaves_other_rows_alone(tiny
     out = tiny_model(tokens, None, valid)
     assert bool(torch.isfinite(out).all())
     torch.testing.assert_close(out[0], tiny_model(tokens[:1], None, valid[:1])[0], rtol=0, atol=1e-12)
+
+
+def test_attention_runs_on_any_subset_of_its_heads(tiny_factory):
+    """Attention reads its head count from qkv's width: layers cut to some heads' q/k/v rows and proj
+    columns (what a tensor-parallel rank holds) give those heads' share, and the shares sum to the whole."""
+    attn = tiny_factory().blocks[0].attn
+    hidden, d = attn.qkv.in_features, attn.head_dim
+    heads = hidden // d
+    assert heads >= 2
+    x = torch.randn(2, L, hidden, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cos, sin = rotary_tables(L, d, 10000.0)
+    total = torch.zeros_like(x)
+    for part in (slice(0, 1), slice(1, heads)):
+        n = part.stop - part.start
+        cut = copy.deepcopy(attn)
+        cut.qkv = nn.Linear(hidden, 3 * n * d, bias=False, dtype=torch.float64)
+        cut.proj = nn.Linear(n * d, hidden, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            cut.qkv.weight.copy_(attn.qkv.weight.view(3, heads, d, hidden)[:, part].reshape(-1, hidden))
+            cut.proj.weight.copy_(attn.proj.weight[:, part.start * d:part.stop * d])
+        total += cut(x, cos, sin, None)
+    torch.testing.assert_close(total, attn(x, cos, sin, None), rtol=0, atol=1e-12)

@@ -1,4 +1,5 @@
-"""Tensor-parallel Backbone (pipeline/model/tensor_parallel.py) against the single-process Backbone.
+"""Tensor parallelism applied to the Backbone (pipeline/model/parallelize.py, plan and state conversion in
+pipeline/model/tensor_parallel.py) against the single-process Backbone.
 
 One 2-process gloo run (module fixture ``tp2``) does every TP=2 computation and records the results;
 the tests below assert on them. Reference models are built in every process from the same seed and
@@ -7,6 +8,7 @@ sharded with ``shard_full_state``.
 
 from __future__ import annotations
 
+import re
 import socket
 import warnings
 
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Warning. tp_group is None:Deprec
 from pipeline.config import ModelConfig
 from pipeline.errors import ProsecoError
 from pipeline.model import Backbone, count_parameters
+from pipeline.model import parallelize as par
 from pipeline.model import tensor_parallel as tpm
 
 V = 64
@@ -53,8 +56,8 @@ def _reference(cfg: ModelConfig, seed: int = 0) -> Backbone:
     return ref
 
 
-def _tp_copy(ref: Backbone, cfg: ModelConfig) -> tpm.TPBackbone:
-    model = tpm.TPBackbone(cfg, V, init="empty", device="cpu")
+def _tp_copy(ref: Backbone, cfg: ModelConfig) -> Backbone:
+    model = par.tensor_parallel_backbone(cfg, V, device="cpu")
     model.load_state_dict(tpm.shard_full_state(ref.state_dict(), cfg, V, tpm.tp_rank(), tpm.tp_world()))
     return model
 
@@ -107,6 +110,8 @@ def _check_config(cfg: ModelConfig) -> dict:
                                   if getattr(p, "tensor_model_parallel", False))
     out["expected_sharded"] = sorted(n for n, _ in model.named_parameters() if tpm.partition_dim(n) is not None)
     out["counts"] = (tpm.full_parameter_count(model), count_parameters(ref))
+    out["one_model"] = (type(model) is Backbone, type(model.blocks[0].attn.qkv) is par.ColumnLinear,
+                        type(model.blocks[1].mlp[2]) is par.RowLinear, type(model.head) is par.VocabHead)
 
     local = model.state_dict()
     gathered = tpm.gather_full_state(local, cfg, V)
@@ -150,13 +155,21 @@ def _check_adam(cfg: ModelConfig, steps: int = 4) -> dict:
         # and back: the sharded reference state equals this rank's state
         sharded = tpm.shard_full_state(ref_state, cfg, V, tpm.tp_rank(), tpm.tp_world())
         out[key + "_shard_diff"] = _max_diff(sharded, tp_state)
+    # the optimizer-state converters the megatron checkpoints use: same ids as the reference's
+    names = [n for n, _ in model.named_parameters()]
+    full, ref_sd = tpm.gather_optimizer_state(opt_tp.state_dict(), names, cfg, V), opt_ref.state_dict()
+    out["optim_ids"] = (full["param_groups"] == ref_sd["param_groups"], sorted(full["state"]) == sorted(ref_sd["state"]))
+    out["optim_full_diff"] = max(_max_diff(full["state"][i], ref_sd["state"][i]) for i in ref_sd["state"])
+    back = tpm.shard_optimizer_state(full, names, tpm.tp_rank(), tpm.tp_world())["state"]
+    local = opt_tp.state_dict()["state"]
+    out["optim_roundtrip"] = all(torch.equal(back[i][k], local[i][k]) for i in local for k in local[i])
     return out
 
 
 def _check_dropout() -> dict:
     cfg = ModelConfig(**{**BASE, "dropout": 0.2, "learned_positions": True})
     torch.manual_seed(0)  # same seed on both TP ranks, as the trainer does
-    model = tpm.TPBackbone(cfg, V, device="cpu")
+    model = par.tensor_parallel_backbone(cfg, V, device="cpu")
     tokens, targets, t, valid = _batch(7)
     model.eval()
     eval_logits = model(tokens, t, valid)
@@ -165,7 +178,7 @@ def _check_dropout() -> dict:
     logits = model(tokens, t, valid)
     _loss(logits, targets, valid).backward()
     torch.manual_seed(3)
-    with tpm._tp_region_rng(torch.device("cpu")):
+    with par.tp_region_rng(torch.device("cpu"), tpm.tp_rank()):
         inside = torch.rand(8)
     after = torch.rand(8)
     # What the attention's dropout would draw: spy on SDPA (this process only).
@@ -192,7 +205,7 @@ def _check_init_from_seed(cfg: ModelConfig) -> dict:
     ref_sd = Backbone(cfg, V).state_dict()
     ref_next = torch.rand(4)
     torch.manual_seed(0)
-    model = tpm.TPBackbone(cfg, V, device="cpu")
+    model = par.tensor_parallel_backbone(cfg, V, device="cpu")
     tp_next = torch.rand(4)
     gathered = tpm.gather_full_state(model.state_dict(), cfg, V)
     same = sorted(gathered) == sorted(ref_sd) and all(torch.equal(gathered[k], ref_sd[k]) for k in ref_sd)
@@ -206,13 +219,13 @@ def _check_native_gather(cfg: ModelConfig) -> dict:
     tokens, targets, t, valid = _batch(5)
     saved = torch.cuda.current_device
     torch.cuda.current_device = lambda: torch.device("cpu")
-    tpm._NATIVE_GATHER_ON_CPU = True
+    par.NATIVE_GATHER_ON_CPU = True
     try:
         logits = model(tokens, t, valid)
         _loss(logits, targets, valid).backward()
     finally:
         torch.cuda.current_device = saved
-        tpm._NATIVE_GATHER_ON_CPU = False
+        par.NATIVE_GATHER_ON_CPU = False
     _loss(ref(tokens, t, valid), targets, valid).backward()
     grads = tpm.gather_full_state(_grads(model), cfg, V, alias_tied_head=False)
     return {"logit_diff": (logits - ref(tokens, t, valid)).abs().max().item(),
@@ -233,7 +246,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         tpm.init_model_parallel(2)
         res["tp"] = (tpm.tp_rank(), tpm.tp_world(), dist.get_world_size(tpm.dp_group()))
         try:
-            tpm.TPBackbone(ModelConfig(**BASE), V - 1, device="cpu")
+            par.tensor_parallel_backbone(ModelConfig(**BASE), V - 1, device="cpu")
             res["bad_vocab"] = None
         except ProsecoError as e:
             res["bad_vocab"] = str(e)
@@ -244,7 +257,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res["native_gather"] = _check_native_gather(ModelConfig(**CONFIGS["time_cond_tied"]))
         torch.save(res, f"{out_dir}/rank{rank}.pt")
     finally:
-        if tpm.parallel_state.model_parallel_is_initialized():
+        if tpm.model_parallel_is_initialized():
             tpm.destroy_model_parallel()
         dist.destroy_process_group()
 
@@ -277,6 +290,7 @@ def test_tp2_gradients_match_backbone(tp2, name):
         assert res["grad_diff"] < TOL, res["grad_diff"]
         assert res["sharded_names"] == res["expected_sharded"]  # megatron's attribute marks exactly these
         assert res["counts"][0] == res["counts"][1]
+        assert res["one_model"] == (True, True, True, True)  # the Backbone itself, its projections swapped
     g0, g1 = (r["configs"][name]["replicated_grads"] for r in tp2)
     assert sorted(g0) == sorted(g1) and "embed.weight" in g0
     for n in g0:  # replicated parameters need no TP all-reduce: bitwise identical gradients
@@ -309,6 +323,7 @@ def test_tp2_adamw_steps_match(tp2, name):
         assert res["param_diff"] < 1e-3
         for key in ("exp_avg", "exp_avg_sq"):
             assert res[key + "_diff"] < TOL and res[key + "_shard_diff"] < TOL
+        assert res["optim_ids"] == (True, True) and res["optim_full_diff"] < TOL and res["optim_roundtrip"]
 
 
 @pytest.mark.distributed
@@ -352,7 +367,7 @@ def world1():
     try:
         yield
     finally:
-        if tpm.parallel_state.model_parallel_is_initialized():
+        if tpm.model_parallel_is_initialized():
             tpm.destroy_model_parallel()
         dist.destroy_process_group()
 
@@ -380,16 +395,30 @@ def test_tp1_matches_backbone(world1, name):
     assert _max_diff(tpm.gather_full_state(_grads(model), cfg, V, alias_tied_head=False), _grads(ref)) < 1e-6
     assert tpm.clip_grad_norm_tp(model.parameters(), 1e9).item() == pytest.approx(
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9).item(), rel=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast is ignored (fp32), not a crash
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # megatron layers run fp32 here: no crash
         c = model(tokens, t, valid)
     assert c.dtype == torch.float32
     _loss(c, targets, valid).backward()
+
+
+@pytest.mark.distributed
+def test_plan_must_match_linear_modules(world1):
+    tpm.init_model_parallel(1)
+    cfg = ModelConfig(**BASE)
+    with pytest.raises(ValueError, match=re.escape(r"match no module of Backbone: blocks\.\d+\.gate")):
+        par.apply_tensor_parallel(Backbone(cfg, V), {**tpm.BACKBONE_PLAN, r"blocks\.\d+\.gate": tpm.RowParallel()})
+    with pytest.raises(TypeError, match="'blocks.0.norm1', a LayerNorm, not an nn.Linear"):
+        par.apply_tensor_parallel(Backbone(cfg, V), {r"blocks\.\d+\.norm1": tpm.ColumnParallel()})
+    dp = par.apply_tensor_parallel(Backbone(cfg, V), {r"blocks\.\d+\.mlp\.0": tpm.ColumnParallel()})
+    assert type(dp.blocks[1].mlp[0]) is par.ColumnLinear and type(dp.blocks[1].attn.qkv) is torch.nn.Linear
 
 
 # ---------------------------------------------------------------------------------------------- pure layout
 
 
 def test_partition_dims():
+    assert tpm.partition_dim("module.blocks.0.attn.qkv.weight") == 0  # a wrapper's prefix is allowed
+    assert tpm.param_split("blocks.3.attn.qkv.weight") == (0, 3) and tpm.param_split("head.weight") == (0, 1)
     assert tpm.partition_dim("blocks.0.attn.qkv.weight") == 0
     assert tpm.partition_dim("blocks.11.mlp.0.bias") == 0
     assert tpm.partition_dim("head.weight") == 0
@@ -401,9 +430,8 @@ def test_partition_dims():
 
 
 def test_qkv_shard_holds_own_heads_q_k_v_rows():
-    cfg = ModelConfig(**BASE)  # 4 heads of 16
     full = torch.arange(3 * 64, dtype=torch.float32)[:, None].expand(3 * 64, 5)
-    shard = tpm.shard_tensor("blocks.0.attn.qkv.weight", full, cfg, 1, 2)  # heads 2, 3
+    shard = tpm.shard_tensor("blocks.0.attn.qkv.weight", full, 1, 2)  # heads 2, 3
     rows = shard[:, 0].long().tolist()
     assert rows == list(range(32, 64)) + list(range(96, 128)) + list(range(160, 192))
     assert not torch.equal(shard, full.chunk(2)[1])  # not a plain contiguous chunk
@@ -418,7 +446,7 @@ def test_shard_unshard_roundtrip(tp, tied):
     shards = [tpm.shard_full_state(full, cfg, V, r, tp) for r in range(tp)]
     assert ("head.weight" in shards[0]) == (not tied)
     for name in shards[0]:
-        rebuilt = tpm.unshard_tensors(name, [s[name] for s in shards], cfg)
+        rebuilt = tpm.unshard_tensors(name, [s[name] for s in shards])
         assert torch.equal(rebuilt, full[name]), name
         if tpm.partition_dim(name) is not None and tp > 1:
             assert shards[0][name].numel() * tp == full[name].numel()

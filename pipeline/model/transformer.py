@@ -9,6 +9,9 @@
   optional ``valid`` mask ([B, L] bool, True = real token) hides padding keys.
 * Output head tied to the input embedding or separate (the paper's DiT: untied).
 
+Tensor parallelism is applied to this one model by a plan (:mod:`pipeline.model.parallelize`),
+which swaps its projections for megatron-core layers; the forward below serves both.
+
 The backbone returns raw logits over the whole vocabulary. Forcing the mask logit to -inf
 (MDLM's "SUBS"/zero-masking parameterisation) is the objective's and the sampler's business,
 see :func:`pipeline.diffusion.objective.denoiser_logits`.
@@ -16,6 +19,7 @@ see :func:`pipeline.diffusion.objective.denoiser_logits`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -52,21 +56,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with rotary positions.
+
+    The number of heads is read from ``qkv``'s output width (laid out as ``(3, heads, head_dim)``), so
+    the same forward runs on a tensor-parallel shard of ``qkv`` / ``proj`` (this rank's heads) as on the
+    full layers. ``dropout_rng(device)`` is the context the attention-probability dropout draws under:
+    a no-op here; :func:`pipeline.model.parallelize.apply_tensor_parallel` sets a per-rank generator.
+    """
+
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
-        self.heads = heads
+        self.head_dim = hidden // heads
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.proj = nn.Linear(hidden, hidden, bias=False)
         self.dropout = dropout
+        self.dropout_rng = contextlib.nullcontext
 
     def forward(self, x, cos, sin, attn_mask):
-        b, seq, h = x.shape
-        q, k, v = self.qkv(x).view(b, seq, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        b, seq, _ = x.shape
+        qkv = self.qkv(x)
+        heads = qkv.shape[-1] // (3 * self.head_dim)  # all heads, or this tensor-parallel rank's
+        q, k, v = qkv.view(b, seq, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.proj(out.transpose(1, 2).reshape(b, seq, h))
+        p = self.dropout if self.training else 0.0
+        with self.dropout_rng(x.device) if p > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        return self.proj(out.transpose(1, 2).reshape(b, seq, heads * self.head_dim))
 
 
 class Block(nn.Module):
