@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import SamplerConfig
 from pipeline.diffusion.decoding import Noise, confidence_step
+from pipeline.errors import ProsecoError
 from pipeline.diffusion import sampling
 
 
@@ -32,6 +33,11 @@ class _Schedule:
         gen = n - self.prompt_end
         self.size = torch.full_like(gen, cfg.block_size) if cfg.block_size > 0 else gen.clamp_min(1)
         n_blocks = (-(-gen // self.size)).clamp_min(1)
+        bad = (cfg.steps % n_blocks != 0) & (gen > 0)
+        if bool(bad.any()):
+            n, g = int(n_blocks[bad][0]), int(gen[bad][0])
+            raise ProsecoError(f"sampler.steps ({cfg.steps}) must be a multiple of the number of blocks ({n} = "
+                               f"ceil({g} positions after the prompt / sampler.block_size {cfg.block_size}))")
         self.per_block = (cfg.steps // n_blocks).clamp_min(1)
         self.block = torch.zeros_like(gen)
         self.step = torch.zeros_like(gen)  # steps taken in the current block

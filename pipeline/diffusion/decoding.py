@@ -117,10 +117,12 @@ def remdm_sigma(strategy: str, t: float, s: float, eta: float, conf: torch.Tenso
 
 def loop_schedule(t: float, s: float, t_on: float, t_off: float, alpha_on: float):
     """ReMDM-loop's phases: (mask probability at t, at s) of the MDLM phases, or None inside
-    [t_off, t_on) where alpha is held at ``alpha_on`` and tokens are remasked."""
-    if t > t_on:
+    [t_off, t_on) where alpha is held at ``alpha_on`` and tokens are remasked. The last step (s = 0)
+    is an MDLM step that unmasks every remaining position (the official code ends with a separate
+    noise-removal pass instead)."""
+    if t > t_on and s > 0:
         return 1.0 - (1.0 - t) * alpha_on / (1.0 - t_on), 1.0 - (1.0 - s) * alpha_on / (1.0 - t_on)
-    if t <= t_off:
+    if t <= t_off or s == 0:
         return t * (1.0 - alpha_on) / t_off, s * (1.0 - alpha_on) / t_off
     return None
 

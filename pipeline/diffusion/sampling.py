@@ -143,7 +143,7 @@ def _corrector_update(logits, y, update, stale, cfg: SamplerConfig, u):
     score = torch.full(top.shape, float("-inf"), dtype=torch.float64, device=y.device)
     if bool(differs.any()):
         score[differs] = chosen_prob(logits[rows], differs, top, p, f64, rule).double()
-    rank = score.argsort(-1, descending=True, stable=True).argsort(-1, stable=True)
+    rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
     y_new[rows] = torch.where(differs & (rank < cfg.corrector_top_k), top, y[rows])
     return y_new
 
@@ -286,8 +286,3 @@ def check_sampler(cfg: SamplerConfig, seq_len: int, max_seq_len: int | None) -> 
         raise ProsecoError("ReMDM loop needs 0 < remdm_t_off < remdm_t_on < 1 and 0 < remdm_alpha_on < 1")
     if max_seq_len is not None and seq_len > max_seq_len:
         raise ProsecoError(f"sequence length {seq_len} is longer than the model's max_seq_len {max_seq_len}")
-    if cfg.name == "confidence" and cfg.block_size > 0:
-        n_blocks = -(-seq_len // cfg.block_size)
-        if cfg.steps % n_blocks:
-            raise ProsecoError(f"sampler.steps ({cfg.steps}) must be a multiple of the number of blocks "
-                               f"({n_blocks} = ceil({seq_len} / sampler.block_size {cfg.block_size}))")
