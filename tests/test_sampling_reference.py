@@ -134,3 +134,25 @@ def test_remdm_conf_and_loop_differ_from_cap():
     runs = {s: ours(fn, dataclasses.replace(base, remdm_strategy=s), seeds, batch=8)[0]
             for s in ("cap", "conf", "loop")}
     assert not torch.equal(runs["cap"], runs["conf"]) and not torch.equal(runs["cap"], runs["loop"])
+
+
+def test_pads_follow_the_models_training_rule():
+    """loss_on_pad=False: the model never saw a pad as a target, so none is sampled and prompt pads are
+    hidden from attention; loss_on_pad=True (official QM9): a pad is an ordinary token."""
+    pad = 2
+    fn = random_net(4, scale=0.0)  # uniform logits: every token, pad included, equally likely
+    seen_valid = []
+
+    def spy(tokens, t, valid):
+        seen_valid.append(valid)
+        return fn(tokens, t, valid)
+    cfg = SamplerConfig(name="ancestral", steps=4)
+    prompt = torch.full((6, L), MASK)
+    prompt[:, -1] = pad
+    fixed = prompt != MASK
+    hidden = sample(spy, cfg, seq_len=L, mask_id=MASK, prompt=prompt, fixed=fixed, pad_id=pad, loss_on_pad=False)
+    assert not bool((hidden.tokens[:, :-1] == pad).any())
+    assert all(v is not None and not bool(v[:, -1].any()) for v in seen_valid)
+    seen_valid.clear()
+    open_ = sample(spy, cfg, seq_len=L, mask_id=MASK, prompt=prompt, fixed=fixed, pad_id=pad, loss_on_pad=True)
+    assert bool((open_.tokens[:, :-1] == pad).any()) and all(v is None for v in seen_valid)
