@@ -55,6 +55,10 @@ class DiffusionConfig:
     corrector_input: str = "model_outputs"  # model_outputs | masked_only
     errors_upweighted: bool = False
     split_backward: bool = True  # pass 1 backward before pass 2: same gradient, ~half the activations
+    # pads are masked, predicted, attended to and get loss like any token (the official QM9 recipe,
+    # compute_loss_on_pad_tokens=True); False: pads are never masked, get no loss, hidden from attention.
+    # The sampler follows the same rule (it never emits a pad when False).
+    loss_on_pad: bool = False
 
 
 @dataclass
@@ -69,8 +73,17 @@ class SamplerConfig:
     corrector_steps: int = 0  # S, max corrector passes per loop; 0 = corrector off
     corrector_every: int = 1  # omega: a corrector loop every omega unmasking steps
     corrector_start: int = 0  # first unmasking step (1-based index) that may run the corrector
-    remdm_strategy: str = "cap"  # cap | rescale (remdm sampler only)
+    remdm_strategy: str = "cap"  # cap | rescale | conf | loop (remdm sampler only)
     remdm_eta: float = 0.02
+    remdm_t_on: float = 0.55  # remdm loop: alpha held at remdm_alpha_on for t in [t_off, t_on)
+    remdm_t_off: float = 0.05
+    remdm_alpha_on: float = 0.9
+    corrector_mode: str = "argmax"  # argmax | sample | select_top_k (official corrector_sampling)
+    corrector_top_k: int = 1  # select_top_k: at most this many tokens edited per corrector pass
+    threshold: float = 0.0  # confidence sampler: 0 = top-k schedule; > 0 = unmask every position above it
+    eos_stop: bool = False  # confidence sampler: stop once a finished block ends with EOS (rest = EOS)
+    nfe_cache: str = "official"  # official | exact: when a predictor call is free (see diffusion/sampling.py)
+    nucleus_rule: str = "official"  # official: cumulative mass <= p (top token kept) | minimal: smallest set >= p
     float64: bool = True
     batch_size: int = 64
     seed: int = 0
@@ -431,7 +444,10 @@ _CHOICES = {
     "diffusion.schedule": ("loglinear",),
     "diffusion.corrector_input": ("model_outputs", "masked_only"),
     "sampler.name": ("ancestral", "confidence", "remdm"),
-    "sampler.remdm_strategy": ("cap", "rescale"),
+    "sampler.remdm_strategy": ("cap", "rescale", "conf", "loop"),
+    "sampler.corrector_mode": ("argmax", "sample", "select_top_k"),
+    "sampler.nfe_cache": ("official", "exact"),
+    "sampler.nucleus_rule": ("official", "minimal"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.backend": ("torch", "deepspeed", "megatron"),
     "train.distributed": ("none", "ddp", "fsdp"),

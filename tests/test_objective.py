@@ -176,6 +176,24 @@ def test_padding_is_ignored_end_to_end(tiny_model):
         torch.testing.assert_close(u, w, rtol=0, atol=1e-12)
 
 
+def test_loss_on_pad_treats_pads_as_tokens(tiny_model):
+    """diffusion.loss_on_pad (official QM9 compute_loss_on_pad_tokens): pads are masked, attended to and
+    get loss like any token - the same loss as no padding mask at all, and not the padded loss."""
+    x, z_t, t = data()
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[:, 7:] = False
+    on = proseco_loss(tiny_model, x, DiffusionConfig(loss_on_pad=True), MASK, t=t, z_t=z_t, valid=valid)
+    plain = proseco_loss(tiny_model, x, DiffusionConfig(), MASK, t=t, z_t=z_t)
+    off = proseco_loss(tiny_model, x, DiffusionConfig(), MASK, t=t, z_t=z_t, valid=valid)
+    assert on.tokens == x.numel()
+    torch.testing.assert_close(on.loss, plain.loss, rtol=0, atol=1e-12)
+    assert abs(float(on.loss) - float(off.loss)) > 1e-6
+    gen = torch.Generator().manual_seed(0)
+    masked = proseco_loss(tiny_model, x, DiffusionConfig(loss_on_pad=True), MASK, t=torch.ones(3, dtype=torch.float64),
+                          valid=valid, generator=gen)
+    assert masked.masked_fraction == 1.0  # pad positions are masked too at t = 1
+
+
 # ----------------------------------------------------------------------------- stop-gradient on y
 def test_no_gradient_flows_through_y(tiny_model):
     x, z_t, t = data()

@@ -97,14 +97,14 @@ def trace(monkeypatch) -> Trace:
     tr = Trace()
     call, loop = sampling.Denoiser.__call__, sampling.corrector_loop
 
-    def traced_call(self, tokens, t, rows, kind, previous):
+    def traced_call(self, tokens, t, rows, kind, previous, inplace=False):
         computed = torch.ones_like(rows) if previous is None else rows.clone()
         tr.calls.append((kind, tokens.clone(), computed))
-        return call(self, tokens, t, rows, kind, previous)
+        return call(self, tokens, t, rows, kind, previous, inplace)
 
-    def traced_loop(denoise, logits, z, t, fixed, mask_id, max_passes):
-        z_out, logits_out = loop(denoise, logits, z, t, fixed, mask_id, max_passes)
-        tr.loops.append((z.clone(), z_out.clone(), fixed.clone()))
+    def traced_loop(denoise, logits, z, t, rows, update, guess, mask_id, cfg, noise):
+        z_out, logits_out = loop(denoise, logits, z, t, rows, update, guess, mask_id, cfg, noise)
+        tr.loops.append((z.clone(), z_out.clone(), ~update | ~rows[:, None]))
         return z_out, logits_out
 
     monkeypatch.setattr(sampling.Denoiser, "__call__", traced_call)
@@ -148,7 +148,8 @@ def test_decoded_tokens_never_change_without_corrector(tiny_model, trace, name):
         out = sample(backbone_fn(tiny_model), config(name, steps=12), seq_len=L, mask_id=MASK, batch=3,
                      seeds=[seed, seed + 10, seed + 20])
         states = [*trace.inputs("predictor"), out.tokens]
-        assert len(states) == 12 + 1  # the denoiser is consulted once per step
+        # once per step; LLaDA's block ends when it has no mask (10 positions, one per step)
+        assert len(states) == (12 if name == "ancestral" else L) + 1
         for before, after in pairwise(states):
             decoded = before != MASK
             assert torch.equal(after[decoded], before[decoded])
@@ -177,7 +178,8 @@ def test_corrector_only_rewrites_decoded_positions(tiny_model, trace, name):
         prompt, fixed = infill_problem(batch=3, seed=seed)
         sample(backbone_fn(tiny_model), config(name, steps=8, corrector_steps=3), seq_len=L, mask_id=MASK,
                prompt=prompt, fixed=fixed, seeds=[seed, seed + 10, seed + 20])
-        assert len(trace.loops) == 8
+        # a loop after every step (LLaDA's block may end before its 8 steps when it has fewer masks)
+        assert len(trace.loops) == (8 if name != "confidence" else len(trace.inputs("predictor")))
         for z_in, z_out, fixed_ in trace.loops:
             assert torch.equal(z_out == MASK, z_in == MASK)  # the loop never fills a masked position
             assert torch.equal(z_out[fixed_], z_in[fixed_])
@@ -257,7 +259,7 @@ def test_time_conditioned_model_is_recomputed_every_step(tiny_model):
     assert out.nfe_predictor.tolist() == [30, 30, 30]
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", ["ancestral", "remdm"])
 def test_logit_cache_is_a_pure_optimisation_without_corrector(tiny_model, name):
     """A t-independent model gives the same samples whether logits may be reused or not."""
     fn, cfg = backbone_fn(tiny_model), config(name, steps=20)
@@ -267,8 +269,10 @@ def test_logit_cache_is_a_pure_optimisation_without_corrector(tiny_model, name):
     assert int(cached.nfe_predictor.sum()) < int(fresh.nfe_predictor.sum())
 
 
-def test_logit_cache_is_a_pure_optimisation_with_corrector(tiny_model):
-    fn, cfg = backbone_fn(tiny_model), config("ancestral", steps=20, corrector_steps=2)
+@pytest.mark.parametrize("name", POLICIES)
+def test_exact_logit_cache_is_a_pure_optimisation_with_corrector(tiny_model, name):
+    """nfe_cache=exact never reuses logits computed on other tokens (official reuses the corrector's)."""
+    fn, cfg = backbone_fn(tiny_model), config(name, steps=20, corrector_steps=2, nfe_cache="exact")
     cached = sample(fn, cfg, seq_len=L, mask_id=MASK, batch=6, seeds=list(range(6)))
     fresh = sample(fn, cfg, seq_len=L, mask_id=MASK, batch=6, seeds=list(range(6)), time_conditioned=True)
     assert torch.equal(cached.tokens, fresh.tokens)
@@ -366,19 +370,38 @@ def test_missing_batch_and_prompt_is_a_proseco_error():
 
 
 # ----------------------------------------------------------------------------- small pure pieces
-def test_nucleus_keeps_the_smallest_top_set_and_renormalises():
+def test_nucleus_official_rule_keeps_mass_up_to_p_and_the_top_token():
+    """Official (ProSeCo / ReMDM code): sorted tokens with cumulative mass <= p, the top one always."""
     probs = torch.tensor([[0.1, 0.4, 0.2, 0.3]], dtype=torch.float64)
-    out = nucleus_log_probs(probs.log(), 0.5, float64=True)
+    out = nucleus_log_probs(probs.log(), 0.75, float64=True)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out.exp(), torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]], dtype=torch.float64),
                                rtol=1e-12, atol=1e-15)
     assert bool(torch.isneginf(out[0, [0, 2]]).all())
-    only_top = nucleus_log_probs(probs.log(), 0.35, float64=True)
-    torch.testing.assert_close(only_top.exp(), torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
+    for p in (0.35, 0.5):  # cumulative 0.4 then 0.7: only the top token (kept even when 0.4 > p)
+        torch.testing.assert_close(nucleus_log_probs(probs.log(), p).exp(),
+                                   torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(nucleus_log_probs(probs.log(), 1.0, float64=True), probs.log())
     exact = torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64)  # the top token alone has mass p
     assert nucleus_log_probs(exact.log(), 0.5).exp().tolist() == [[0.0, 1.0, 0.0]]
     assert nucleus_log_probs(probs.log().float(), 0.5, float64=False).dtype == torch.float32
+
+
+def test_nucleus_minimal_rule_keeps_the_smallest_set_with_mass_p():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(nucleus_log_probs(probs.log(), 0.5, rule="minimal").exp(),
+                               torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]], dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(nucleus_log_probs(probs.log(), 0.35, rule="minimal").exp(),
+                               torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_nucleus_rules_differ_on_random_distributions():
+    """The two rules are not the same thing (the issue measured 1992 of 2000 differing at p=0.9)."""
+    logits = torch.randn(2000, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    official = torch.isfinite(nucleus_log_probs(logits, 0.9))
+    minimal = torch.isfinite(nucleus_log_probs(logits, 0.9, rule="minimal"))
+    assert bool((official <= minimal).all())  # official keeps a subset
+    assert int((official != minimal).any(-1).sum()) > 1500
 
 
 def test_categorical_inverts_the_cdf():
@@ -394,10 +417,12 @@ def test_categorical_never_draws_a_zero_probability_token():
 
 
 def test_categorical_with_nucleus_samples_only_the_top_set():
-    # p = 0.6 keeps {0.5, 0.3} (mass before 0.3 is 0.5 < 0.6); renormalised to 5/8, 3/8
+    # official p = 0.85 and minimal p = 0.6 both keep {0.5, 0.3}, renormalised to 5/8, 3/8
     logits = torch.tensor([0.0, 0.5, 0.3, 0.2], dtype=torch.float64).log().expand(4, 4)
     u = torch.tensor([[0.0], [0.62], [0.63], [1.0 - 1e-16]], dtype=torch.float64)
-    assert categorical(logits, u, p=0.6).tolist() == [1, 1, 2, 2]
+    assert categorical(logits, u, p=0.85).tolist() == [1, 1, 2, 2]
+    assert categorical(logits, u, p=0.6, rule="minimal").tolist() == [1, 1, 2, 2]
+    assert categorical(logits, u, p=0.6).tolist() == [1, 1, 1, 1]  # official: 0.5 + 0.3 > 0.6
 
 
 def test_ancestral_step_unmasking_probability():

@@ -142,8 +142,11 @@ def proseco_loss(model_fn: ModelFn, x: torch.Tensor, cfg: DiffusionConfig, mask_
     as soon as that term exists, so pass 1's activations are freed before pass 2 runs. The
     gradient equals that of the summed loss (y is stop-gradient; the terms share only weights)
     and peak activation memory roughly halves. The returned ``loss`` is then detached.
+
+    ``valid`` [B, L] (False = pad): pads are never masked, get no loss and are hidden from attention,
+    unless ``cfg.loss_on_pad`` (the official QM9 recipe), which treats every position as a token.
     """
-    if valid is None:
+    if valid is None or cfg.loss_on_pad:  # loss_on_pad: pads are tokens like any other (official QM9)
         valid = torch.ones_like(x, dtype=torch.bool)
     if t is None:
         t = sample_t(x.shape[0], cfg.t_eps, cfg.antithetic, generator, device=x.device)

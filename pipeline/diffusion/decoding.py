@@ -1,0 +1,194 @@
+"""One unmasking step of each policy, and the draws they share (paper Alg. 2-3, ReMDM, LLaDA).
+
+Pure functions on a batch: ``logits`` [B, L, V] (mask logit -inf), the current tokens ``z`` [B, L],
+per-sample uniform draws from :class:`Noise`. Tokens are drawn only where a position changes, and
+only those rows of ``logits`` are touched, so a step costs O(changed rows x V), not O(B x L x V).
+
+Nucleus rules (``rule``): ``official`` - the official ProSeCo/ReMDM code: keep the sorted tokens
+whose cumulative mass is <= p, the most likely token always kept; ``minimal`` - the smallest top
+set whose mass is >= p. Both renormalise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUCLEUS_RULES = ("official", "minimal")
+
+
+class Noise:
+    """Per-sample random streams: row b draws from its own generator seeded with seeds[b].
+
+    Every row draws the same amount at every step whatever its state, so a sample's stream,
+    and hence the sample, does not depend on the rest of the batch."""
+
+    def __init__(self, seeds: list[int], device):
+        self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """float64 U[0, 1) of shape [B, *shape]."""
+        return torch.stack([torch.rand(shape, generator=g, dtype=torch.float64, device=self.device)
+                            for g in self.gens])
+
+
+def _nucleus_keep(sorted_probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
+    """Which entries of descending ``sorted_probs`` [N, V] the nucleus keeps."""
+    cum = sorted_probs.cumsum(-1)
+    if rule == "minimal":
+        return (cum - sorted_probs) < p
+    keep = cum <= p
+    keep[:, 0] = True  # the most likely token is always kept
+    return keep
+
+
+def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool = True, rule: str = "official") -> torch.Tensor:
+    """Log-probabilities restricted to the nucleus of mass ``p`` (``rule``), renormalised."""
+    logp = torch.log_softmax(logits.double() if float64 else logits.float(), dim=-1)
+    if p >= 1.0:
+        return logp
+    flat = logp.reshape(-1, logp.shape[-1])
+    sorted_logp, order = flat.sort(dim=-1, descending=True)
+    sorted_logp = sorted_logp.masked_fill(~_nucleus_keep(sorted_logp.exp(), p, rule), float("-inf"))
+    out = torch.empty_like(flat).scatter_(-1, order, sorted_logp)
+    return torch.log_softmax(out, dim=-1).reshape(logp.shape)
+
+
+def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: bool = True,
+                rule: str = "official") -> torch.Tensor:
+    """One draw per row of ``logits`` [N, V] (nucleus ``p``) by inverting the CDF at ``u`` [N, 1].
+
+    Exact categorical sampling; float64 by default, since lower precision lowers the effective
+    temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). With a nucleus the CDF
+    is built in sorted order: no scatter back, no second softmax."""
+    probs = torch.softmax(logits.double() if float64 else logits.float(), dim=-1)
+    order = None
+    if p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * _nucleus_keep(probs, p, rule)
+    cdf = probs.cumsum(-1)
+    target = (u.to(cdf.dtype) * cdf[:, -1:]).contiguous()
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[-1] - 1)  # never a p=0 token
+    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+
+
+def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
+               p: float, float64: bool, rule: str = "official") -> torch.Tensor:
+    """z with a token drawn from ``logits`` at the positions ``where`` (only those are computed)."""
+    if not bool(where.any()):
+        return z
+    drawn = categorical(logits[where], u[where][:, None], p, float64, rule)
+    return z.masked_scatter(where, drawn)
+
+
+def chosen_prob(logits: torch.Tensor, where: torch.Tensor, token: torch.Tensor, p: float, float64: bool,
+                rule: str) -> torch.Tensor:
+    """Probability of ``token`` [B, L] under nucleus-renormalised softmax(logits), at ``where`` only ([n])."""
+    rows = logits[where]
+    logp = nucleus_log_probs(rows, p, float64, rule) if p < 1.0 else torch.log_softmax(rows.double(), -1)
+    return logp.gather(-1, token[where][:, None]).squeeze(-1).exp()
+
+
+# ----------------------------------------------------------------------------- MDLM / ReMDM
+def ancestral_step(logits, z, t: float, s: float, mask_id: int, noise: Noise, p: float = 1.0,
+                   float64: bool = True, rule: str = "official"):
+    """MDLM posterior q(z_s | z_t, x_theta): a masked position unmasks w.p. (t - s) / t to a
+    token v ~ x_theta (so token v w.p. x_theta(v)(t - s)/t, stay masked w.p. s/t); decoded
+    tokens are carried over. Tokens are drawn only where a position unmasks."""
+    u = noise.uniform(2, z.shape[1])
+    unmask = (z == mask_id) & (u[:, 0] < (t - s) / t)
+    return draw_where(unmask, logits, u[:, 1], z, p, float64, rule)
+
+
+def remdm_sigma(strategy: str, t: float, s: float, eta: float, conf: torch.Tensor | None = None):
+    """ReMDM remasking probability sigma_t (scalar, or [B, L] for ``conf``) with alpha = 1 - t.
+
+    cap: min(eta, sigma_max); rescale: eta * sigma_max; conf: sigma_max * softmax over positions
+    of the confidence score (higher for tokens decoded with less probability; 0 on masks)."""
+    alpha_t, alpha_s = 1.0 - t, 1.0 - s
+    sigma_max = min(1.0, (1.0 - alpha_s) / alpha_t) if alpha_t > 0 else 1.0
+    if strategy == "cap":
+        return min(eta, sigma_max)
+    if strategy == "rescale":
+        return eta * sigma_max
+    weights = torch.softmax(conf.double(), dim=-1).nan_to_num_(0.0)  # all -inf (nothing decoded) -> 0
+    return weights * sigma_max
+
+
+def loop_schedule(t: float, s: float, t_on: float, t_off: float, alpha_on: float):
+    """ReMDM-loop's phases: (mask probability at t, at s) of the MDLM phases, or None inside
+    [t_off, t_on) where alpha is held at ``alpha_on`` and tokens are remasked. The last step (s = 0)
+    is an MDLM step that unmasks every remaining position (the official code ends with a separate
+    noise-removal pass instead)."""
+    if t > t_on and s > 0:
+        return 1.0 - (1.0 - t) * alpha_on / (1.0 - t_on), 1.0 - (1.0 - s) * alpha_on / (1.0 - t_on)
+    if t <= t_off or s == 0:
+        return t * (1.0 - alpha_on) / t_off, s * (1.0 - alpha_on) / t_off
+    return None
+
+
+def remdm_step(logits, z, t: float, s: float, mask_id: int, noise: Noise, fixed, strategy: str, eta: float,
+               p: float = 1.0, float64: bool = True, rule: str = "official", conf=None,
+               loop: tuple[float, float, float] = (0.55, 0.05, 0.9)):
+    """ReMDM posterior (Wang et al. 2025), alpha = 1 - t: decoded tokens re-mask w.p. sigma_t and
+    masked ones unmask w.p. (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t).
+
+    ``conf`` [B, L] (strategy ``conf``): the confidence score, -p(token) when a token is decoded
+    and -inf on masks, kept in bfloat16 as the official code does; returned updated.
+    ``loop`` = (t_on, t_off, alpha_on) (strategy ``loop``): MDLM with a rescaled schedule outside
+    [t_off, t_on), a fixed alpha_on with remasking probability eta inside it.
+    Returns (z, conf)."""
+    u = noise.uniform(2, z.shape[1])
+    masked = z == mask_id
+    if strategy == "loop":
+        phase = loop_schedule(t, s, *loop)
+        if phase is not None:  # plain MDLM step on the rescaled schedule
+            mc_t, mc_s = phase
+            return draw_where(masked & (u[:, 0] < (mc_t - mc_s) / mc_t), logits, u[:, 1], z, p, float64, rule), conf
+        alpha = loop[2]
+        sigma, p_unmask = eta, eta * alpha / (1.0 - alpha)
+    else:
+        alpha_t, alpha_s = 1.0 - t, 1.0 - s
+        sigma = remdm_sigma(strategy, t, s, eta, conf)
+        p_unmask = (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t)
+        if strategy == "conf":
+            sigma = sigma.masked_fill(masked, 0.0)
+            p_unmask = (alpha_s - alpha_t) / (1.0 - alpha_t)  # sigma is 0 on masked positions
+    remask = ~masked & ~fixed & (u[:, 0] < sigma)
+    unmask = masked & (u[:, 0] < p_unmask)
+    z = draw_where(unmask, logits, u[:, 1], z, p, float64, rule)
+    if strategy == "conf":
+        conf = conf.clone()
+        if bool(unmask.any()):
+            conf[unmask] = (-chosen_prob(logits, unmask, z, p, float64, rule)).to(conf.dtype)
+        conf[remask] = float("-inf")
+    return z.masked_fill(remask, mask_id), conf
+
+
+# ----------------------------------------------------------------------------- LLaDA
+def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, candidates, k,
+                    p: float = 1.0, float64: bool = True, rule: str = "official", threshold: float = 0.0):
+    """LLaDA low-confidence unmasking among the masked ``candidates`` [B, L].
+
+    Top-k (``threshold`` 0): commit the k[b] most confident. Threshold (Fast-dLLM): commit every
+    candidate whose confidence is >= ``threshold``, and always the most confident one.
+    The token is the argmax (temperature 0) or a draw from softmax(logits / temperature); its
+    confidence is its probability under softmax(logits), as in LLaDA's ``low_confidence``."""
+    u = noise.uniform(z.shape[1])
+    open_ = candidates & (z == mask_id)
+    rows = logits[open_]  # only masked candidates are scored: [n, V]
+    if temperature == 0:
+        token = rows.argmax(-1)
+    else:
+        token = categorical(rows / temperature, u[open_][:, None], p, float64, rule)
+    # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
+    score = rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows.double(), dim=-1)
+    confidence = torch.full(z.shape, float("-inf"), dtype=score.dtype, device=z.device).masked_scatter(open_, score)
+    token = z.masked_scatter(open_, token)
+    if threshold > 0:
+        best = torch.zeros_like(open_).scatter_(1, confidence.argmax(-1, keepdim=True), True)
+        commit = open_ & ((confidence >= torch.log(torch.tensor(threshold, dtype=torch.float64))) | best)
+    else:
+        rank = confidence.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+        commit = (rank < k[:, None]) & open_
+    return torch.where(commit, token, z)
