@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.readers import SkipLog
+from data_prep.tokenizer import MODEL_FILE, SIDECAR, sidecar_bytes
 from pipeline.data.format import (
     FORMAT,
     MANIFEST,
@@ -160,9 +161,8 @@ def clean_partition(out: Path, partition: int, keep: dict[str, int]) -> None:
 
 
 def copy_tokenizer(tok: Any, out: Path) -> None:
-    blobs = {"tokenizer.model": tok.model_proto,
-             "tokenizer.json": (json.dumps(tok.sidecar, indent=2, sort_keys=True) + "\n").encode()}
-    for name, data in blobs.items():
+    """Put the run's tokenizer files into the shard folder (rewritten only when they differ)."""
+    for name, data in ((MODEL_FILE, tok.model_proto), (SIDECAR, sidecar_bytes(tok.sidecar))):
         path = out / name
         if not (path.is_file() and path.read_bytes() == data):
             write_atomic(path, data, out)
