@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import Config, dump_yaml
 from pipeline.errors import ProsecoError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write, atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -203,15 +203,15 @@ def _git(*args: str) -> str:
 
 
 def snapshot(run: Path, cfg: Config, script: str, stage: str) -> Path:
+    """``RUN/launch/<time>-<stage>/``: the resolved config, the job script, the code version and its diff."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     snap = run / "launch" / f"{stamp}-{stage}"
     snap.mkdir(parents=True, exist_ok=True)
-    (snap / "config.yaml").write_text(dump_yaml(cfg))
-    (snap / "job.sbatch").write_text(script)
-    (snap / "code.json").write_text(json.dumps({"git_sha": _git("rev-parse", "HEAD").strip() or None,
-                                                "dirty": bool(_git("status", "--porcelain").strip()),
-                                                "argv": sys.argv}, indent=1) + "\n")
-    (snap / "code.diff").write_text(_git("diff", "HEAD"))
+    code = {"git_sha": _git("rev-parse", "HEAD").strip() or None, "dirty": bool(_git("status", "--porcelain").strip()),
+            "argv": sys.argv}
+    for name, text in (("config.yaml", dump_yaml(cfg)), ("job.sbatch", script),
+                       ("code.json", json.dumps(code, indent=1) + "\n"), ("code.diff", _git("diff", "HEAD"))):
+        atomic_write(snap / name, text)
     return snap
 
 
