@@ -2,7 +2,7 @@
 
 The folder's layout and the reader are :mod:`data_prep.tokenizer`.
 
-Choices (see docs/data_format.md and infra.md section 6):
+Choices (see docs/data_format.md):
 
 * identity normalisation, ``remove_extra_whitespaces=False`` and ``byte_fallback=True`` make
   ``decode(encode(x)) == x`` for any string (no unk, whitespace kept);
