@@ -56,7 +56,6 @@ from data_prep import manifest as mf
 from data_prep.readers import SkipLog, expand_inputs, iter_documents
 from data_prep.shard_writer import SplitWriter
 from data_prep.tokenizer import Tokenizer
-from data_prep.verify import verify, verify_report
 from pipeline.data.format import SPLITS, dtype_for
 from pipeline.errors import ProsecoError
 from pipeline.io import sha256_file
@@ -71,11 +70,8 @@ __all__ = [
     "ShardSettings",
     "build_shards",
     "is_val_document",
-    "merge",
     "partition_files",
     "val_score",
-    "verify",
-    "verify_report",
 ]
 
 
@@ -369,8 +365,3 @@ def _run_partition(settings, out, work, files, rel, mine, sources, tok, dtype, k
                 writer.abort()
         if encoder is not None:
             encoder.close(ok)
-
-
-def merge(out_dir: str | os.PathLike) -> dict:
-    """Write ``manifest.json`` from every partition's ``DONE.json`` (see :func:`data_prep.manifest.merge`)."""
-    return mf.merge(out_dir)

@@ -135,25 +135,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    @property
-    def pad_id(self) -> int:
-        return self._special["pad"]
-
-    @property
-    def unk_id(self) -> int:
-        return self._special["unk"]
-
-    @property
-    def bos_id(self) -> int:
-        return self._special["bos"]
-
-    @property
-    def eos_id(self) -> int:
-        return self._special["eos"]
-
-    @property
-    def mask_id(self) -> int:
-        return self._special["mask"]
+    pad_id = property(lambda self: self._special["pad"], doc="The padding id (from the sidecar).")
+    unk_id = property(lambda self: self._special["unk"], doc="The unknown-piece id (from the sidecar).")
+    bos_id = property(lambda self: self._special["bos"], doc="The begin-of-sequence id (from the sidecar).")
+    eos_id = property(lambda self: self._special["eos"], doc="The end-of-sequence id (from the sidecar).")
+    mask_id = property(lambda self: self._special["mask"], doc="The mask id (a control piece; from the sidecar).")
 
     @property
     def sha256(self) -> str:

@@ -27,9 +27,11 @@ import pytest
 
 from data_prep import manifest as mf
 from data_prep import shards
+from data_prep.manifest import merge
 from data_prep.readers import SkipLog, expand_inputs, iter_documents
-from data_prep.shards import ShardSettings, build_shards, merge, verify, verify_report
+from data_prep.shards import ShardSettings, build_shards
 from data_prep.tokenizer import Tokenizer, train_tokenizer
+from data_prep.verify import verify, verify_report
 from pipeline.data import format as fmt
 from pipeline.errors import ProsecoError
 

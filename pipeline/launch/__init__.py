@@ -7,8 +7,8 @@ uncommitted diff) and the rendered job script into ``RUN/launch/<time>/``, and s
 
 1. :class:`~pipeline.launch.tasks.TrainTask` exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
    MASTER_PORT from the SLURM environment (``submitit.helpers.TorchDistributedEnvironment``; no
-   rank guessing) and calls :func:`pipeline.train.run`, which initialises the process group for the chosen backend and
-   auto-resumes from the run folder's latest complete checkpoint.
+   rank guessing) and calls :func:`pipeline.train.run`, which initialises the process group for
+   the chosen backend and auto-resumes from the run folder's latest complete checkpoint.
 2. Before the time limit SLURM sends SIGUSR2 to every task (``--signal=USR2@cluster.signal_delay_s``);
    the train loop's collective stop makes all ranks save at the same step and return 3. Rank 0
    then requeues the job (``scontrol requeue``) unless ``cluster.max_requeues`` restarts were used.
