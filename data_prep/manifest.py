@@ -11,8 +11,10 @@ Two hashes keep runs apart:
 * the **run key**: sha256 of the output-defining settings, the tokenizer sha256 and the list of
   all input files (relative path, size). Every partition of one run has the same key; a folder
   whose manifest or partitions carry another key belongs to a different run and is refused.
-* the manifest **fingerprint** (``pipeline.data.manifest.manifest_fingerprint``, the single
+* the manifest **fingerprint** (:func:`pipeline.data.format.manifest_fingerprint`, the single
   implementation shared with the loader): sha256 of the canonical JSON of every other key.
+
+Names, dtypes and the fingerprint are the shard contract's, from :mod:`pipeline.data.format`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,23 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.readers import SkipLog
+from data_prep.tokenizer import MODEL_FILE, SIDECAR, sidecar_bytes
+from pipeline.data.format import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER_FILES,
+    canonical_json,
+    dtype_for,
+    manifest_fingerprint,
+    shard_name,
+)
 from pipeline.errors import ProsecoError
+from pipeline.io import AtomicFile
 
-MANIFEST = "manifest.json"
 PARTS = ".parts"
 STATE = "state.json"
 DONE = "DONE.json"
-SPLITS = ("train", "val")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # What a shard output folder may hold; anything else means it is somebody else's folder.
 OWN_ENTRIES = {MANIFEST, PARTS, *SPLITS, *TOKENIZER_FILES}
 
@@ -42,49 +53,8 @@ _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 __all__ = ["MANIFEST", "check_trainable", "dtype_for", "merge", "part_dir", "run_key", "shard_name"]
 
 
-# pipeline.data imports torch; the tokenizer worker processes import this module and need
-# neither, so the loader's helpers (the single implementation of the format and fingerprint)
-# are imported where used.
-
-
-def shards_format() -> str:
-    from pipeline.data.manifest import FORMAT
-
-    return FORMAT
-
-
-def canonical_json(obj: Any) -> bytes:
-    from pipeline.data.manifest import canonical_json as canonical
-
-    return canonical(obj)
-
-
-def fingerprint(manifest: dict) -> str:
-    """sha256 of the canonical JSON of every manifest key but ``fingerprint`` (the loader's code)."""
-    from pipeline.data.manifest import manifest_fingerprint
-
-    return manifest_fingerprint(manifest)
-
-
-def dtype_for(vocab_size: int) -> str:
-    """The sample dtype of the contract: uint16 when every id (specials included) fits."""
-    return "uint16" if vocab_size <= 65536 else "int32"
-
-
 def part_dir(out: Path, partition: int) -> Path:
     return out / PARTS / f"part-{partition:05d}"
-
-
-def shard_name(split: str, partition: int, shard: int) -> str:
-    return f"{split}/shard-{partition:05d}-{shard:06d}.tar"
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(bufsize):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_key(config: dict, tokenizer_sha256: str, sources: list[dict]) -> str:
@@ -118,19 +88,11 @@ def file_write(f: Any, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes, out: Path) -> None:
-    """Write ``path`` via a hidden temporary sibling + fsync + rename; never a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``path`` through :class:`pipeline.io.AtomicFile`; a full disk or read-only folder is one line."""
     try:
-        with open(tmp, "wb") as f:
+        with AtomicFile(path, unique=False) as f:
             file_write(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         err = io_error(exc, path, out)
         if err is not None:
             raise err from None
@@ -199,9 +161,8 @@ def clean_partition(out: Path, partition: int, keep: dict[str, int]) -> None:
 
 
 def copy_tokenizer(tok: Any, out: Path) -> None:
-    blobs = {"tokenizer.model": tok.model_proto,
-             "tokenizer.json": (json.dumps(tok.sidecar, indent=2, sort_keys=True) + "\n").encode()}
-    for name, data in blobs.items():
+    """Put the run's tokenizer files into the shard folder (rewritten only when they differ)."""
+    for name, data in ((MODEL_FILE, tok.model_proto), (SIDECAR, sidecar_bytes(tok.sidecar))):
         path = out / name
         if not (path.is_file() and path.read_bytes() == data):
             write_atomic(path, data, out)
@@ -245,7 +206,7 @@ def build_manifest(done: dict[int, dict]) -> dict:
             "shards": shards,
         }
     manifest = {
-        "format": shards_format(),
+        "format": FORMAT,
         "tokenizer": first["tokenizer"],
         "seq_len": first["config"]["seq_len"],
         "mode": first["config"]["mode"],
@@ -256,7 +217,7 @@ def build_manifest(done: dict[int, dict]) -> dict:
         "skipped": skipped,
         "config": first["config"],
     }
-    manifest["fingerprint"] = fingerprint(manifest)
+    manifest["fingerprint"] = manifest_fingerprint(manifest)
     return manifest
 
 

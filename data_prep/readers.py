@@ -436,18 +436,3 @@ def iter_documents(
                 yield from _iter_text(f, source, doc_split, max_chars, skips)
     except _stream_errors() as exc:
         raise ProsecoError(f"{source}: read failed ({type(exc).__name__}: {exc}); corrupt or truncated?") from exc
-
-
-def iter_corpus(
-    inputs: list[str],
-    *,
-    fmt: str = "auto",
-    text_field: str = "text",
-    doc_split: str = "paragraph",
-    max_chars: int = 1_000_000,
-    skips: SkipLog,
-) -> Iterator[Document]:
-    """:func:`expand_inputs` then :func:`iter_documents` over every file, in order."""
-    for path in expand_inputs(inputs, fmt=fmt):
-        yield from iter_documents(path, fmt=fmt, text_field=text_field, doc_split=doc_split,
-                                  max_chars=max_chars, skips=skips)

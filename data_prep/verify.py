@@ -5,7 +5,8 @@ contiguous per partition and split), dtype and length of each ``.tokens.npy``, i
 vocabulary, samples and real (non-pad) tokens per shard and per split. Also checks the manifest
 fingerprint, the copied tokenizer (sha256, vocab size, special ids, dtype rule) and decodes a few
 samples. Nothing is trusted from the manifest that can be recounted from the bytes. A folder
-without a train sample fails (``prep shards`` refuses to write one).
+without a train sample fails (``prep shards`` refuses to write one). The tars are read with
+:func:`pipeline.data.format.tar_members`, the reader the training loader uses.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from data_prep import manifest as mf
 from data_prep.tokenizer import Tokenizer
+from pipeline.data.format import (
+    FORMAT,
+    MANIFEST,
+    SAMPLE_MEMBER,
+    SHARD_NAME,
+    SPLITS,
+    dtype_for,
+    manifest_fingerprint,
+    sample_key,
+    tar_members,
+)
 from pipeline.errors import ProsecoError
-
-_MEMBER = re.compile(r"^p(\d{5})-(\d{10})\.tokens\.npy$")
-_SHARD = re.compile(r"^(train|val)/shard-(\d{5})-(\d{6})\.tar$")
 
 __all__ = ["verify", "verify_report"]
 
@@ -42,16 +49,16 @@ def _check_tokenizer(out: Path, manifest: dict, problems: list[str]) -> Tokenize
         problems.append(f"tokenizer vocab_size {tok.vocab_size} != manifest {want.get('vocab_size')}")
     if tok.special != want.get("special"):
         problems.append(f"tokenizer special ids {tok.special} != manifest {want.get('special')}")
-    if manifest.get("dtype") != mf.dtype_for(tok.vocab_size):
+    if manifest.get("dtype") != dtype_for(tok.vocab_size):
         problems.append(f"dtype {manifest.get('dtype')!r} breaks the rule for vocab_size {tok.vocab_size} "
-                        f"(expected {mf.dtype_for(tok.vocab_size)!r})")
+                        f"(expected {dtype_for(tok.vocab_size)!r})")
     return tok
 
 
 def _check_shard(out: Path, split: str, entry: dict, ctx: dict, problems: list[str]) -> list[np.ndarray]:
     """Check one shard; returns its first sample (for decoding) or []."""
     name = entry.get("name", "?")
-    match = _SHARD.match(name)
+    match = SHARD_NAME.match(name)
     if match is None or match.group(1) != split:
         problems.append(f"{name}: not a valid {split} shard name (want {split}/shard-PPPPP-SSSSSS.tar)")
         return []
@@ -68,30 +75,33 @@ def _check_shard(out: Path, split: str, entry: dict, ctx: dict, problems: list[s
     first: list[np.ndarray] = []
     seq_len, dtype, pad, vocab = ctx["seq_len"], ctx["dtype"], ctx["pad"], ctx["vocab"]
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                m = _MEMBER.match(member.name)
-                if m is None or not member.isfile():
-                    problems.append(f"{name}: unexpected member {member.name!r}")
-                    continue
-                index = int(m.group(2))
-                expected = ctx["next"].get((split, partition), 0)
-                if int(m.group(1)) != partition or index != expected:
-                    problems.append(f"{name}: sample {member.name} out of order (expected key "
-                                    f"p{partition:05d}-{expected:010d})")
-                ctx["next"][(split, partition)] = index + 1
-                array = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
-                if array.dtype != dtype or array.shape != (seq_len,):
-                    problems.append(f"{name}: {member.name} is {array.dtype}{list(array.shape)}, "
-                                    f"expected {dtype}[{seq_len}]")
-                    continue
-                if vocab is not None and array.size and int(array.max()) >= vocab:
-                    problems.append(f"{name}: {member.name} holds id {int(array.max())} >= vocab_size {vocab}")
-                samples += 1
-                tokens += int(np.count_nonzero(array != pad))
-                if not first:
-                    first.append(array)
-    except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
+        for member in tar_members(data, name):
+            m = SAMPLE_MEMBER.match(member.name)
+            if m is None or not member.is_file:
+                problems.append(f"{name}: unexpected member {member.name!r}")
+                continue
+            index = int(m.group(2))
+            expected = ctx["next"].get((split, partition), 0)
+            if int(m.group(1)) != partition or index != expected:
+                problems.append(f"{name}: sample {member.name} out of order (expected key "
+                                f"{sample_key(partition, expected)})")
+            ctx["next"][(split, partition)] = index + 1
+            raw = data[member.offset:member.offset + member.size]
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+            if array.dtype != dtype or array.shape != (seq_len,):
+                problems.append(f"{name}: {member.name} is {array.dtype}{list(array.shape)}, "
+                                f"expected {dtype}[{seq_len}]")
+                continue
+            if vocab is not None and array.size and int(array.max()) >= vocab:
+                problems.append(f"{name}: {member.name} holds id {int(array.max())} >= vocab_size {vocab}")
+            samples += 1
+            tokens += int(np.count_nonzero(array != pad))
+            if not first:
+                first.append(array)
+    except ProsecoError as exc:  # the tar itself is damaged (the message names the shard)
+        problems.append(str(exc))
+        return []
+    except (ValueError, OSError, EOFError) as exc:
         problems.append(f"{name}: not a readable tar of .npy samples ({exc})")
         return []
     if samples != entry.get("samples") or tokens != entry.get("tokens"):
@@ -104,14 +114,14 @@ def _check_shard(out: Path, split: str, entry: dict, ctx: dict, problems: list[s
 
 def _verify(out_dir: str | os.PathLike, decode_samples: int) -> tuple[list[str], list[str], dict]:
     out = Path(out_dir)
-    manifest = mf.read_json(out / mf.MANIFEST)
+    manifest = mf.read_json(out / MANIFEST)
     if manifest is None:
-        raise ProsecoError(f"no {mf.MANIFEST} in {out}: nothing to verify (an unfinished prep writes none); "
+        raise ProsecoError(f"no {MANIFEST} in {out}: nothing to verify (an unfinished prep writes none); "
                            "run or finish `proseco prep shards` first")
     problems: list[str] = []
-    if manifest.get("format") != mf.shards_format():
-        problems.append(f"format is {manifest.get('format')!r}, expected {mf.shards_format()!r}")
-    if manifest.get("fingerprint") != mf.fingerprint(manifest):
+    if manifest.get("format") != FORMAT:
+        problems.append(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("fingerprint") != manifest_fingerprint(manifest):
         problems.append("manifest fingerprint does not match its contents (manifest edited after it was written)")
     tok = _check_tokenizer(out, manifest, problems)
     try:
@@ -140,7 +150,7 @@ def _verify(out_dir: str | os.PathLike, decode_samples: int) -> tuple[list[str],
     if not ctx["seen"].get("train", [0])[0]:
         problems.append("split train holds no sample: nothing to train on (prep of an empty corpus?); "
                         "rebuild it from inputs with documents")
-    for split in mf.SPLITS:
+    for split in SPLITS:
         folder = out / split
         if folder.is_dir():
             for path in sorted(folder.iterdir()):

@@ -1,7 +1,7 @@
 """Files that are never half-written and never silently corrupt: atomic writes and checksums.
 
-* :func:`atomic_write` / :func:`atomic_write_json`: a hidden temporary sibling, fsync, rename,
-  fsync of the folder; a crash leaves either the old file or the new one, never a torn one. New
+* :class:`AtomicFile`, :func:`atomic_write` / :func:`atomic_write_json`: a hidden temporary
+  sibling, fsync, rename, fsync of the folder; a crash leaves either the old file or the new one, never a torn one. New
   files get the mode an ordinary ``open()`` would give them (``0o666`` minus the umask), so a
   shared group folder stays shared (``tempfile.mkstemp`` alone would make them ``0600``).
 * :func:`sha256_file` / :func:`sha256_files`: checksums of files already on disk (several files
@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 CHUNK = 8 << 20  # read size for hashing: large enough that hashlib runs without the GIL
 
@@ -58,24 +58,75 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class AtomicFile:
+    """A file written under a hidden temporary sibling name and renamed over its target on :meth:`commit`.
+
+    The one implementation of "never a torn file": :func:`atomic_write` uses it for whole files,
+    streaming writers (a shard tar) keep one open across many ``write`` calls. :meth:`discard`
+    (or leaving a ``with`` block by an exception) removes the temporary file. The temporary name
+    is ``.NAME.tmp-XXXXXXXX`` (unique, for folders that several processes write into), or
+    ``.NAME.tmp`` with ``unique=False`` (a folder one writer owns: a rerun finds a killed run's
+    leftover by name). A new file gets the mode ``open()`` would give it (:func:`default_file_mode`).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fsync: bool = True, unique: bool = True) -> None:
+        self.path, self.fsync = Path(path), fsync
+        if unique:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+            self.tmp = Path(tmp)
+        else:
+            self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.fchmod(fd, default_file_mode())
+            self.file = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data)
+
+    def commit(self) -> None:
+        """Flush, fsync, rename over the target, fsync the folder; the temporary file is gone."""
+        try:
+            if self.fsync:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        if self.fsync:
+            fsync_path(self.path.parent)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (best effort: never raises OSError)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (temporary sibling + fsync + rename)."""
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_path(path.parent)
+    with AtomicFile(path, fsync=fsync) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = True) -> None:

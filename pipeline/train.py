@@ -372,7 +372,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
         t0 = time.perf_counter()
         mine = {"loader": loader.state_dict(), "rng": rng_state(), "local_tokens": local_tokens}
 
-        def writer(tmp: Path, _state: dict) -> dict:
+        def writer(tmp: Path) -> dict:
             hashed = engine.save(tmp, rank) or {}
             if save_delay:  # a crash here leaves a tmp folder with some files and no marker
                 time.sleep(save_delay)
@@ -381,7 +381,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
 
         meta = {"topology": engine.topology, "manifest": manifest.fingerprint, "config": to_dict(cfg),
                 "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}, "run": info}
-        path = ckpt.save(step, {}, meta, writer=writer)
+        path = ckpt.save(step, meta, writer=writer)
         if rank == 0:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             console.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s)")

@@ -13,6 +13,7 @@ import torch
 from train_utils import ROOT, TINY, _env
 
 from pipeline.io import (
+    AtomicFile,
     atomic_write,
     atomic_write_json,
     check_sums,
@@ -36,6 +37,22 @@ def test_atomic_write_follows_the_umask_and_leaves_no_temporary(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
     assert (tmp_path / "a.txt").read_text() == "hello" and read_json(tmp_path / "b.json") == {"x": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.json"]
+
+
+def test_atomic_file_streams_then_commits_or_discards(tmp_path):
+    """The streaming form (shard tars): the target appears whole on commit, never on failure."""
+    target = tmp_path / "shard.tar"
+    target.write_bytes(b"old")
+    f = AtomicFile(target, unique=False)  # a fixed temporary name a rerun can find
+    for _ in range(3):
+        f.write(b"abc")
+    assert f.tmp.name == ".shard.tar.tmp" and target.read_bytes() == b"old"
+    f.commit()
+    assert target.read_bytes() == b"abcabcabc" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.tar"]
+    with pytest.raises(RuntimeError, match="boom"), AtomicFile(target) as g:
+        g.write(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"abcabcabc" and sorted(p.name for p in tmp_path.iterdir()) == ["shard.tar"]
 
 
 def test_save_torch_hashes_exactly_the_bytes_on_disk(tmp_path):

@@ -1,4 +1,4 @@
-"""`proseco launch | status | cancel` (pipeline/launch.py) and the start-up rendezvous (pipeline/distributed.py).
+"""`proseco launch | status | cancel` (pipeline/launch/) and the start-up rendezvous (pipeline/distributed.py).
 
 The first tests need no cluster (dry runs, one against a golden file; refusals; the failure
 requeue lines run by bash; the rendezvous deadline). The ``slurm`` ones run against the real local
@@ -196,13 +196,13 @@ def test_missing_slurm_commands_are_one_clear_line(shards, tmp_path, capsys, mon
 
 
 def test_a_run_folder_owned_by_a_live_job_is_refused(shards, tmp_path, capsys, monkeypatch):
-    from pipeline import launch
+    from pipeline.launch import slurm
 
     run = tmp_path / "run"
     (run / "slurm").mkdir(parents=True)
     (run / "slurm" / "job.json").write_text(json.dumps({"job_id": "4242", "stage": "train"}))
-    monkeypatch.setattr(launch, "job_state", lambda job_id: "RUNNING")
-    monkeypatch.setattr(launch, "_check_slurm_commands", lambda cfg: None)
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm, "check_slurm_commands", lambda cfg: None)
     before = sorted(p.name for p in run.rglob("*"))
     assert cli.main(_launch_args(shards, run)) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err

@@ -153,8 +153,8 @@ def test_resume_reads_and_decodes_no_skipped_sample(data, monkeypatch):
     take(first, 5)
     state = first.state_dict()
     opened = []
-    real_index = loader_mod.index_shard
-    monkeypatch.setattr(loader_mod, "index_shard", lambda buf, where: opened.append(where) or real_index(buf, where))
+    real_index = loader_mod.index_samples
+    monkeypatch.setattr(loader_mod, "index_samples", lambda buf, where: opened.append(where) or real_index(buf, where))
     monkeypatch.setattr(loader_mod, "DECODED_SAMPLES", 0)
     resumed = fresh()
     resumed.load_state_dict(state)
@@ -197,7 +197,7 @@ def test_world_size_change_refused_unless_opted_in(data):
 
 
 def test_too_few_shards_refused_before_any_read(data, monkeypatch):
-    monkeypatch.setattr(loader_mod, "index_shard", lambda *a: pytest.fail("read a shard"))
+    monkeypatch.setattr(loader_mod, "index_samples", lambda *a: pytest.fail("read a shard"))
     with pytest.raises(ProsecoError, match=r"9 shards, fewer than 2 ranks x 5 loader workers.*at most 4 loader"):
         ShardLoader(data, batch_size=4, rank=0, world_size=2, num_workers=5)
     with pytest.raises(ProsecoError, match="re-shard"):
@@ -292,3 +292,33 @@ def test_shard_disagreeing_with_manifest_fails_in_workers_as_proseco_error(tmp_p
 
     shown = user_message(info.value)  # what `proseco train` prints: one line, the worker's traceback gone
     assert len(shown.splitlines()) == 1 and shown.startswith("shard ") and "fails its sha256 check" in shown
+
+
+@pytest.mark.parametrize("tar_format", ["ustar", "pax", "gnu"])
+def test_the_one_tar_reader_agrees_with_tarfile(tmp_path, tar_format):
+    """format.tar_members reads what tarfile writes: long names (pax / GNU headers), folders, payload slices."""
+    import io
+    import tarfile
+
+    from pipeline.data import format as fmt
+
+    fmts = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
+    long = "d" * 90 + "/" + "k" * 40 if tar_format == "ustar" else "d" * 150
+    payloads = {"p00000-0000000000.tokens.npy": b"abc", f"{long}.tokens.npy": bytes(range(200)) * 5}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmts[tar_format]) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in payloads.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    members = list(fmt.tar_members(raw, "t.tar"))
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        assert [(m.name.rstrip("/"), m.is_file) for m in members] == [(t.name, t.isfile()) for t in tar.getmembers()]
+    assert {m.name: raw[m.offset:m.offset + m.size] for m in members if m.is_file} == payloads
+    assert [raw[o:o + n] for o, n in fmt.index_samples(raw, "t.tar")] == list(payloads.values())
+    with pytest.raises(ProsecoError, match="t.tar is not a readable tar"):
+        list(fmt.tar_members(raw[:700], "t.tar"))

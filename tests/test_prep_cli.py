@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.data import format as fmt
 from pipeline.data.loader import ShardLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,17 +86,16 @@ def test_inputs_without_documents_are_a_one_line_error(prepared, tmp_path, capsy
 
 def test_verify_fails_on_a_manifest_without_train_samples(prepared, tmp_path, capsys):
     """What an empty corpus used to produce: a consistent manifest with zero shards."""
-    from data_prep import manifest as mf
 
     base, _ = prepared
     out = tmp_path / "shards"
     out.mkdir()
-    for name in mf.TOKENIZER_FILES:
+    for name in fmt.TOKENIZER_FILES:
         (out / name).write_bytes((base / "shards" / name).read_bytes())
     manifest = json.loads((base / "shards" / "manifest.json").read_text())
-    manifest["splits"] = {s: {"samples": 0, "tokens": 0, "dropped_tokens": 0, "shards": []} for s in mf.SPLITS}
-    manifest["documents"] = dict.fromkeys(mf.SPLITS, 0)
-    manifest["fingerprint"] = mf.fingerprint(manifest)
+    manifest["splits"] = {s: {"samples": 0, "tokens": 0, "dropped_tokens": 0, "shards": []} for s in fmt.SPLITS}
+    manifest["documents"] = dict.fromkeys(fmt.SPLITS, 0)
+    manifest["fingerprint"] = fmt.manifest_fingerprint(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["prep", "verify", "--config", "text", f"prep.out_dir={out}"]) == 1

@@ -16,7 +16,6 @@ from data_prep.readers import (
     Document,
     SkipLog,
     expand_inputs,
-    iter_corpus,
     iter_documents,
 )
 from pipeline.errors import ProsecoError
@@ -99,7 +98,7 @@ def test_determinism_and_corpus_iteration(tmp_path):
     runs = []
     for _ in range(2):
         skips = SkipLog()
-        runs.append(list(iter_corpus([str(tmp_path)], skips=skips)))
+        runs.append([d for path in expand_inputs([str(tmp_path)]) for d in iter_documents(path, skips=skips)])
     assert runs[0] == runs[1]
     assert [(os.path.basename(d.source), d.text) for d in runs[0]] == [("a.jsonl", "a1"), ("b.txt", "b1"),
                                                                       ("b.txt", "b2")]

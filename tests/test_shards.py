@@ -27,9 +27,12 @@ import pytest
 
 from data_prep import manifest as mf
 from data_prep import shards
+from data_prep.manifest import merge
 from data_prep.readers import SkipLog, expand_inputs, iter_documents
-from data_prep.shards import ShardSettings, build_shards, merge, verify, verify_report
+from data_prep.shards import ShardSettings, build_shards
 from data_prep.tokenizer import Tokenizer, train_tokenizer
+from data_prep.verify import verify, verify_report
+from pipeline.data import format as fmt
 from pipeline.errors import ProsecoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,8 +171,8 @@ def test_pad_mode_one_document_per_sample(corpus, tokdir, tok, tmp_path):
 
 
 def test_dtype_rule():
-    assert mf.dtype_for(300) == "uint16" and mf.dtype_for(65536) == "uint16"
-    assert mf.dtype_for(65537) == "int32"
+    assert fmt.dtype_for(300) == "uint16" and fmt.dtype_for(65536) == "uint16"
+    assert fmt.dtype_for(65537) == "int32"
 
 
 def test_val_split_is_a_stable_function_of_path_and_index(corpus, tokdir, tok, tmp_path):
@@ -184,7 +187,7 @@ def test_val_split_is_a_stable_function_of_path_and_index(corpus, tokdir, tok, t
     for name, folder in (("a", corpus), ("b", more)):
         manifest = build_shards(_settings(folder, tokdir, tmp_path / name, mode="pad"), progress=False)
         expected, keys[name] = _expected(folder, tok, keys=True)
-        for split in mf.SPLITS:  # pad mode: the samples are exactly the split's documents, in order
+        for split in fmt.SPLITS:  # pad mode: the samples are exactly the split's documents, in order
             got = [a for s in manifest["splits"][split]["shards"] for _, a in _samples(tmp_path / name, s["name"])]
             assert [a[a != tok.pad_id].tolist() for a in got] == [d[:SEQ_LEN] for d in expected[split]]
     assert keys["a"]["val"] <= keys["b"]["val"] and keys["a"]["train"] <= keys["b"]["train"]
@@ -242,10 +245,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(corpus, tokdir, refere
 # Kills itself (SIGKILL: no cleanup, no flush) at a deterministic point of the run.
 _KILLED_WITH_A_SPLIT_OPEN = """
 import os, signal, sys
-from data_prep import manifest as mf, shards
+from data_prep import manifest as mf, shard_writer, shards
 corpus, tokdir, out, mode, open_split = sys.argv[1:]
-writers, last = {}, {}  # split -> its _SplitWriter; split -> (file, document) it was last given
-real_init, real_add, real_write = shards._SplitWriter.__init__, shards._SplitWriter.add, mf.write_json
+writers, last = {}, {}  # split -> its SplitWriter; split -> (file, document) it was last given
+real_init, real_add, real_write = shard_writer.SplitWriter.__init__, shard_writer.SplitWriter.add, mf.write_json
 def init(self, split, *args, **kw):
     real_init(self, split, *args, **kw)
     writers[split] = self
@@ -261,7 +264,7 @@ def write_json(path, obj, root):
     if path.name == mf.STATE and w is not None and w.shards and w.open is not None \\
             and (*last.get(open_split, (-1, -1)), 0) >= tuple(w.start):
         os.kill(os.getpid(), signal.SIGKILL)
-shards._SplitWriter.__init__, shards._SplitWriter.add, mf.write_json = init, add, write_json
+shard_writer.SplitWriter.__init__, shard_writer.SplitWriter.add, mf.write_json = init, add, write_json
 s = shards.ShardSettings(inputs=[corpus], tokenizer_dir=tokdir, out_dir=out, seq_len=32, shard_bytes=12000,
                          val_fraction=0.3, mode=mode, num_workers=0, chunk_docs=4)
 shards.build_shards(s, progress=False)
@@ -344,7 +347,7 @@ def test_partitions_build_separately_and_merge(corpus, tokdir, tok, reference, t
     ref = json.loads((reference / "manifest.json").read_text())
     assert manifest["documents"] == ref["documents"]
     assert manifest["sources"] == ref["sources"] and manifest["skipped"] == ref["skipped"]
-    for split in mf.SPLITS:  # each partition drops its own wrap tail; all tokens are accounted for
+    for split in fmt.SPLITS:  # each partition drops its own wrap tail; all tokens are accounted for
         got, want = manifest["splits"][split], ref["splits"][split]
         assert got["tokens"] + got["dropped_tokens"] == want["tokens"] + want["dropped_tokens"]
         names = [s["name"] for s in got["shards"]]
@@ -410,7 +413,7 @@ def test_verify_finds_a_flipped_byte_and_a_wrong_count(reference, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     problems = verify(out)
     assert any("fingerprint" in p for p in problems)
-    manifest["fingerprint"] = mf.fingerprint(manifest)  # a consistent-looking but wrong manifest
+    manifest["fingerprint"] = fmt.manifest_fingerprint(manifest)  # a consistent-looking but wrong manifest
     (out / "manifest.json").write_text(json.dumps(manifest))
     problems = verify(out)
     assert len(problems) == 1 and "manifest says" in problems[0], problems

@@ -1,7 +1,7 @@
 """Resumable training checkpoints: ``RUN/checkpoints/step_XXXXXXXX/``.
 
-A checkpoint folder holds the backend's files (``state.pt`` by default; a distributed backend
-writes its own, from every rank), ``meta.json`` (the caller's metadata - topology, manifest
+A checkpoint folder holds the files the backend's writer puts there (called on every rank),
+``meta.json`` (the caller's metadata - topology, manifest
 fingerprint, config, code version - plus ``step``, ``time``, ``format`` and the size and sha256 of
 *every* file, whatever its size) and ``COMPLETE``, the marker that makes it visible; the marker
 holds the sha256 of ``meta.json``, so no byte of the folder is unchecked. Discovery only ever
@@ -35,8 +35,8 @@ Crash cases (``kill -9``, node loss, preemption without grace):
   is moved aside before the rename, so a crash there leaves that step absent, never half-old.
 
 Only one job may write a run folder at a time (the run's SLURM job); a second writer's tmp folder
-would be taken for a crashed save. Loading uses ``torch.load(weights_only=True)``, so states must be
-plain containers of tensors / numbers / strings (optimizer and scheduler ``state_dict()``s are).
+would be taken for a crashed save. The engines load with ``torch.load(weights_only=True)``, so states
+must be plain containers of tensors / numbers / strings (optimizer and scheduler ``state_dict()``s are).
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import ProsecoError
-from pipeline.io import atomic_write, fsync_path, save_torch, sha256_file, sha256_files
+from pipeline.io import atomic_write, fsync_path, sha256_file, sha256_files
 
 FORMAT = "proseco-ckpt/1"
-STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 MARKER = "COMPLETE"
 TOPOLOGY_KEYS = ("backend", "dp", "tp", "zero_stage")
@@ -161,13 +160,11 @@ class CheckpointManager:
         return removed
 
     # ---- save ----------------------------------------------------------------------------
-    def save(self, step: int, state: dict[str, Any], meta: dict, *,
-             writer: Callable[[Path, dict], dict[str, FileInfo] | None] | None = None) -> Path:
+    def save(self, step: int, meta: dict, *, writer: Callable[[Path], dict[str, FileInfo] | None]) -> Path:
         """Write checkpoint ``step``; returns its final folder on every rank.
 
-        Without ``writer``, rank 0 writes ``state`` to ``state.pt``. With one, every rank calls
-        ``writer(tmp_folder, state)`` (a collective, for sharded backends); a writer may return
-        ``{relative path: {"size", "sha256"}}`` for files it hashed itself
+        Every rank calls ``writer(tmp_folder)`` (a collective, for sharded backends); a writer may
+        return ``{relative path: {"size", "sha256"}}`` for files it hashed itself
         (:func:`pipeline.io.save_torch`), the other files are hashed afterwards. All ranks must
         call ``save`` together when torch.distributed is initialised."""
         if step < 0 or step > 99_999_999:
@@ -187,10 +184,7 @@ class CheckpointManager:
             raise RuntimeError(f"rank {self.rank} of {self.world_size} saving without torch.distributed "
                                "initialised: only rank 0 may save in a single process")
         _barrier()
-        if writer is not None:
-            known = writer(tmp, state) or {}
-        else:
-            known = {STATE_FILE: save_torch(state, tmp / STATE_FILE)} if self.rank == 0 else {}
+        known = writer(tmp) or {}
         files = self._checksums(tmp, known)
         if self.rank == 0:
             self._finish(step, tmp, final, meta, files)
@@ -280,26 +274,6 @@ class CheckpointManager:
             raise ProsecoError(f"checkpoint {path} is corrupted: {found[0]}{more}; move it aside to resume from "
                                "the one before")
 
-    def load(self, path: str | os.PathLike | None = None, *, map_location: Any = "cpu",
-             reader: Callable[[Path], dict] | None = None) -> tuple[dict, dict]:
-        """(state, meta) of ``path`` or, by default, of the latest complete checkpoint.
-
-        ``reader(folder)`` loads a distributed backend's files; the default reads ``state.pt``."""
-        if path is None:
-            path = self.latest()
-            if path is None:
-                raise ProsecoError(f"no complete checkpoint in {self.dir}")
-        path = Path(path)
-        meta = self.read_meta(path)
-        self.verify(path, meta)
-        if reader is not None:
-            return reader(path), meta
-        try:
-            state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-        except Exception as exc:  # truncated / foreign files raise many types
-            raise ProsecoError(f"{path / STATE_FILE} is not loadable ({type(exc).__name__}: {exc})") from exc
-        return state, meta
-
 
 def _check_file(f: Path, info: FileInfo) -> str | None:
     """Why ``f`` does not match its recorded size / sha256 (None when it does)."""
@@ -382,9 +356,3 @@ def topology_mismatch(saved_meta: dict, current: dict) -> list[str]:
     saved = saved_meta.get("topology", saved_meta)
     return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in TOPOLOGY_KEYS
             if saved.get(k) != current.get(k)]
-
-
-def topology_refusal(path: str | os.PathLike, diffs: list[str]) -> str:
-    """The user-facing message for resuming a checkpoint under another topology."""
-    return (f"cannot resume from {path}: it was saved with another parallel layout ({'; '.join(diffs)}). "
-            "Resume with the same backend, dp, tp and zero_stage, or start a new run folder")

@@ -22,11 +22,9 @@ replayed on resume.
   no skipped sample is read or decoded. The DataLoader's workers are rotated (DataLoader worker
   ``d`` plays worker ``(d + b) % W``) so that the first batch after a resume comes from worker ``b % W``.
 
-Tar reading: the shard is memory-mapped and :func:`index_shard` walks its 512-byte tar headers
-(payloads are stepped over) to build the per-shard offset index, grouping members into samples
-with webdataset's key convention (:func:`webdataset.tariterators.base_plus_ext`, the inverse of
-``webdataset.TarWriter``'s naming); a sample is then one slice of the map and one ``np.frombuffer``.
-Python's :mod:`tarfile` does the same walk about 10x slower (it parses every field of every header).
+Tar reading: the shard is memory-mapped and :func:`pipeline.data.format.index_samples` (the
+one tar reader, shared with ``proseco prep verify``) walks its headers to build the per-shard
+offset index; a sample is then one slice of the map and one ``np.frombuffer``.
 """
 
 from __future__ import annotations
@@ -42,12 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
+from pipeline.data.format import index_samples
 from pipeline.data.manifest import Manifest, Shard
 from pipeline.errors import ProsecoError
 
-TOKENS_EXT = "tokens.npy"
 STATE_KEYS = ("epoch", "batches", "seed", "fingerprint", "world_size", "num_workers", "batch_size")
 
 # Samples decoded by this process (tests use it to show that a resume decodes nothing it skips).
@@ -84,83 +81,6 @@ def sample_order(n: int, seed: int, epoch: int, shard_index: int, shuffle: bool)
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch, shard_index]).permutation(n)
-
-
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``"%d key=value\n"`` records of a pax extended header."""
-    out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
-    return out
-
-
-def index_shard(buf, where: Path) -> list[tuple[int, int]]:
-    """(byte offset, size) of each sample's ``tokens.npy`` payload in tar ``buf``, in tar order.
-
-    Walks the 512-byte headers only (payloads are stepped over, never read): ustar members, pax
-    extended headers (``x``: path/size overrides; ``g`` ignored) and GNU long names (``L``), so
-    any tar that Python's :mod:`tarfile` writes, webdataset's ``TarWriter`` included. Members
-    are grouped into samples by webdataset's key convention (name up to the first dot).
-    """
-    samples: list[tuple[int, int] | None] = []
-    last_key, pos, end = None, 0, len(buf)
-    override: dict[str, str] = {}
-    long_name: str | None = None
-
-    def bad(why: str) -> ProsecoError:
-        return ProsecoError(f"shard {where} is not a readable tar ({why} at byte {pos}); re-run `proseco prep shards`")
-
-    while True:
-        header = buf[pos:pos + _BLOCK]
-        if len(header) < _BLOCK:
-            raise bad("truncated")
-        if header == _ZERO_BLOCK:
-            break
-        if header[257:262] != b"ustar":
-            raise bad("no ustar header")
-        try:
-            checksum = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
-            size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
-        except ValueError:
-            raise bad("unreadable header field") from None
-        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise bad("header checksum mismatch")
-        kind, data = header[156:157], pos + _BLOCK
-        if kind in (b"x", b"g", b"L"):
-            payload = bytes(buf[data:data + size])
-            if kind == b"x":
-                override = _pax_records(payload)
-            elif kind == b"L":
-                long_name = payload.rstrip(b"\0").decode("utf-8")
-        else:
-            size = int(override.get("size", size))
-            if kind in (b"0", b"\0", b"7"):
-                name = override.get("path") or long_name
-                if name is None:
-                    name = header[:100].split(b"\0")[0].decode("utf-8")
-                    prefix = header[345:500].split(b"\0")[0].decode("utf-8")
-                    name = f"{prefix}/{name}" if prefix else name
-                key, ext = base_plus_ext(name)
-                if key is not None:
-                    if key != last_key:
-                        samples.append(None)
-                        last_key = key
-                    if ext == TOKENS_EXT:
-                        samples[-1] = (data, size)
-            override, long_name = {}, None
-        pos = data + -(-size // _BLOCK) * _BLOCK
-        if pos > end:
-            raise bad("truncated member")
-    if any(s is None for s in samples):
-        raise ProsecoError(f"shard {where} has a sample without a {TOKENS_EXT} member; re-run `proseco prep shards`")
-    return samples  # type: ignore[return-value]
 
 
 class _TokenDecoder:
@@ -204,7 +124,7 @@ def read_slot(shards: list[Shard], shard_indices: tuple[int, ...], *, dtype: np.
                 if shard.sha256 is not None and hashlib.sha256(buf).hexdigest() != shard.sha256:
                     raise ProsecoError(f"shard {shard.path} fails its sha256 check: it changed since `proseco prep "
                                        "shards` wrote it; `proseco prep verify` lists the damage, re-run prep")
-                entries = index_shard(buf, shard.path)
+                entries = index_samples(buf, shard.path)
                 if len(entries) != shard.samples:
                     raise ProsecoError(f"shard {shard.path} holds {len(entries)} samples, but the manifest says "
                                        f"{shard.samples}; re-run `proseco prep shards`")

@@ -1,8 +1,6 @@
-"""Reading and checking a shard folder's ``manifest.json`` (contract: ``docs/data_format.md``).
+"""The loader's view of a shard folder: ``manifest.json`` loaded and checked (``docs/data_format.md``).
 
-The fingerprint is the sha256 of the canonical JSON (``sort_keys=True``, ``separators=(",", ":")``,
-ASCII escapes) of every key except ``fingerprint``; :func:`manifest_fingerprint` is the one
-implementation, for the writer and the reader alike.
+Names, dtypes and the fingerprint come from :mod:`pipeline.data.format`, which the writer uses too.
 """
 
 from __future__ import annotations
@@ -11,24 +9,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.data.format import DTYPES, FORMAT, MANIFEST, manifest_fingerprint
 from pipeline.errors import ProsecoError
-
-FORMAT = "proseco-shards/1"
-DTYPES = {"uint16": np.uint16, "int32": np.int32}
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The byte string the fingerprint hashes: sorted keys, no spaces, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-
-
-def manifest_fingerprint(manifest: dict) -> str:
-    """sha256 (hex) of the canonical JSON of every manifest key other than ``fingerprint``."""
-    return hashlib.sha256(canonical_json({k: v for k, v in manifest.items() if k != "fingerprint"})).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -75,7 +60,7 @@ class Manifest:
     def shards(self, split: str) -> list[Shard]:
         """The split's shards in manifest order (split, partition, shard)."""
         if split not in self.data["splits"]:
-            raise ProsecoError(f"{self.root / 'manifest.json'} has no split {split!r} "
+            raise ProsecoError(f"{self.root / MANIFEST} has no split {split!r} "
                                f"(it has {', '.join(sorted(self.data['splits'])) or 'none'})")
         return [Shard(s["name"], self.root / s["name"], int(s["samples"]), s.get("sha256"))
                 for s in self.data["splits"][split]["shards"]]
@@ -90,7 +75,7 @@ class Manifest:
         Any failure raises :class:`ProsecoError` naming the file and the fix.
         """
         path = Path(path)
-        file = path / "manifest.json" if path.is_dir() else path
+        file = path / MANIFEST if path.is_dir() else path
         root = file.parent
         redo = f"re-run `proseco prep shards` to rewrite {root}"
         if not file.is_file():
