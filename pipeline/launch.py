@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Config, config_from_dict, dump_yaml, to_dict
+from pipeline.config import Config, check_corpus_run, config_from_dict, dump_yaml, to_dict
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write_json
 
@@ -336,11 +336,10 @@ def _snapshot(run: Path, cfg: Config, script: str, stage: str) -> Path:
 def launch_train(cfg: Config, dry_run: bool = False) -> int:
     from pipeline.train import run_dir
 
-    if cfg.data.task != "text":
-        raise ProsecoError(f"proseco launch train reads corpus shards (data.task=text), got {cfg.data.task!r}")
+    check_corpus_run(cfg, "proseco launch train")
     run = run_dir(cfg).resolve()
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
-    cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    cfg.data.shards = str(Path(cfg.data.shards).resolve())
     name = cfg.cluster.job_name or f"proseco-train-{cfg.run.name}"
     params = train_parameters(cfg, run, name)
     script = job_script(cfg, run / "slurm", params)
@@ -373,13 +372,15 @@ def launch_train(cfg: Config, dry_run: bool = False) -> int:
 
 def gpu_warning(cfg: Config) -> str | None:
     """Why a job that asks for no GPU looks like a GPU run, or None. The rule: cluster.gpus_per_node
-    is 0 while train.bf16 is on (CUDA-only autocast) or the model has >= 50M parameters."""
+    is 0 while parallel.bf16 is on (CUDA-only autocast) or the model has >= 50M parameters."""
     if cfg.cluster.gpus_per_node:
         return None
     from pipeline.model import parameter_count
 
-    reasons = ["train.bf16 is on (bfloat16 autocast runs on CUDA only)"] if cfg.train.bf16 else []
-    params = parameter_count(cfg.model, cfg.model.vocab_size or cfg.prep.vocab_size)
+    reasons = ["parallel.bf16 is on (bfloat16 autocast runs on CUDA only)"] if cfg.parallel.bf16 else []
+    vocab = cfg.model.vocab_size or int(json.loads((Path(cfg.data.shards) / "manifest.json").read_text(
+        encoding="utf-8"))["tokenizer"]["vocab_size"])  # null: the tokenizer's, as training takes it
+    params = parameter_count(cfg.model, vocab)
     if params >= GPU_MODEL_PARAMS:
         reasons.append(f"the model has {params / 1e6:.0f}M parameters (>= {GPU_MODEL_PARAMS // 10**6}M)")
     if not reasons:
@@ -440,8 +441,8 @@ def prep_jobs_dir(out: Path) -> Path:
 def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     if parts < 1:
         raise ProsecoError(f"--parts must be >= 1, got {parts}")
-    out = Path(cfg.prep.out_dir).resolve()
-    cfg.prep.out_dir = str(out)
+    out = Path(cfg.data.shards).resolve()
+    cfg.data.shards = str(out)
     cfg.prep.tokenizer_dir = str(Path(cfg.prep.tokenizer_dir).resolve())
     cfg.prep.inputs = [str(Path(i).resolve()) if Path(i).exists() else i for i in cfg.prep.inputs]
     jobs_dir = prep_jobs_dir(out)  # next to the shards: their folder takes shard output only

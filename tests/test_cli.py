@@ -36,7 +36,7 @@ def fake_stage(monkeypatch, name: str, attr: str, fn) -> list:
 
 
 def test_dry_run_prints_parseable_yaml_with_override(capsys):
-    assert main(["demo", "--dry-run", "model.hidden=128", "train.steps=5"]) == 0
+    assert main(["demo", "--dry-run", "model.hidden=128", "optim.steps=5"]) == 0
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out)  # the "would run" line is a YAML comment
     assert resolved["model"]["hidden"] == 128 and resolved["train"]["steps"] == 5
@@ -44,7 +44,7 @@ def test_dry_run_prints_parseable_yaml_with_override(capsys):
 
 
 def test_overrides_may_come_before_and_after_options(capsys):
-    assert main(["demo", "model.hidden=128", "--dry-run", "train.steps=5"]) == 0
+    assert main(["demo", "model.hidden=128", "--dry-run", "optim.steps=5"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert (resolved["model"]["hidden"], resolved["train"]["steps"]) == (128, 5)
 
@@ -73,11 +73,11 @@ def test_config_by_preset_name_and_path(tmp_path, capsys):
 
 
 def test_config_output_round_trips(tmp_path, capsys):
-    assert main(["config", "demo.steps_grid=[2,4]", "train.lr=1e-3"]) == 0
+    assert main(["config", "demo.steps_grid=[2,4]", "optim.lr=1e-3"]) == 0
     saved = tmp_path / "resolved.yaml"
     saved.write_text(capsys.readouterr().out)
     tiny = str(ROOT / "configs" / "tiny.yaml")  # the CLI's default preset
-    assert load_config(str(saved)) == load_config(tiny, overrides=["demo.steps_grid=[2,4]", "train.lr=1e-3"])
+    assert load_config(str(saved)) == load_config(tiny, overrides=["demo.steps_grid=[2,4]", "optim.lr=1e-3"])
 
 
 def test_prep_dry_run_names_the_output_dir(capsys):
@@ -92,9 +92,9 @@ def test_prep_dry_run_names_the_output_dir(capsys):
 
 def test_demo_dispatches_resolved_config_and_returns_its_code(monkeypatch):
     calls = fake_stage(monkeypatch, "pipeline.demo", "run", lambda cfg: 3)
-    assert main(["demo", "train.steps=7"]) == 3
+    assert main(["demo", "optim.steps=7"]) == 3
     (cfg,) = calls[0]
-    assert isinstance(cfg, Config) and cfg.train.steps == 7
+    assert isinstance(cfg, Config) and cfg.optim.steps == 7
 
 
 def test_stage_returning_none_means_success(monkeypatch):

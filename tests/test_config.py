@@ -41,15 +41,15 @@ def test_precedence_defaults_then_yaml_then_overrides(tmp_path):
     cfg = load_config(str(f), ["model.hidden=256"])
     assert cfg.model.hidden == 256  # override beats YAML
     assert cfg.model.layers == 5  # YAML beats default
-    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.model.heads == Config().model.heads  # untouched default
 
 
 def test_later_files_and_later_overrides_win(tmp_path):
     a = write(tmp_path / "a.yaml", "model: {hidden: 128, layers: 5}\n")
     b = write(tmp_path / "b.yaml", "model: {hidden: 256}\n")
-    cfg = load_config([str(a), str(b)], ["train.steps=3", "train.steps=7"])
-    assert (cfg.model.hidden, cfg.model.layers, cfg.train.steps) == (256, 5, 7)
+    cfg = load_config([str(a), str(b)], ["optim.steps=3", "optim.steps=7"])
+    assert (cfg.model.hidden, cfg.model.layers, cfg.optim.steps) == (256, 5, 7)
 
 
 def test_include_chain_resolves_relative_to_including_file(tmp_path):
@@ -57,7 +57,7 @@ def test_include_chain_resolves_relative_to_including_file(tmp_path):
     write(tmp_path / "presets" / "mid.yaml", "include: base.yaml\nmodel: {layers: 6}\n")
     top = write(tmp_path / "top.yaml", "include: presets/mid.yaml\ntrain: {steps: 20}\n")
     cfg = load_config(str(top))
-    assert (cfg.model.hidden, cfg.model.layers, cfg.train.steps) == (128, 6, 20)
+    assert (cfg.model.hidden, cfg.model.layers, cfg.optim.steps) == (128, 6, 20)
 
 
 def test_include_list_applies_in_order_before_own_keys(tmp_path):
@@ -65,7 +65,7 @@ def test_include_list_applies_in_order_before_own_keys(tmp_path):
     write(tmp_path / "two.yaml", "model: {hidden: 256}\n")
     top = write(tmp_path / "top.yaml", "include: [one.yaml, two.yaml]\ntrain: {steps: 3}\n")
     cfg = load_config(str(top))
-    assert (cfg.model.hidden, cfg.train.steps) == (256, 3)
+    assert (cfg.model.hidden, cfg.optim.steps) == (256, 3)
 
 
 def test_include_cycle_and_missing_files_are_config_errors(tmp_path):
@@ -102,7 +102,7 @@ def test_bad_yaml_and_non_mapping_files(tmp_path):
     [
         ("model.hiden=3", "model.hiden", "model.hidden"),
         ("modle.hidden=3", "modle.hidden", "model.hidden"),
-        ("train.warmup=5", "train.warmup", "train.warmup_steps"),
+        ("train.warmup=5", "train.warmup", "optim.warmup_steps"),
         ("sampler.corector_steps=2", "sampler.corector_steps", "sampler.corrector_steps"),
         ("model.qqqqqqqqqqqq=1", "model.qqqqqqqqqqqq", None),  # nothing close: no suggestion
     ],
@@ -150,16 +150,16 @@ def test_type_error_message_form():
         ("model.hidden=null", "expected int"),
         ("model.vocab_size=abc", "expected int or null"),
         ("model.vocab_size=2.5", "expected int or null"),
-        ("train.lr=abc", "expected float"),
-        ("train.lr=true", "expected float"),
-        ("train.lr=.nan", "expected float"),
-        ("train.lr=.inf", "expected float"),
+        ("optim.lr=abc", "expected float"),
+        ("optim.lr=true", "expected float"),
+        ("optim.lr=.nan", "expected float"),
+        ("optim.lr=.inf", "expected float"),
         ("model.time_conditioning=1", "expected bool"),
         ("model.time_conditioning=maybe", "expected bool"),
         ("demo.steps_grid=4", "expected list of int"),
         ("demo.steps_grid=[2,4.5]", "expected list of int"),
         ("demo.steps_grid=[2,true]", "expected list of int"),
-        ("train.lr=[1", "cannot parse"),
+        ("optim.lr=[1", "cannot parse"),
     ],
 )
 def test_type_errors(override, expected):
@@ -172,8 +172,8 @@ def test_type_errors(override, expected):
 def test_accepted_conversions():
     cfg = load_config(
         overrides=[
-            "train.lr=1",  # int for a float field -> float
-            "train.weight_decay=2e-3",  # YAML 1.1 reads this as a string; a float field takes it
+            "optim.lr=1",  # int for a float field -> float
+            "optim.weight_decay=2e-3",  # YAML 1.1 reads this as a string; a float field takes it
             "model.vocab_size=null",
             "demo.steps_grid=[2,4,8]",
             "model.time_conditioning=true",
@@ -181,7 +181,7 @@ def test_accepted_conversions():
             "sampler.name=confidence",
         ]
     )
-    assert isinstance(cfg.train.lr, float) and (cfg.train.lr, cfg.train.weight_decay) == (1.0, 2e-3)
+    assert isinstance(cfg.optim.lr, float) and (cfg.optim.lr, cfg.optim.weight_decay) == (1.0, 2e-3)
     assert (cfg.model.vocab_size, cfg.demo.steps_grid, cfg.model.time_conditioning) == (None, [2, 4, 8], True)
     assert (cfg.demo.out_dir, cfg.sampler.name) == ("2024", "confidence")
     assert load_config(overrides=["model.vocab_size=100"]).model.vocab_size == 100
@@ -235,11 +235,11 @@ def test_range_checks(key, bad, rule):
         (["sampler.corrector_every=0"], r"sampler\.corrector_every \(omega\) must be >= 1"),
         (["sampler.remdm_strategy=clip"], "sampler.remdm_strategy"),
         (["sampler.remdm_eta=1.5"], "sampler.remdm_eta must be <= 1"),
-        (["train.beta1=1"], "train.beta1"),
-        (["train.beta2=-0.1"], "train.beta2"),
-        (["train.lr_schedule=linear"], "train.lr_schedule"),
-        (["train.min_lr_ratio=1.5"], "train.min_lr_ratio"),
-        (["train.ema=1"], "train.ema"),
+        (["optim.beta1=1"], "optim.beta1"),
+        (["optim.beta2=-0.1"], "optim.beta2"),
+        (["optim.schedule=linear"], "optim.schedule"),
+        (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio"),
+        (["optim.ema=1"], "optim.ema"),
         (["data.task=sudoku9"], "data.task"),
         (["data.holdout_fraction=0"], "data.holdout_fraction"),
         (["data.holdout_fraction=1"], "data.holdout_fraction"),
@@ -286,8 +286,8 @@ NON_DEFAULT = [
     "model.hidden=128",
     "model.vocab_size=20",
     "model.dropout=0.1",
-    "train.lr=3.0e-4",
-    "train.adam_eps=1e-10",
+    "optim.lr=3.0e-4",
+    "optim.eps=1e-10",
     "sampler.corrector_steps=2",
     "sampler.name=remdm",
     "demo.steps_grid=[2,4]",
@@ -336,7 +336,7 @@ def test_tiny_preset():
     cfg = load_config(str(PRESETS / "tiny.yaml"))
     m = cfg.model
     assert (m.hidden, m.layers, m.heads, m.max_seq_len) == (64, 3, 4, 16)
-    assert (cfg.data.seq_len, cfg.train.batch_size, cfg.train.lr) == (16, 128, pytest.approx(2e-3))
+    assert (cfg.data.seq_len, cfg.optim.batch_size, cfg.optim.lr) == (16, 128, pytest.approx(2e-3))
     assert cfg.demo == DemoConfig()
 
 
@@ -361,7 +361,7 @@ def test_presets_build_on_each_other(tmp_path):
 
 def test_prep_section_loads_from_the_text_preset_and_checks_values():
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "text.yaml"))
-    assert (cfg.prep.mode, cfg.prep.vocab_size, cfg.data.task) == ("wrap", 8192, "text")
+    assert (cfg.prep.mode, cfg.model.vocab_size, cfg.data.task) == ("wrap", 8192, "text")
     assert cfg.prep.inputs == []
     with pytest.raises(ConfigError, match="prep.mode must be one of: wrap, pad"):
         load_config(overrides=["prep.mode=concat"])

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.config.validate import check_tensor_parallel as check_tp_config
 from pipeline.errors import ProsecoError
 from pipeline.model.transformer import Backbone, apply_rotary, rotary_tables, timestep_embedding
 
@@ -131,7 +132,7 @@ def init_model_parallel(tp_size: int) -> None:
         raise RuntimeError("init_model_parallel needs the default process group (dist.init_process_group)")
     world = dist.get_world_size()
     if tp_size < 1 or world % tp_size:
-        raise ProsecoError(f"train.tp_size={tp_size} must be >= 1 and divide the number of processes "
+        raise ProsecoError(f"parallel.tp_size={tp_size} must be >= 1 and divide the number of processes "
                            f"({world}); use a tp_size that divides it")
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() == tp_size:
@@ -184,22 +185,6 @@ def partition_dim(name: str) -> int | None:
 
 def _mlp_inner(cfg: ModelConfig) -> int:
     return int(cfg.hidden * cfg.mlp_ratio)
-
-
-def check_tp_config(cfg: ModelConfig, vocab_size: int, tp_size: int) -> None:
-    """Raise ProsecoError unless heads, MLP width and vocabulary all divide by ``tp_size``."""
-    if tp_size < 1:
-        raise ProsecoError(f"train.tp_size={tp_size} must be >= 1")
-    if cfg.heads % tp_size:
-        raise ProsecoError(f"model.heads={cfg.heads} is not divisible by train.tp_size={tp_size}; "
-                           "pick a tp_size that divides the number of heads")
-    if _mlp_inner(cfg) % tp_size:
-        raise ProsecoError(f"the MLP width int(model.hidden*model.mlp_ratio)={_mlp_inner(cfg)} is not divisible "
-                           f"by train.tp_size={tp_size}")
-    if vocab_size % tp_size:
-        raise ProsecoError(f"model.vocab_size={vocab_size} is not divisible by train.tp_size={tp_size}; set "
-                           f"model.vocab_size to a multiple of {tp_size} that is at least the tokenizer's "
-                           "vocabulary (the extra rows are never used)")
 
 
 def shard_tensor(name: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp_size: int) -> torch.Tensor:
