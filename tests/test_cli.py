@@ -108,6 +108,10 @@ def test_prep_dry_run_names_the_output_dir(capsys):
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["data"]["split_seed"] == 3
     assert "would run proseco prep sudoku (output: data/s4)" in out
+    assert main(["prep", "shards", "--dry-run", "data.shards=corpus/shards"]) == 0
+    assert "would run proseco prep shards (output: corpus/shards)" in capsys.readouterr().out
+    assert main(["prep", "tokenizer", "--dry-run"]) == 0
+    assert "would run proseco prep tokenizer (output: data/tokenizer)" in capsys.readouterr().out
 
 
 # --- dispatch ------------------------------------------------------------------------------

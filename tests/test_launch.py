@@ -65,7 +65,7 @@ def test_dry_run_prints_the_job_script_matching_the_golden_file_and_what_each_ta
     assert "pipeline.train.run(cfg)" in tasks and "run folder <RUN>" in tasks
     assert "cluster.startup_timeout_s=300" in tasks and "not requeued" in tasks
     resolved = yaml.safe_load(config)  # the config each task runs, as `proseco train --config` would load it
-    assert resolved["run"]["dir"] == "<RUN>" and resolved["train"]["steps"] == STEPS
+    assert resolved["run"]["dir"] == "<RUN>" and resolved["optim"]["steps"] == STEPS
     assert resolved["cluster"]["nodes"] == 2 and resolved["data"]["manifest"] == str(shards)
     assert out.err == ""  # a CPU config asks for no GPU: no warning
     assert not run.exists()  # a dry run writes nothing

@@ -142,7 +142,7 @@ def test_init_arguments_and_env_restored(tmp_path, monkeypatch):
     kw = calls.runs[0].kwargs
     assert (kw["id"], kw["resume"], kw["mode"], kw["name"], kw["project"]) == ("myid", "allow", "offline", "unit",
                                                                                "proseco")
-    assert kw["entity"] is None and kw["dir"] == str(tmp_path.resolve()) and kw["config"]["train"]["wandb"] == "offline"
+    assert kw["entity"] is None and kw["dir"] == str(tmp_path.resolve()) and kw["config"]["log"]["wandb"] == "offline"
     assert calls.env["WANDB_DIR"] == str(tmp_path.resolve())
     assert calls.env["WANDB_CACHE_DIR"] == str(tmp_path.resolve() / "wandb" / "cache")
     assert calls.env["WANDB_DATA_DIR"] == "/user/choice"  # set by the user: left alone

@@ -520,7 +520,7 @@ def _corrupt(run: Path, how: str) -> list[str]:
         rewrite_meta(latest, meta)
     elif how == "edited meta.json":  # by hand, without updating the checksum in COMPLETE
         meta = json.loads((latest / "meta.json").read_text())
-        meta["config"]["train"]["lr"] *= 10
+        meta["config"]["optim"]["lr"] *= 10
         (latest / "meta.json").write_text(json.dumps(meta))
     return ["model.hidden=64"] if how == "other model" else []
 

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare data: tokenizer, corpus shards (+ merge, verify), or the demo's Sudoku task",
         description=_describe(
             """Prepare data. `tokenizer`: train a sentencepiece model on prep.inputs (default: the
-            bundled public-domain corpus) with the special ids the diffusion model needs (pad, unk,
+            bundled public-domain corpus) of model.vocab_size ids, with the special ids the diffusion model needs (pad, unk,
             bos, eos, mask), or --import an existing one; writes prep.tokenizer_dir. `shards`:
             tokenize prep.inputs (text, JSONL, parquet; .gz/.zst) in prep.workers processes into
             webdataset shards of data.seq_len tokens plus manifest.json in data.shards; rerunning

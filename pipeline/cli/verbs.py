@@ -58,7 +58,7 @@ def _describe_train(args: argparse.Namespace, cfg: Config) -> str:
 
 def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
     if args.target == "sudoku":
-        return _exit_code(import_stage("data_prep.sudoku").main(cfg, args.out or "data/sudoku4"))
+        return _exit_code(import_stage("data_prep.sudoku").main(cfg, args.out or _prep_out("sudoku", cfg)))
     stages = import_stage("data_prep.stages")
     if args.target == "tokenizer":
         return _exit_code(stages.tokenizer(cfg, args.out, import_model=args.import_model, force=args.force))
@@ -136,10 +136,15 @@ def _run_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _prep_out(target: str, cfg: Config) -> str:
+    """Where `proseco prep TARGET` writes without --out."""
+    return {"tokenizer": cfg.prep.tokenizer_dir, "sudoku": "data/sudoku4"}.get(target, cfg.data.shards)
+
+
 # verb -> (runner, description of what it runs, for --dry-run)
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace, Config], str]]] = {
     "demo": (_run_demo, lambda a, c: "pipeline.demo.run(cfg)"),
-    "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
+    "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or _prep_out(a.target, c)})"),
     "train": (_run_train, _describe_train),
     "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
     "eval": (_run_eval, lambda a, c: f"pipeline.evaluation.runner.run(cfg, {a.run!r}, shard_spec={a.shard!r})"),
