@@ -336,7 +336,7 @@ def _snapshot(run: Path, cfg: Config, script: str, stage: str) -> Path:
 def launch_train(cfg: Config, dry_run: bool = False) -> int:
     from pipeline.train import run_dir
 
-    check_corpus_run(cfg, "proseco launch train")
+    check_corpus_run(cfg, "proseco launch train", need_shards=False)
     run = run_dir(cfg).resolve()
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
     cfg.data.shards = str(Path(cfg.data.shards).resolve())
@@ -378,9 +378,10 @@ def gpu_warning(cfg: Config) -> str | None:
     from pipeline.model import parameter_count
 
     reasons = ["parallel.bf16 is on (bfloat16 autocast runs on CUDA only)"] if cfg.parallel.bf16 else []
-    vocab = cfg.model.vocab_size or int(json.loads((Path(cfg.data.shards) / "manifest.json").read_text(
-        encoding="utf-8"))["tokenizer"]["vocab_size"])  # null: the tokenizer's, as training takes it
-    params = parameter_count(cfg.model, vocab)
+    manifest = Path(cfg.data.shards) / "manifest.json"  # model.vocab_size null: the tokenizer's, as in training
+    vocab = cfg.model.vocab_size or (json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["vocab_size"]
+                                     if manifest.is_file() else None)
+    params = parameter_count(cfg.model, int(vocab)) if vocab else 0  # 0: unknown until the shards exist
     if params >= GPU_MODEL_PARAMS:
         reasons.append(f"the model has {params / 1e6:.0f}M parameters (>= {GPU_MODEL_PARAMS // 10**6}M)")
     if not reasons:

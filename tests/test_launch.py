@@ -66,7 +66,7 @@ def test_dry_run_prints_the_job_script_matching_the_golden_file_and_what_each_ta
     assert "cluster.startup_timeout_s=300" in tasks and "not requeued" in tasks
     resolved = yaml.safe_load(config)  # the config each task runs, as `proseco train --config` would load it
     assert resolved["run"]["dir"] == "<RUN>" and resolved["optim"]["steps"] == STEPS
-    assert resolved["cluster"]["nodes"] == 2 and resolved["data"]["manifest"] == str(shards)
+    assert resolved["cluster"]["nodes"] == 2 and resolved["data"]["shards"] == str(shards)
     assert out.err == ""  # a CPU config asks for no GPU: no warning
     assert not run.exists()  # a dry run writes nothing
 
@@ -134,7 +134,7 @@ def test_prep_dry_run_shows_the_array_each_partition_and_the_dependent_merge(tmp
                                                                         for i in range(3)]
     assert "#SBATCH --dependency=afterok:ARRAY_JOB_ID" in merge and "--array" not in merge
     assert "#SBATCH --nodes=1" in merge and "proseco prep merge" in merge_runs
-    assert yaml.safe_load(config)["prep"]["out_dir"] == str(out)
+    assert yaml.safe_load(config)["data"]["shards"] == str(out)
     assert not out.with_name("shards.jobs").exists()
 
 

@@ -151,12 +151,13 @@ def check_world_size(cfg: Config, world: int) -> None:
                           f"multiple of {par.tp_size} processes or change parallel.tp_size")
 
 
-def check_corpus_run(cfg: Config, verb: str) -> None:
-    """`proseco train` / `launch train` read corpus shards: the task must be text and the shards prepared."""
+def check_corpus_run(cfg: Config, verb: str, need_shards: bool = True) -> None:
+    """`proseco train` / `launch train` read corpus shards: the task must be text and (with
+    ``need_shards``; a launch may prepare them in an earlier job) the shards prepared."""
     if cfg.data.task != "text":
         raise ConfigError(f"{verb} reads corpus shards (data.task=text), got data.task={cfg.data.task!r}; "
                           "the sudoku4 task trains with `proseco demo`")
-    if not (Path(cfg.data.shards) / "manifest.json").is_file():
+    if need_shards and not (Path(cfg.data.shards) / "manifest.json").is_file():
         raise ConfigError(f"no prepared shards in {cfg.data.shards}: run `proseco prep tokenizer` and then "
                           "`proseco prep shards` with the same --config and overrides first (or set data.shards)")
 
