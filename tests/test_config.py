@@ -391,6 +391,11 @@ def test_an_old_key_names_its_new_place(old, new):
         assert hasattr(getattr(Config(), section), key)
 
 
+def test_a_stored_config_of_the_old_layout_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="predates the split of its train section.*does not load"):
+        config_from_dict({"model": {"hidden": 32}, "train": {"lr": 1e-3}})
+
+
 def test_an_old_train_section_in_a_preset_is_refused_by_key(tmp_path):
     f = write(tmp_path / "old.yaml", "train:\n  lr: 1.0e-3\n")
     with pytest.raises(ConfigError, match=r"'train\.lr' moved to optim\.lr.*old\.yaml"):

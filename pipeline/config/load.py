@@ -183,6 +183,10 @@ def load_config(paths: list[str] | str | None = None, overrides: list[str] | Non
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from a (possibly partial) nested dict, e.g. one stored in a checkpoint;
     as strict as `load_config`, so a stale or hand-edited dict fails loudly."""
+    if isinstance(d, dict) and "train" in d:
+        raise ConfigError(f"this config predates the split of its train section into {_TRAIN_SPLIT}: a checkpoint "
+                          "or model file written before that does not load; retrain it, or rename its keys "
+                          "as configs/README.md lists them")
     cfg = Config()
     _apply_mapping(cfg, d, " (in config dict)")
     validate(cfg)
