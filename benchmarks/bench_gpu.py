@@ -57,13 +57,13 @@ def flops_per_token(cfg: ModelConfig, vocab: int, seq: int, passes: int) -> floa
 
 
 def run_backend(backend: str, shards: Path, run: Path, args, overrides: list[str]) -> list[dict]:
-    extra = {"torch": [], "deepspeed": ["train.backend=deepspeed", "train.zero_stage=2"],
-             "megatron": ["train.backend=megatron"]}[backend]
-    cmd = [sys.executable, "-m", "pipeline", "train", *overrides, "data.task=text", f"data.manifest={shards}",
-           f"run.dir={run}", f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.log_every=1",
-           "train.val_every=0", f"train.checkpoint_every={10 * args.steps}", "train.ema=0",
-           "train.wandb=disabled", f"train.bf16={str(not args.smoke).lower()}",
-           f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}", *extra]
+    extra = {"torch": [], "deepspeed": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
+             "megatron": ["parallel.backend=megatron"]}[backend]
+    cmd = [sys.executable, "-m", "pipeline", "train", *overrides, "data.task=text", f"data.shards={shards}",
+           f"run.dir={run}", f"optim.steps={args.steps}", f"optim.batch_size={args.batch}", "log.every=1",
+           "log.val_every=0", f"checkpoint.every={10 * args.steps}", "optim.ema=0",
+           "log.wandb=disabled", f"parallel.bf16={str(not args.smoke).lower()}",
+           f"parallel.activation_checkpointing={str(args.activation_checkpointing).lower()}", *extra]
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                                 str(ROOT / ".cache" / "torch_extensions"))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)

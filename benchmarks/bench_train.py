@@ -5,11 +5,11 @@
 
 Goal (CPU): step time of ``proseco train`` / bare loop <= 1.05.
 
-* ``train``: :func:`pipeline.train.run` in this process (single process, ``train.backend=torch``,
-  ``train.wandb=disabled`` unless ``--wandb``, no validation, no checkpoint until the end) on
+* ``train``: :func:`pipeline.train.run` in this process (single process, ``parallel.backend=torch``,
+  ``log.wandb=disabled`` unless ``--wandb``, no validation, no checkpoint until the end) on
   random-token shards written to a temporary folder (``bench_loader.write_shards``: the
   ``docs/data_format.md`` layout, the ``configs/text.yaml`` vocabulary). Its step time is the
-  ``step_s`` column of ``metrics.jsonl`` (``train.log_every=1``): data loading, lr schedule,
+  ``step_s`` column of ``metrics.jsonl`` (``log.every=1``): data loading, lr schedule,
   :func:`proseco_loss` with the split backward, clip, AdamW step and metric reduction.
 * ``bare``: the same :class:`Backbone` config and initial weights, :func:`make_optimizer`'s AdamW,
   batches of the same shape taken from the same shards beforehand, the same ``proseco_loss`` with
@@ -57,12 +57,12 @@ PRESET = Path(__file__).resolve().parents[1] / "configs" / "text.yaml"
 
 def make_config(args, shards: Path, run: Path):
     return load_config(PRESET, [
-        f"data.manifest={shards}", f"run.dir={run}", "run.name=bench_train", "model.vocab_size=null",
+        f"data.shards={shards}", f"run.dir={run}", "run.name=bench_train", "model.vocab_size=null",
         f"model.hidden={args.hidden}", f"model.layers={args.layers}", f"model.heads={args.heads}",
-        f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", f"train.batch_size={args.batch}",
-        f"train.steps={args.steps}", f"train.threads={args.threads}", "train.log_every=1", "train.val_every=0",
-        f"train.checkpoint_every={10**9}", "train.distributed=none", "train.backend=torch",
-        f"train.wandb={args.wandb}", "train.loader_workers=0",
+        f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", f"optim.batch_size={args.batch}",
+        f"optim.steps={args.steps}", f"parallel.threads={args.threads}", "log.every=1", "log.val_every=0",
+        f"checkpoint.every={10**9}", "parallel.distributed=none", "parallel.backend=torch",
+        f"log.wandb={args.wandb}", "data.loader_workers=0",
     ])
 
 
@@ -94,20 +94,19 @@ def train_round(args, shards: Path, run: Path) -> tuple[list[float], float, list
 
 
 def take_batches(cfg, n: int) -> list[dict]:
-    loader = ShardLoader(cfg.data.manifest, "train", cfg.train.batch_size, rank=0, world_size=1, seed=cfg.train.seed)
+    loader = ShardLoader(cfg.data.shards, "train", cfg.optim.batch_size, rank=0, world_size=1, seed=cfg.run.seed)
     it = iter(loader)
     return [next(it) for _ in range(n)]
 
 
 def bare_round(args, cfg, vocab: int, mask_id: int, batches: list[dict]) -> list[float]:
     """Seconds per step of the counted steps of a hand-written loop."""
-    t = cfg.train
-    torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
+    torch.set_num_threads(cfg.parallel.threads)
+    torch.manual_seed(cfg.run.seed)
     model = Backbone(cfg.model, vocab_size=vocab)
-    optimizer = make_optimizer(model, t)
+    optimizer = make_optimizer(model, cfg.optim)
     model.train()
-    gen = torch.Generator().manual_seed(t.seed)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
 
     def forward(z, tt, v):
         return model(z, tt, v)
@@ -122,7 +121,7 @@ def bare_round(args, cfg, vocab: int, mask_id: int, batches: list[dict]) -> list
         optimizer.zero_grad(set_to_none=True)
         proseco_loss(forward, batch["tokens"], cfg.diffusion, mask_id, valid=batch["valid"], generator=gen,
                      backward=backward)
-        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         times.append(time.perf_counter() - start)
     return times[args.warmup:]
@@ -141,7 +140,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline"],
-                   help="train.wandb of the `proseco train` rounds")
+                   help="log.wandb of the `proseco train` rounds")
     p.add_argument("--verbose", action="store_true", help="show the output of pipeline.train.run")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args()
@@ -177,7 +176,7 @@ def main() -> None:
         "rounds_ms": [{"train": 1e3 * a, "bare": 1e3 * b} for a, b in per_round],
     }
     print(f"model {params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, vocab {vocab}), "
-          f"batch {args.batch} x seq {args.seq}, cpu, threads {args.threads}, train.wandb={args.wandb}")
+          f"batch {args.batch} x seq {args.seq}, cpu, threads {args.threads}, log.wandb={args.wandb}")
     print(f"  {args.rounds} rounds x {args.steps - args.warmup} counted steps (after {args.warmup} warm-up), "
           f"alternating train / bare")
     for i, (a, b) in enumerate(per_round):

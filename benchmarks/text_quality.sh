@@ -13,15 +13,15 @@ PY=${PY:-.venv/bin/python}
 STEPS=${STEPS:-300}
 REF=${REF:-smollm2}
 OUT=${OUT:-runs/text_quality}
-COMMON=(--config text "train.wandb=disabled" "train.val_every=0" "train.checkpoint_every=100000"
-        "train.batch_size=${BATCH:-8}" "train.threads=${THREADS:-2}")
+COMMON=(--config text "log.wandb=disabled" "log.val_every=0" "checkpoint.every=100000"
+        "optim.batch_size=${BATCH:-8}" "parallel.threads=${THREADS:-2}")
 
 "$PY" -m pipeline prep tokenizer --config text
 "$PY" -m pipeline prep shards --config text
-"$PY" -m pipeline train "${COMMON[@]}" "run.dir=$OUT/mdm" "diffusion.corrector_weight=0" "train.steps=$((2 * STEPS))"
-"$PY" -m pipeline train "${COMMON[@]}" "run.dir=$OUT/proseco" "train.steps=$STEPS"
+"$PY" -m pipeline train "${COMMON[@]}" "run.dir=$OUT/mdm" "diffusion.corrector_weight=0" "optim.steps=$((2 * STEPS))"
+"$PY" -m pipeline train "${COMMON[@]}" "run.dir=$OUT/proseco" "optim.steps=$STEPS"
 for m in mdm proseco; do
-  "$PY" -m pipeline eval "$OUT/$m" --out "$OUT/eval" "train.threads=${THREADS:-2}" \
+  "$PY" -m pipeline eval "$OUT/$m" --out "$OUT/eval" "parallel.threads=${THREADS:-2}" \
       "eval.tasks=[text]" "eval.samplers=[ancestral]" "eval.steps=[16,32,64]" "eval.corrector_steps=[0,2]" \
       "eval.num_samples=${SAMPLES:-32}" "eval.batch_size=16" "eval.reference_lm=$REF" "eval.weights=raw"
 done

@@ -11,7 +11,7 @@ import sys
 import time
 
 from data_prep import readers
-from pipeline.config import Config
+from pipeline.config import Config, check_tokenizer_vocab
 from pipeline.errors import ProsecoError
 
 
@@ -29,7 +29,7 @@ def tokenizer(cfg: Config, out: str | None, *, import_model: str | None = None, 
     else:
         p = cfg.prep
         sidecar = tok.train_tokenizer(
-            _inputs(cfg), out, vocab_size=p.vocab_size, model_type=p.model_type, byte_fallback=p.byte_fallback,
+            _inputs(cfg), out, vocab_size=check_tokenizer_vocab(cfg), model_type=p.model_type, byte_fallback=p.byte_fallback,
             character_coverage=p.character_coverage, input_sentence_size=p.input_sentence_size, seed=p.seed,
             text_field=p.text_field, doc_split=p.doc_split, fmt=p.fmt, max_chars=p.max_chars, overwrite=force,
         )
@@ -57,7 +57,7 @@ def shards(cfg: Config, out: str | None, *, task: str | None = None) -> int:
     i, n = parse_task(task)
     p = cfg.prep
     settings = ShardSettings(
-        inputs=_inputs(cfg), tokenizer_dir=p.tokenizer_dir, out_dir=out or p.out_dir, seq_len=cfg.data.seq_len,
+        inputs=_inputs(cfg), tokenizer_dir=p.tokenizer_dir, out_dir=out or cfg.data.shards, seq_len=cfg.data.seq_len,
         mode=p.mode, shard_bytes=int(p.shard_mb * 2**20), val_fraction=p.val_fraction, text_field=p.text_field,
         doc_split=p.doc_split, fmt=p.fmt, max_chars=p.max_chars, num_workers=p.workers, task_index=i, num_tasks=n,
     )
@@ -75,7 +75,7 @@ def shards(cfg: Config, out: str | None, *, task: str | None = None) -> int:
 def merge(cfg: Config, out: str | None) -> int:
     from data_prep.manifest import merge as merge_parts
 
-    out = out or cfg.prep.out_dir
+    out = out or cfg.data.shards
     manifest = merge_parts(out)
     print(_manifest_summary(manifest, out, None))
     _warn_empty_val(manifest)
@@ -85,7 +85,7 @@ def merge(cfg: Config, out: str | None) -> int:
 def verify(cfg: Config, out: str | None) -> int:
     from data_prep.verify import verify_report
 
-    report, ok = verify_report(out or cfg.prep.out_dir)
+    report, ok = verify_report(out or cfg.data.shards)
     print(report)
     return 0 if ok else 1
 
@@ -102,7 +102,7 @@ def _warn_empty_val(manifest: dict) -> None:
     fraction = manifest["config"]["val_fraction"]
     if fraction and not manifest["splits"]["val"]["samples"]:
         print(f"warning: the val split holds no sample ({manifest['documents']['val']} document(s) at "
-              f"val_fraction {fraction}); train with train.val_every=0, or give more text or a higher "
+              f"val_fraction {fraction}); train with log.val_every=0, or give more text or a higher "
               "prep.val_fraction", file=sys.stderr)
 
 

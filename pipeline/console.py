@@ -1,4 +1,4 @@
-"""What `proseco train` prints (rank 0 only): a start-up header, one line every ``train.log_every``
+"""What `proseco train` prints (rank 0 only): a start-up header, one line every ``log.every``
 steps, validation results, checkpoint saves and stops.
 
 Plain lines, flushed at once, are the log: a SLURM ``.out`` file or a pipe gets them and nothing

@@ -53,16 +53,17 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
                                     (cfg.diffusion.corrector_weight or 1.0))
     steps = cfg.demo.proseco_steps if kind == "proseco" else round(cfg.demo.proseco_steps * cfg.demo.mdm_step_ratio)
     key = _fingerprint({"model": to_dict(cfg)["model"], "diffusion": dataclasses.asdict(diffusion),
-                        "train": to_dict(cfg)["train"], "steps": steps, "data": data["manifest"]["fingerprint"]})
+                        "optim": to_dict(cfg)["optim"], "seed": cfg.run.seed, "log_every": cfg.log.every,
+                        "steps": steps, "data": data["manifest"]["fingerprint"]})
     path = out / f"{kind}.pt"
     if path.exists():
         model, _, saved = load_model(path)
         if saved.get("key") == key:
             log(f"  {kind:8s} loaded {path} (same config and data; {saved['steps']} steps, {saved['seconds']:.0f} s)")
             return model, {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True, "key": key}
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.run.seed)
     model = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE)
-    result = train_in_memory(model, data["train"], cfg.train, diffusion, sudoku.MASK_ID, steps=steps,
+    result = train_in_memory(model, data["train"], cfg, diffusion, sudoku.MASK_ID, steps=steps,
                              desc=f"train {kind}")
     last = result.history[-1]
     log(f"  {kind:8s} {steps} steps in {result.seconds:.0f} s ({1e3 * result.seconds / steps:.1f} ms/step); "
@@ -166,8 +167,8 @@ def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[li
 
 def run(cfg: Config) -> int:
     start = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.parallel.threads:
+        torch.set_num_threads(cfg.parallel.threads)
     out = Path(cfg.demo.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

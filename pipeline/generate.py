@@ -25,8 +25,8 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
         return _run_text(cfg, model, blob, num, out)
     if cfg.data.task != sudoku.NAME:
         raise ProsecoError(f"proseco sample generates for text and {sudoku.NAME} models, not data.task={cfg.data.task!r}")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.parallel.threads:
+        torch.set_num_threads(cfg.parallel.threads)
     prompt = fixed = None
     if infill:
         d = cfg.data
@@ -61,7 +61,7 @@ def _tokenizer(cfg: Config):
     from pipeline.data.manifest import Manifest
 
     try:
-        manifest = Manifest.load(cfg.data.manifest)
+        manifest = Manifest.load(cfg.data.shards)
         from data_prep.tokenizer import Tokenizer
 
         return Tokenizer.load(manifest.root)  # the shards folder keeps a copy of the tokenizer
@@ -71,14 +71,14 @@ def _tokenizer(cfg: Config):
 
 def _run_text(cfg: Config, model, blob: dict, num: int, out: str | None) -> int:
     """Generate ``num`` sequences of ``data.seq_len`` tokens from scratch and decode them."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.parallel.threads:
+        torch.set_num_threads(cfg.parallel.threads)
     result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=blob["mask_id"], batch=num,
                     seeds=sample_seeds(cfg.sampler.seed, 0, num), time_conditioned=cfg.model.time_conditioning,
                     max_seq_len=cfg.model.max_seq_len)
     tok = _tokenizer(cfg)
     if tok is None:
-        print(f"(tokenizer of {cfg.data.manifest} not found: printing token ids; set data.manifest=SHARDS_DIR)")
+        print(f"(tokenizer of {cfg.data.shards} not found: printing token ids; set data.shards=SHARDS_DIR)")
     texts = []
     for i, row in enumerate(result.tokens):
         ids = [int(x) for x in row]

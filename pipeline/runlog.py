@@ -6,7 +6,7 @@ being written (a torn last line is cut off when the logger opens the file again)
 :func:`read_metrics`. A resumed run replays the steps after its checkpoint, so a step may appear
 twice; the later row wins (the values are equal: training is deterministic).
 
-W&B (``train.wandb``) only mirrors that file:
+W&B (``log.wandb``) only mirrors that file:
 
 * ``disabled``: wandb is not even imported.
 * ``offline`` (default): no network, no account. Everything wandb writes stays under
@@ -127,11 +127,11 @@ class RunLogger:
         path = self.folder / "metrics.jsonl"
         self.resume_step = _repair_metrics(path)
         self._file = open(path, "a")  # closed in __exit__
-        mode = self.cfg.train.wandb
+        mode = self.cfg.log.wandb
         if mode in ("offline", "online"):
             self._start_wandb(mode)
         elif mode != "disabled":
-            _warn(f"train.wandb={mode!r} is not one of offline, online, disabled; logging to metrics.jsonl only")
+            _warn(f"log.wandb={mode!r} is not one of offline, online, disabled; logging to metrics.jsonl only")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -177,12 +177,12 @@ class RunLogger:
 
     # ---- wandb --------------------------------------------------------------------------------
     def _start_wandb(self, mode: str) -> None:
-        fix = ("set train.wandb=offline (and `wandb sync` later) or train.wandb=disabled" if mode == "online"
-               else "set train.wandb=disabled")
+        fix = ("set log.wandb=offline (and `wandb sync` later) or log.wandb=disabled" if mode == "online"
+               else "set log.wandb=disabled")
         try:
             import wandb
         except ImportError as e:
-            _warn(f"train.wandb={mode} needs the wandb package ({e}): `pip install wandb`, or {fix}; "
+            _warn(f"log.wandb={mode} needs the wandb package ({e}): `pip install wandb`, or {fix}; "
                   "logging to metrics.jsonl only")
             return
         self._wandb = wandb
@@ -198,7 +198,7 @@ class RunLogger:
             # x_disable_viewer: no account look-up (it retries for ~5 s per call without network).
             wandb.setup(settings=wandb.Settings(x_disable_viewer=True, login_timeout=timeout))
             if mode == "online" and not wandb.login(prompt=False, verify=False):
-                _warn(f"train.wandb=online but no W&B credentials were found: run `wandb login` (or set "
+                _warn(f"log.wandb=online but no W&B credentials were found: run `wandb login` (or set "
                       f"WANDB_API_KEY), or {fix}; logging to metrics.jsonl only")
                 self._stop_wandb()
                 return
@@ -206,14 +206,14 @@ class RunLogger:
             if "WANDB_CONSOLE" not in os.environ:
                 settings["console"] = "off"
             self.wandb_run = wandb.init(
-                project=cfg.train.wandb_project, entity=cfg.train.wandb_entity or None,
+                project=cfg.log.wandb_project, entity=cfg.log.wandb_entity or None,
                 id=self.info.get("logger_id") or self.info.get("run_id"), resume="allow", name=cfg.run.name,
                 dir=str(self.folder.resolve()), config=to_dict(cfg), mode=mode, allow_val_change=True,
                 settings=wandb.Settings(**settings))
         except Exception as e:  # noqa: BLE001 (CommError, UsageError, AuthenticationError, ...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             hint = "`wandb login`, check the network, or " if mode == "online" else ""
-            _warn(f"wandb.init (train.wandb={mode}, {INIT_TIMEOUT_ENV}={timeout:g} s) failed: "
+            _warn(f"wandb.init (log.wandb={mode}, {INIT_TIMEOUT_ENV}={timeout:g} s) failed: "
                   f"{type(e).__name__}: {first[:300]}; "
                   f"{hint}{fix}; logging to metrics.jsonl only")
             self.wandb_run = None

@@ -5,15 +5,15 @@ chosen backend, loader, checkpoint manager, run folder) -> **resume** (latest co
 -> **loop** (lr schedule, gradient accumulation, :func:`proseco_loss` with the split backward,
 clip + step + EMA in the engine, metrics, validation, checkpoints) -> **save** -> **exit**.
 
-Backends (``train.backend``, :mod:`pipeline.engines`): ``torch`` (one process, DDP or FSDP2),
+Backends (``parallel.backend``, :mod:`pipeline.engines`): ``torch`` (one process, DDP or FSDP2),
 ``deepspeed`` (ZeRO 0-3) and ``megatron`` (megatron-core tensor parallelism, data parallel over
 the remaining ranks). Launch with ``torchrun`` on one node; the SLURM launcher sets the same
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) on many. gloo on CPU, nccl on
-CUDA. ``train.batch_size`` is per data-parallel rank and micro-step: an optimizer step sees
+CUDA. ``optim.batch_size`` is per data-parallel rank and micro-step: an optimizer step sees
 ``batch_size x grad_accum x data-parallel size`` sequences.
 
 Determinism: the masking draws of micro-step ``m`` of step ``s`` on data-parallel rank ``r`` come
-from a generator seeded by ``(train.seed, r, s, m)`` and dropout is reseeded the same way, so a
+from a generator seeded by ``(run.seed, r, s, m)`` and dropout is reseeded the same way, so a
 resumed run needs only the engine's state, the loader position and the counters - all in the
 checkpoint - to continue bit for bit (``tests/test_train.py``: kill -9 and resume equals
 uninterrupted). Tensor-parallel peers share ``r``, so they see the same batch and the same masks.
@@ -24,7 +24,7 @@ run may change its world size, switch between single process / DDP / FSDP2 / ten
 ``proseco ckpt universal`` first (the refusal says so).
 
 Graceful stop: SIGTERM / SIGUSR1 / SIGUSR2 / Ctrl-C set a flag; at each optimizer-step boundary
-all ranks agree (one all-reduce MAX over [signal seen, time budget ``train.max_time_s`` spent]),
+all ranks agree (one all-reduce MAX over [signal seen, time budget ``run.max_time_s`` spent]),
 save together and exit with :data:`EXIT_REQUEUE` (3), which tells a launcher to requeue the job;
 a second Ctrl-C aborts without saving. What the run prints is :mod:`pipeline.console`'s.
 """
@@ -51,7 +51,7 @@ from pipeline.checkpoint.manager import (
     set_rng_state,
 )
 from pipeline.checkpoint.model_file import model_config_mismatch
-from pipeline.config import Config, check_world_size, dump_yaml, to_dict
+from pipeline.config import Config, check_corpus_run, check_shards, check_world_size, dump_yaml, to_dict
 from pipeline.console import Console
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
@@ -91,16 +91,15 @@ def world_layout(cfg: Config, nproc: int | None = None) -> str:
     rank, world, _ = world_from_env()
     if nproc:
         rank, world = 0, nproc
-    t = cfg.train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     comm = ("gloo" if device == "cpu" else "nccl") if world > 1 else "none (single process)"
-    tp = t.tp_size if t.backend == "megatron" else 1
+    tp = cfg.parallel.tp_size if cfg.parallel.backend == "megatron" else 1
     dp = max(world // tp, 1)
-    layout = {"torch": f"distributed {t.distributed}", "deepspeed": f"ZeRO stage {t.zero_stage}",
-              "megatron": f"tensor parallel {tp} x data parallel {dp}"}[t.backend]
-    return (f"backend {t.backend} ({layout}), world size {world} (this is rank {rank}), "
-            f"device {device}, process group {comm}; per optimizer step {t.batch_size} sequences x "
-            f"{t.grad_accum} micro-steps x {dp} data-parallel ranks = {t.batch_size * t.grad_accum * dp}; "
+    layout = {"torch": f"distributed {cfg.parallel.distributed}", "deepspeed": f"ZeRO stage {cfg.parallel.zero_stage}",
+              "megatron": f"tensor parallel {tp} x data parallel {dp}"}[cfg.parallel.backend]
+    return (f"backend {cfg.parallel.backend} ({layout}), world size {world} (this is rank {rank}), "
+            f"device {device}, process group {comm}; per optimizer step {cfg.optim.batch_size} sequences x "
+            f"{cfg.optim.grad_accum} micro-steps x {dp} data-parallel ranks = {cfg.optim.batch_size * cfg.optim.grad_accum * dp}; "
             f"run folder {run_dir(cfg)}")
 
 
@@ -160,18 +159,9 @@ class _StopFlag:
 
 def _open_data(cfg: Config) -> tuple[Manifest, int, int]:
     """(manifest, vocabulary size of the model, mask id) for task ``text``."""
-    if cfg.data.task != "text":
-        raise ProsecoError(f"proseco train reads corpus shards (data.task=text), got data.task={cfg.data.task!r}; "
-                           "the sudoku4 task trains with `proseco demo`")
-    manifest = Manifest.load(cfg.data.manifest)
-    if manifest.seq_len != cfg.data.seq_len:
-        raise ProsecoError(f"{cfg.data.manifest} holds sequences of {manifest.seq_len} tokens but data.seq_len is "
-                           f"{cfg.data.seq_len}; set data.seq_len={manifest.seq_len} or re-run `proseco prep shards`")
-    data_vocab = int(manifest.data["tokenizer"]["vocab_size"])
-    vocab = cfg.model.vocab_size or data_vocab
-    if vocab < data_vocab:
-        raise ProsecoError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab} ids of "
-                           f"{cfg.data.manifest}; set model.vocab_size={data_vocab} (or null)")
+    check_corpus_run(cfg, "proseco train")
+    manifest = Manifest.load(cfg.data.shards)
+    vocab = check_shards(cfg, manifest.seq_len, int(manifest.data["tokenizer"]["vocab_size"]))
     return manifest, vocab, int(manifest.special["mask"])
 
 
@@ -223,15 +213,15 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
     sharded = len(manifest.shards("val")) >= world
     v_rank, v_world = (rank, world) if sharded else (0, 1)
     try:
-        loader = ShardLoader(manifest, "val", cfg.train.batch_size, rank=v_rank, world_size=v_world,
-                             seed=cfg.train.seed, shuffle=False)
+        loader = ShardLoader(manifest, "val", cfg.optim.batch_size, rank=v_rank, world_size=v_world,
+                             seed=cfg.run.seed, shuffle=False)
     except ProsecoError as exc:
-        raise ProsecoError(f"validation: {exc}; or turn validation off with train.val_every=0") from None
+        raise ProsecoError(f"validation: {exc}; or turn validation off with log.val_every=0") from None
     was_training = model.training
     model.eval()
     sums, n = [0.0, 0.0], 0
     batches, batch = loader.epoch_iter(), None
-    for i in range(cfg.train.val_batches):
+    for i in range(cfg.log.val_batches):
         nxt = next(batches, None)
         more = nxt is not None
         if collective:
@@ -240,7 +230,7 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
             break
         counted, batch = nxt is not None, nxt if nxt is not None else batch
         x, valid = batch["tokens"].to(device), batch["valid"].to(device)
-        gen = _step_generator(cfg.train.seed, v_rank, 2**40, i, device)  # a stream no train step uses
+        gen = _step_generator(cfg.run.seed, v_rank, 2**40, i, device)  # a stream no train step uses
         terms = proseco_loss(model, x, cfg.diffusion, mask_id, valid=valid, generator=gen)
         if counted:
             sums, n = [sums[0] + float(terms.mdm), sums[1] + float(terms.correction)], n + 1
@@ -253,18 +243,17 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
 
 # ---------------------------------------------------------------------------------------- run
 def run(cfg: Config) -> int:
-    """Train ``cfg.train.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
-    t = cfg.train
+    """Train ``cfg.optim.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
     rank, world, local_rank = world_from_env()
     check_world_size(cfg, world)
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    if cfg.parallel.threads:
+        torch.set_num_threads(cfg.parallel.threads)
     # DeepSpeed and megatron-core want a process group even in one process.
-    own_group = (world > 1 or t.backend != "torch") and not dist.is_initialized()
+    own_group = (world > 1 or cfg.parallel.backend != "torch") and not dist.is_initialized()
     if own_group:  # the ranks meet within cluster.startup_timeout_s, or all stop with an error
         init_process_group("nccl" if cuda else "gloo", rank, world, cfg.cluster.startup_timeout_s)
     try:
@@ -291,15 +280,15 @@ def _resume(cfg: Config, engine: Engine, loader: ShardLoader, ckpt: CheckpointMa
                            "Restore those settings, or start a new run folder (run.name=... / run.dir=...)")
     if meta.get("manifest") != loader.manifest.fingerprint:
         raise ProsecoError(f"cannot resume from {latest}: it was trained on other data (manifest fingerprint "
-                           f"{meta.get('manifest')}, now {loader.manifest.fingerprint} for {cfg.data.manifest}). "
-                           "Point data.manifest at the original shards, or start a new run folder")
+                           f"{meta.get('manifest')}, now {loader.manifest.fingerprint} for {cfg.data.shards}). "
+                           "Point data.shards at the original shards, or start a new run folder")
     saved, now = meta.get("topology", {}), engine.topology
     if saved != now and "deepspeed" in (saved.get("backend"), now["backend"]) \
             and saved.get("backend") != now["backend"]:
         raise ProsecoError(
             f"cannot resume from {latest}: it was saved by backend {saved.get('backend')} and this run uses "
-            f"{now['backend']}; DeepSpeed ZeRO checkpoints resume only under train.backend=deepspeed (and "
-            f"torch/megatron ones not under it). Resume with train.backend={saved.get('backend')}, or start a "
+            f"{now['backend']}; DeepSpeed ZeRO checkpoints resume only under parallel.backend=deepspeed (and "
+            f"torch/megatron ones not under it). Resume with parallel.backend={saved.get('backend')}, or start a "
             f"new run folder (`proseco ckpt export {latest}` gives its weights)")
     try:
         engine.load(latest, saved)
@@ -343,12 +332,11 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
 def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: int, rank: int, world: int,
           device: torch.device, start_time: float) -> int:
-    t = cfg.train
     d_rank, d_world, tp = engine.data_rank, engine.data_world, world // engine.data_world
-    loader = ShardLoader(manifest, "train", t.batch_size, rank=d_rank, world_size=d_world,
-                         num_workers=t.loader_workers, seed=t.seed)
+    loader = ShardLoader(manifest, "train", cfg.optim.batch_size, rank=d_rank, world_size=d_world,
+                         num_workers=cfg.data.loader_workers, seed=cfg.run.seed)
     folder = run_dir(cfg)
-    ckpt = CheckpointManager(folder, t.keep_last, t.permanent_every, rank=rank, world_size=world)
+    ckpt = CheckpointManager(folder, cfg.checkpoint.keep_last, cfg.checkpoint.permanent_every, rank=rank, world_size=world)
     info = {}
     if rank == 0:
         ckpt.cleanup_partial()
@@ -363,7 +351,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
         step, local_tokens = _resume(cfg, engine, loader, ckpt, latest, rank, device)
     if rank == 0:  # only once the checkpoint was accepted: a refused rerun leaves the folder as it was
         atomic_write(folder / "config.yaml", dump_yaml(cfg))
-    console = Console(t.steps, step, enabled=rank == 0)
+    console = Console(cfg.optim.steps, step, enabled=rank == 0)
     console.header(_header(cfg, engine, loader, world, device, vocab, info, folder, latest, step))
 
     save_delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
@@ -396,21 +384,21 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     log = RunLogger(folder, cfg, info, enabled=rank == 0)  # metrics.jsonl (+ wandb) on rank 0
     try:
         with log, _StopFlag(loud=rank == 0) as stop:
-            while step < t.steps:
+            while step < cfg.optim.steps:
                 step_start, data_wait = time.perf_counter(), 0.0
-                lr = lr_at(step, t)
+                lr = lr_at(step, cfg.optim)
                 engine.set_lr(lr)
                 engine.zero_grad()
                 sums, step_tokens = [0.0, 0.0, 0.0], 0
-                for micro in range(t.grad_accum):
+                for micro in range(cfg.optim.grad_accum):
                     wait = time.perf_counter()
                     batch = next(batches)
                     data_wait += time.perf_counter() - wait
                     x, valid = batch["tokens"].to(device), batch["valid"].to(device)
                     # Dropout draws from the global RNG, which a new DataLoader iterator also consumes
                     # (once per epoch, and at a resume): reseed it so a resumed run draws the same.
-                    torch.manual_seed(_seed_of(t.seed, d_rank, step, micro, 1))
-                    last_micro, calls = micro == t.grad_accum - 1, [0]
+                    torch.manual_seed(_seed_of(cfg.run.seed, d_rank, step, micro, 1))
+                    last_micro, calls = micro == cfg.optim.grad_accum - 1, [0]
 
                     def model_fn(z, tt, v, _last=last_micro, _calls=calls):
                         # Reduce gradients in the backward of the last forward of the step only.
@@ -418,10 +406,10 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                         return engine.forward(z, tt, v, sync=_last and _calls[0] == n_forwards)
 
                     def backward(loss):
-                        engine.backward(loss / t.grad_accum)
+                        engine.backward(loss / cfg.optim.grad_accum)
 
                     terms = proseco_loss(model_fn, x, cfg.diffusion, mask_id, valid=valid,
-                                         generator=_step_generator(t.seed, d_rank, step, micro, device),
+                                         generator=_step_generator(cfg.run.seed, d_rank, step, micro, device),
                                          backward=backward if cfg.diffusion.split_backward else None)
                     if not cfg.diffusion.split_backward:
                         backward(terms.loss)
@@ -432,13 +420,13 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                 local_tokens += step_tokens
                 console.step_done(step)
 
-                val_now = t.val_every > 0 and (step % t.val_every == 0 or step == t.steps)
-                if val_now or step % t.log_every == 0 or step == t.steps:
+                val_now = cfg.log.val_every > 0 and (step % cfg.log.val_every == 0 or step == cfg.optim.steps)
+                if val_now or step % cfg.log.every == 0 or step == cfg.optim.steps:
                     red = _all_reduce([*sums, float(step_tokens), float(local_tokens)],
                                       dist.ReduceOp.SUM, device, world)
                     step_s = time.perf_counter() - step_start
-                    row = {"step": step, "loss": red[0] / (t.grad_accum * world),
-                           "mdm": red[1] / (t.grad_accum * world), "correction": red[2] / (t.grad_accum * world),
+                    row = {"step": step, "loss": red[0] / (cfg.optim.grad_accum * world),
+                           "mdm": red[1] / (cfg.optim.grad_accum * world), "correction": red[2] / (cfg.optim.grad_accum * world),
                            "lr": lr, "grad_norm": grad_norm, "tokens_seen": int(red[4] / tp),
                            "tokens_per_s": red[3] / tp / max(step_s, 1e-9), "data_wait_s": data_wait,
                            "step_s": step_s, "memory_mb": _memory_mb(device)}
@@ -449,16 +437,16 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                         console.validation(step, val)
                         row.update(val)
                     log.log(row)
-                if step % t.checkpoint_every == 0:
+                if step % cfg.checkpoint.every == 0:
                     save()
                     last_saved = step
                 if delay:
                     time.sleep(delay)
-                spent = t.max_time_s > 0 and time.monotonic() - start_time > t.max_time_s
+                spent = cfg.run.max_time_s > 0 and time.monotonic() - start_time > cfg.run.max_time_s
                 flags = _all_reduce([float(stop.seen), float(spent)], dist.ReduceOp.MAX, device, world)
-                if step < t.steps and max(flags) > 0:
+                if step < cfg.optim.steps and max(flags) > 0:
                     stop_reason = signal.Signals(int(flags[0])).name if flags[0] else "time_budget"
-                    why = f"signal {stop_reason}" if flags[0] else f"the time budget train.max_time_s={t.max_time_s:g}"
+                    why = f"signal {stop_reason}" if flags[0] else f"the time budget run.max_time_s={cfg.run.max_time_s:g}"
                     console.print(f"stopping at step {step} after {why}; saving, exit {EXIT_REQUEUE} (requeue)")
                     exit_code = log.exit_code = EXIT_REQUEUE
                     break
@@ -475,7 +463,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
         if exit_code == 0:
             console.print(f"done: {step} steps in {folder}")
         else:
-            console.print(f"stopped at step {step} of {t.steps}; the checkpoint is saved. Resume: rerun the same "
+            console.print(f"stopped at step {step} of {cfg.optim.steps}; the checkpoint is saved. Resume: rerun the same "
                           f"command (run folder {folder}); it continues from step {step}")
     return exit_code
 
@@ -485,20 +473,20 @@ def _header(cfg: Config, engine: Engine, loader: ShardLoader, world: int, device
     """The start-up lines of the log: where, what, how big, on which layout."""
     from pipeline.model import parameter_count
 
-    t, m = cfg.train, cfg.model
+    m = cfg.model
     topo = engine.topology
     dp, tp = engine.data_world, world // engine.data_world
     seq = cfg.data.seq_len
-    per_step = t.batch_size * t.grad_accum * dp
-    layout = {"torch": f"torch ({t.distributed if world > 1 else 'single process'})",
-              "deepspeed": f"deepspeed (ZeRO stage {t.zero_stage})",
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * dp
+    layout = {"torch": f"torch ({cfg.parallel.distributed if world > 1 else 'single process'})",
+              "deepspeed": f"deepspeed (ZeRO stage {cfg.parallel.zero_stage})",
               "megatron": f"megatron-core (tensor parallel {tp})"}[topo["backend"]]
     if topo["backend"] == "deepspeed":
-        precision = "bf16 (DeepSpeed, fp32 master weights)" if t.bf16 else "fp32"
-    elif t.bf16 and device.type == "cuda":
+        precision = "bf16 (DeepSpeed, fp32 master weights)" if cfg.parallel.bf16 else "fp32"
+    elif cfg.parallel.bf16 and device.type == "cuda":
         precision = "bf16 autocast (fp32 weights)"
     else:
-        precision = "fp32" + (" (train.bf16 applies on CUDA only)" if t.bf16 else "")
+        precision = "fp32" + (" (parallel.bf16 applies on CUDA only)" if cfg.parallel.bf16 else "")
     objective = (f"ProSeCo (mdm + {cfg.diffusion.corrector_weight:g} x correction)"
                  if cfg.diffusion.corrector_weight > 0 else "MDM (no correction term)")
     start = (f"resuming from {latest.name} (step {step})" if latest is not None else "new run")
@@ -509,11 +497,11 @@ def _header(cfg: Config, engine: Engine, loader: ShardLoader, world: int, device
         (f"  layout     {layout}, world {world} = data parallel {dp} x tensor parallel {tp}, device {device.type}, "
         f"precision {precision}"),
         (f"  batch      {per_step:,} sequences x {seq} tokens = {per_step * seq:,} tokens per step "
-        f"({t.batch_size} per rank x {t.grad_accum} micro-steps x {dp} data-parallel ranks)"),
-        (f"  schedule   steps {step} -> {t.steps}, lr {t.lr:g} (warmup {t.warmup_steps}, {t.lr_schedule}), "
-        f"log every {t.log_every}, validate every {t.val_every or 'never'}, checkpoint every {t.checkpoint_every}"),
-        f"  data       {cfg.data.manifest} ({loader.batches_per_epoch:,} batches per epoch per rank)",
-        f"  logs       {folder / 'metrics.jsonl'}, wandb {t.wandb}",
+        f"({cfg.optim.batch_size} per rank x {cfg.optim.grad_accum} micro-steps x {dp} data-parallel ranks)"),
+        (f"  schedule   steps {step} -> {cfg.optim.steps}, lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, {cfg.optim.schedule}), "
+        f"log every {cfg.log.every}, validate every {cfg.log.val_every or 'never'}, checkpoint every {cfg.checkpoint.every}"),
+        f"  data       {cfg.data.shards} ({loader.batches_per_epoch:,} batches per epoch per rank)",
+        f"  logs       {folder / 'metrics.jsonl'}, wandb {cfg.log.wandb}",
     ]
 
 

@@ -17,11 +17,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from pipeline.config import DiffusionConfig, TrainConfig
+from pipeline.config import Config, DiffusionConfig, OptimConfig
 from pipeline.diffusion.objective import proseco_loss
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings (1-D or embedding tables)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -29,14 +29,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
             continue
         (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimConfig) -> float:
     """Linear warmup to ``lr``, then constant or cosine decay to ``min_lr_ratio * lr``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    if cfg.schedule == "constant":
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     floor = cfg.min_lr_ratio * cfg.lr
@@ -73,22 +73,24 @@ class TrainResult:
     steps: int = 0
 
 
-def train_in_memory(model: nn.Module, data: torch.Tensor, train: TrainConfig, diffusion: DiffusionConfig,
+def train_in_memory(model: nn.Module, data: torch.Tensor, cfg: Config, diffusion: DiffusionConfig,
                     mask_id: int, *, steps: int | None = None, desc: str = "train",
                     progress: bool = True) -> TrainResult:
-    """Train on rows of ``data`` [N, L] sampled with replacement from a seeded generator."""
-    steps = train.steps if steps is None else steps
-    gen = torch.Generator().manual_seed(train.seed)
-    torch.manual_seed(train.seed)  # dropout
-    optimizer = make_optimizer(model, train)
-    ema = EMA(model, train.ema) if train.ema > 0 else None
+    """Train on rows of ``data`` [N, L] sampled with replacement from a seeded generator (run.seed),
+    with the optimizer of ``cfg.optim`` and a history row every ``cfg.log.every`` steps."""
+    optim, run, log = cfg.optim, cfg.run, cfg.log
+    steps = optim.steps if steps is None else steps
+    gen = torch.Generator().manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # dropout
+    optimizer = make_optimizer(model, optim)
+    ema = EMA(model, optim.ema) if optim.ema > 0 else None
     model.train()
     history, start = [], time.perf_counter()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train)
-        x = data[torch.randint(len(data), (train.batch_size,), generator=gen)]
+            group["lr"] = lr_at(step, optim)
+        x = data[torch.randint(len(data), (optim.batch_size,), generator=gen)]
         optimizer.zero_grad(set_to_none=True)
         terms = proseco_loss(
             lambda z, t, valid: model(z, t, valid), x, diffusion, mask_id, generator=gen,
@@ -96,11 +98,11 @@ def train_in_memory(model: nn.Module, data: torch.Tensor, train: TrainConfig, di
         )
         if not diffusion.split_backward:
             terms.loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip if train.grad_clip > 0 else 1e30)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip if optim.grad_clip > 0 else 1e30)
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        if step % train.log_every == 0 or step == steps - 1:
+        if step % log.every == 0 or step == steps - 1:
             row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                    **terms.as_dict()}
             history.append(row)

@@ -42,8 +42,8 @@ def shards(tmp_path_factory) -> Path:
     from train_utils import ROOT, _env
 
     root = tmp_path_factory.mktemp("text")
-    prep = ["--config", "text", f"prep.tokenizer_dir={root / 'tok'}", f"prep.out_dir={root / 'shards'}",
-            "prep.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32"]
+    prep = ["--config", "text", f"prep.tokenizer_dir={root / 'tok'}", f"data.shards={root / 'shards'}",
+            "model.vocab_size=512", "data.seq_len=32", "model.max_seq_len=32"]
     for target in ("tokenizer", "shards"):
         subprocess.run([sys.executable, "-m", "pipeline", "prep", target, *prep], cwd=ROOT, env=_env(),
                        check=True, capture_output=True)

@@ -58,7 +58,7 @@ def schedule_sample(model, cfg, seq_len: int, mask_id: int, seed: int):
     """Ancestral or ReMDM (+ corrector) for one sample: (tokens, predictor NFE, corrector NFE)."""
     noise = Noise([seed], "cpu")
     z = torch.full((seq_len,), mask_id)
-    p, rule, S = cfg.nucleus_p, cfg.nucleus_rule, cfg.corrector_steps
+    S = cfg.corrector_steps
     cache, cache_from_corrector = None, False
     nfe_p = nfe_c = 0
     conf = torch.full((seq_len,), -math.inf, dtype=torch.bfloat16)

@@ -23,7 +23,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 @pytest.fixture()
 def model_file(tmp_path):
-    cfg = load_config(TINY, ["train.threads=1"])
+    cfg = load_config(TINY, ["parallel.threads=1"])
     torch.manual_seed(0)
     model = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE)
     path = tmp_path / "m.pt"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import pipeline
-from pipeline.cli import main
+from pipeline.cli import EXIT_USER_ERROR, main
 from pipeline.config import Config, dump_yaml, load_config
 from pipeline.errors import ProsecoError
 
@@ -36,17 +36,17 @@ def fake_stage(monkeypatch, name: str, attr: str, fn) -> list:
 
 
 def test_dry_run_prints_parseable_yaml_with_override(capsys):
-    assert main(["demo", "--dry-run", "model.hidden=128", "train.steps=5"]) == 0
+    assert main(["demo", "--dry-run", "model.hidden=128", "optim.steps=5"]) == 0
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out)  # the "would run" line is a YAML comment
-    assert resolved["model"]["hidden"] == 128 and resolved["train"]["steps"] == 5
+    assert resolved["model"]["hidden"] == 128 and resolved["optim"]["steps"] == 5
     assert "would run pipeline.demo.run" in out
 
 
 def test_overrides_may_come_before_and_after_options(capsys):
-    assert main(["demo", "model.hidden=128", "--dry-run", "train.steps=5"]) == 0
+    assert main(["demo", "model.hidden=128", "--dry-run", "optim.steps=5"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert (resolved["model"]["hidden"], resolved["train"]["steps"]) == (128, 5)
+    assert (resolved["model"]["hidden"], resolved["optim"]["steps"]) == (128, 5)
 
 
 def test_dry_run_does_not_import_the_stage(monkeypatch, capsys):
@@ -54,11 +54,34 @@ def test_dry_run_does_not_import_the_stage(monkeypatch, capsys):
     assert main(["demo", "--dry-run"]) == 0
 
 
-def test_default_preset_is_tiny(capsys):
-    assert main(["config"]) == 0
+def test_each_verb_has_its_default_preset(capsys):
+    assert main(["config"]) == 0  # the corpus pipeline's preset
     out = capsys.readouterr().out
-    assert out.startswith(dump_yaml(load_config(str(ROOT / "configs" / "tiny.yaml"))))
-    assert out.rstrip().endswith("# model: 150,976 parameters (vocabulary 5)")  # the tiny preset's size
+    assert out.startswith(dump_yaml(load_config(str(ROOT / "configs" / "text.yaml"))))
+    assert out.rstrip().endswith("(vocabulary 8,192)")
+    tiny = dump_yaml(load_config(str(ROOT / "configs" / "tiny.yaml")))
+    for argv in (["demo"], ["prep", "sudoku"]):  # the Sudoku demo keeps its preset
+        assert main([*argv, "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(tiny)
+        assert out.rstrip().splitlines()[-2] == "# model: 150,976 parameters (vocabulary 5)"  # the tiny preset's size
+    for argv in (["train"], ["prep", "shards"], ["prep", "tokenizer"]):
+        assert main([*argv, "--dry-run"]) == 0, argv
+        assert yaml.safe_load(capsys.readouterr().out)["data"]["task"] == "text"
+
+
+def test_bare_train_without_shards_says_to_run_prep(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: no prepared shards in data/text: run `proseco prep tokenizer` and then "
+                          "`proseco prep shards`")
+
+
+def test_an_old_key_on_the_command_line_names_its_new_place(capsys):
+    assert main(["config", "optim.lr=1e-3"]) == EXIT_USER_ERROR
+    assert "config key 'optim.lr' moved to optim.lr" in capsys.readouterr().err
 
 
 def test_config_by_preset_name_and_path(tmp_path, capsys):
@@ -73,11 +96,11 @@ def test_config_by_preset_name_and_path(tmp_path, capsys):
 
 
 def test_config_output_round_trips(tmp_path, capsys):
-    assert main(["config", "demo.steps_grid=[2,4]", "train.lr=1e-3"]) == 0
+    assert main(["config", "demo.steps_grid=[2,4]", "optim.lr=1e-3"]) == 0
     saved = tmp_path / "resolved.yaml"
     saved.write_text(capsys.readouterr().out)
-    tiny = str(ROOT / "configs" / "tiny.yaml")  # the CLI's default preset
-    assert load_config(str(saved)) == load_config(tiny, overrides=["demo.steps_grid=[2,4]", "train.lr=1e-3"])
+    text = str(ROOT / "configs" / "text.yaml")  # the default preset of `proseco config`
+    assert load_config(str(saved)) == load_config(text, overrides=["demo.steps_grid=[2,4]", "optim.lr=1e-3"])
 
 
 def test_prep_dry_run_names_the_output_dir(capsys):
@@ -85,6 +108,10 @@ def test_prep_dry_run_names_the_output_dir(capsys):
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["data"]["split_seed"] == 3
     assert "would run proseco prep sudoku (output: data/s4)" in out
+    assert main(["prep", "shards", "--dry-run", "data.shards=corpus/shards"]) == 0
+    assert "would run proseco prep shards (output: corpus/shards)" in capsys.readouterr().out
+    assert main(["prep", "tokenizer", "--dry-run"]) == 0
+    assert "would run proseco prep tokenizer (output: data/tokenizer)" in capsys.readouterr().out
 
 
 # --- dispatch ------------------------------------------------------------------------------
@@ -92,9 +119,9 @@ def test_prep_dry_run_names_the_output_dir(capsys):
 
 def test_demo_dispatches_resolved_config_and_returns_its_code(monkeypatch):
     calls = fake_stage(monkeypatch, "pipeline.demo", "run", lambda cfg: 3)
-    assert main(["demo", "train.steps=7"]) == 3
+    assert main(["demo", "optim.steps=7"]) == 3
     (cfg,) = calls[0]
-    assert isinstance(cfg, Config) and cfg.train.steps == 7
+    assert isinstance(cfg, Config) and cfg.optim.steps == 7
 
 
 def test_stage_returning_none_means_success(monkeypatch):

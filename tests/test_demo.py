@@ -51,7 +51,7 @@ def test_report_names_every_method_and_budget():
 def test_tiny_demo_runs_end_to_end_and_reuses_trained_models(tmp_path, capsys):
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
         "demo.proseco_steps=3", "demo.eval_samples=8", "demo.steps_grid=[2]", "demo.corrector_grid=[1]",
-        f"demo.out_dir={tmp_path}", "train.threads=1", "sampler.batch_size=4",
+        f"demo.out_dir={tmp_path}", "parallel.threads=1", "sampler.batch_size=4",
     ])
     assert demo.run(cfg) == 0
     first = json.loads((tmp_path / "results.json").read_text())

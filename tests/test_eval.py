@@ -34,7 +34,7 @@ def model_file(tmp_path_factory) -> Path:
 
 
 def _cfg(*overrides: str):
-    return load_config(str(ROOT / "configs" / "tiny.yaml"), ["train.threads=1", *overrides])
+    return load_config(str(ROOT / "configs" / "tiny.yaml"), ["parallel.threads=1", *overrides])
 
 
 def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(model_file):
@@ -56,7 +56,7 @@ def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(m
 
 def test_eval_writes_results_skips_done_items_and_records_failures(model_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.steps=[2,4]",
+    args = ["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.steps=[2,4]",
             "eval.corrector_steps=[0,1]", "eval.samplers=[ancestral]", "eval.num_samples=16", "eval.batch_size=5",
             "eval.tasks=[sudoku4,sudoku4-solve,text]"]
     assert cli.main(args) == 1  # some items failed: the exit code says so
@@ -101,7 +101,7 @@ def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_file, 
 
 
 def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_file, tmp_path):
-    common = [sys.executable, "-m", "pipeline", "eval", str(model_file), "train.threads=1",
+    common = [sys.executable, "-m", "pipeline", "eval", str(model_file), "parallel.threads=1",
               "eval.steps=[2,4,8,16]", "eval.corrector_steps=[0,1,2,4]", "eval.samplers=[ancestral]",
               "eval.num_samples=128", "eval.tasks=[sudoku4,sudoku4-solve]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -127,7 +127,7 @@ def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_
 
 def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    assert cli.main(["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
                      "eval.samplers=[ancestral,confidence]", "eval.steps=[3,4]", "eval.corrector_steps=[0]",
                      "sampler.block_size=8", "eval.num_samples=4"]) == 1
     rows = {r["_path"].split("/")[-1]: r for r in report.load_results(out)}
@@ -139,7 +139,7 @@ def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path
 def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp_path, capsys):
     """A result is keyed by everything that determines it: other settings are a new item."""
     out = tmp_path / "eval"
-    base = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    base = ["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0]"]
     assert cli.main([*base, "eval.num_samples=8"]) == 0
     first = {r["_path"]: r for r in report.load_results(out)}
@@ -166,7 +166,7 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp
 
 def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, capsys):
     out, model = tmp_path / "eval", tmp_path / "m.pt"
-    args = ["eval", str(model), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    args = ["eval", str(model), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]
     model.write_bytes(model_file.read_bytes())
     assert cli.main(args) == 0
@@ -181,7 +181,7 @@ def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, caps
 
 def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[text]",
+    assert cli.main(["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[text]",
                      "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]) == 1
     rows = report.load_results(out)
     assert rows and all(r["status"] == "failed" for r in rows)
@@ -198,7 +198,7 @@ def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_f
 
 def test_dry_run_prints_the_work_list_and_writes_nothing(model_file, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    args = ["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]", "eval.num_samples=4"]
     assert cli.main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out

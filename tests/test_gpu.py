@@ -45,10 +45,10 @@ def gpu_shards(tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, run: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "pipeline", "train", "data.task=text", f"data.manifest={shards}", f"run.dir={run}",
+    cmd = [sys.executable, "-m", "pipeline", "train", "data.task=text", f"data.shards={shards}", f"run.dir={run}",
            "data.seq_len=128", "model.max_seq_len=128", "model.hidden=128", "model.layers=2", "model.heads=4",
-           "model.vocab_size=null", "train.batch_size=8", "train.steps=6", "train.log_every=1",
-           "train.checkpoint_every=3", "train.ema=0.99", "train.bf16=true", "train.val_every=0", *extra]
+           "model.vocab_size=null", "optim.batch_size=8", "optim.steps=6", "log.every=1",
+           "checkpoint.every=3", "optim.ema=0.99", "parallel.bf16=true", "log.val_every=0", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -57,13 +57,13 @@ def _train(shards: Path, run: Path, *extra: str) -> list[dict]:
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [
-    ("train.backend=torch",), ("train.backend=deepspeed", "train.zero_stage=2"),
-    ("train.backend=deepspeed", "train.zero_stage=3"), ("train.backend=megatron",)])
+    ("parallel.backend=torch",), ("parallel.backend=deepspeed", "parallel.zero_stage=2"),
+    ("parallel.backend=deepspeed", "parallel.zero_stage=3"), ("parallel.backend=megatron",)])
 def test_bf16_training_on_cuda_learns_saves_and_resumes(gpu_shards, tmp_path, backend):
     rows = _train(gpu_shards, tmp_path / "run", *backend)
     assert len(rows) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["memory_mb"] > 0
-    rows = _train(gpu_shards, tmp_path / "run", *backend, "train.steps=8")  # resumes on the GPU
+    rows = _train(gpu_shards, tmp_path / "run", *backend, "optim.steps=8")  # resumes on the GPU
     assert [r["step"] for r in rows][-2:] == [7, 8]
     export = tmp_path / "export"
     from pipeline import cli

@@ -87,9 +87,9 @@ def test_files_of_prep_train_and_export_follow_the_umask(shards, tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     tok, run_dir, export = tmp_path / "tok", tmp_path / "run", tmp_path / "export"
-    run("prep", "tokenizer", "--config", "text", f"prep.tokenizer_dir={tok}", "prep.vocab_size=512",
+    run("prep", "tokenizer", "--config", "text", f"prep.tokenizer_dir={tok}", "model.vocab_size=512",
         "--import", str(shards.parent / "tok" / "tokenizer.model"))  # the same writer as training one, faster
-    run("train", "--config", "text", f"data.manifest={shards}", f"run.dir={run_dir}", "train.steps=2", *TINY)
+    run("train", "--config", "text", f"data.shards={shards}", f"run.dir={run_dir}", "optim.steps=2", *TINY)
     run("ckpt", "export", str(run_dir), "--out", str(export))
     files = [p for root in (tok, run_dir, export) for p in root.rglob("*") if p.is_file()]
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}

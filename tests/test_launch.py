@@ -33,8 +33,8 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "launch_train_dry_run.sbat
 
 
 def _launch_args(shards: Path, run: Path, *extra: str) -> list[str]:
-    return ["launch", "train", "--config", "text", "--config", "cluster_local", f"data.manifest={shards}",
-            f"run.dir={run}", f"train.steps={STEPS}", *TINY, *extra]
+    return ["launch", "train", "--config", "text", "--config", "cluster_local", f"data.shards={shards}",
+            f"run.dir={run}", f"optim.steps={STEPS}", *TINY, *extra]
 
 
 def _normalise(script: str, run: Path) -> str:
@@ -65,8 +65,8 @@ def test_dry_run_prints_the_job_script_matching_the_golden_file_and_what_each_ta
     assert "pipeline.train.run(cfg)" in tasks and "run folder <RUN>" in tasks
     assert "cluster.startup_timeout_s=300" in tasks and "not requeued" in tasks
     resolved = yaml.safe_load(config)  # the config each task runs, as `proseco train --config` would load it
-    assert resolved["run"]["dir"] == "<RUN>" and resolved["train"]["steps"] == STEPS
-    assert resolved["cluster"]["nodes"] == 2 and resolved["data"]["manifest"] == str(shards)
+    assert resolved["run"]["dir"] == "<RUN>" and resolved["optim"]["steps"] == STEPS
+    assert resolved["cluster"]["nodes"] == 2 and resolved["data"]["shards"] == str(shards)
     assert out.err == ""  # a CPU config asks for no GPU: no warning
     assert not run.exists()  # a dry run writes nothing
 
@@ -126,7 +126,7 @@ def test_the_failure_requeue_lines_requeue_a_failed_step_a_bounded_number_of_tim
 def test_prep_dry_run_shows_the_array_each_partition_and_the_dependent_merge(tmp_path, capsys):
     out = tmp_path / "shards"
     assert cli.main(["launch", "prep", "--parts", "3", "--config", "text", "--config", "cluster_local",
-                     "cluster.nodes=1", "cluster.array_parallelism=2", f"prep.out_dir={out}", "--dry-run"]) == 0
+                     "cluster.nodes=1", "cluster.array_parallelism=2", f"data.shards={out}", "--dry-run"]) == 0
     sections = _sections(capsys.readouterr().out)
     array, tasks, merge, merge_runs, config = sections.values()
     assert "#SBATCH --array=0-2%2" in array and "%A_%a_0_log.out" in array  # as submitit's map_array renders it
@@ -134,7 +134,7 @@ def test_prep_dry_run_shows_the_array_each_partition_and_the_dependent_merge(tmp
                                                                         for i in range(3)]
     assert "#SBATCH --dependency=afterok:ARRAY_JOB_ID" in merge and "--array" not in merge
     assert "#SBATCH --nodes=1" in merge and "proseco prep merge" in merge_runs
-    assert yaml.safe_load(config)["prep"]["out_dir"] == str(out)
+    assert yaml.safe_load(config)["data"]["shards"] == str(out)
     assert not out.with_name("shards.jobs").exists()
 
 
@@ -160,9 +160,9 @@ def test_a_gpu_sized_run_without_gpus_warns_and_cluster_gpu_asks_for_eight(tmp_p
     assert cli.main([*args, "--config", "cluster_local"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: cluster.gpus_per_node is 0 but this looks like a GPU run") and ">= 50M" in err
-    assert cli.main([*args, "--config", "cluster_local", "model.hidden=64", "model.heads=2", "train.bf16=true"]) == 0
+    assert cli.main([*args, "--config", "cluster_local", "model.hidden=64", "model.heads=2", "parallel.bf16=true"]) == 0
     err = capsys.readouterr().err
-    assert "train.bf16 is on" in err and "parameters" not in err  # a small model, but bf16 autocast is CUDA only
+    assert "parallel.bf16 is on" in err and "parameters" not in err  # a small model, but bf16 autocast is CUDA only
     assert cli.main([*args, "--config", "cluster_gpu"]) == 0
     out = capsys.readouterr()
     assert out.err == ""
@@ -263,7 +263,7 @@ def test_two_node_job_trains_and_a_requeue_mid_run_resumes_to_the_same_state(sha
     run = tmp_path / "run"
     monkeypatch.setenv("PROSECO_STEP_DELAY_S", "0.5")  # sbatch exports the environment to the job
     t0 = time.monotonic()
-    assert cli.main(_launch_args(shards, run, "train.distributed=ddp")) == 0
+    assert cli.main(_launch_args(shards, run, "parallel.distributed=ddp")) == 0
     out = capsys.readouterr().out
     job = _job(run)
     assert f"submitted job {job}" in out and (run / "launch").is_dir()
@@ -300,7 +300,7 @@ def test_a_job_at_its_time_limit_saves_requeues_itself_and_finishes(shards, refe
     come 0 s in and kill a task still starting Python, before any handler exists)."""
     run = tmp_path / "run"
     monkeypatch.setenv("PROSECO_STEP_DELAY_S", "4.5")  # 12 steps x 4.5 s: more than one start's share
-    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.time_min=1",
+    assert cli.main(_launch_args(shards, run, "parallel.distributed=ddp", "cluster.time_min=1",
                                  "cluster.signal_delay_s=15", "cluster.max_requeues=6")) == 0
     job = _job(run)
     deadline = time.monotonic() + 600
@@ -341,7 +341,7 @@ def test_a_rank_killed_at_start_up_ends_the_job_at_once_retries_are_bounded_and_
     Resubmitted without the fault, the run trains to its last step."""
     run = tmp_path / "run"
     monkeypatch.setenv(launch.KILL_AT_START_ENV, "1")  # sbatch exports the environment to the job
-    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.retries_on_failure=1")) == 0
+    assert cli.main(_launch_args(shards, run, "parallel.distributed=ddp", "cluster.retries_on_failure=1")) == 0
     job = _job(run)
     log1 = run / "slurm" / f"{job}_1_log.out"
     sh.wait_for(lambda: log1.is_file() and launch.KILL_AT_START_ENV in log1.read_text(), timeout=120,
@@ -358,7 +358,7 @@ def test_a_rank_killed_at_start_up_ends_the_job_at_once_retries_are_bounded_and_
 
     monkeypatch.delenv(launch.KILL_AT_START_ENV)
     capsys.readouterr()
-    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.retries_on_failure=1")) == 0
+    assert cli.main(_launch_args(shards, run, "parallel.distributed=ddp", "cluster.retries_on_failure=1")) == 0
     again = _job(run)
     sh.wait_job(again, states={"COMPLETED"}, timeout=180)
     assert (run / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
@@ -373,7 +373,7 @@ def test_a_rank_killed_at_start_up_ends_the_job_at_once_retries_are_bounded_and_
 def test_without_kill_on_bad_exit_the_start_up_deadline_ends_the_job(shards, tmp_path, cluster, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setenv(launch.KILL_AT_START_ENV, "1")
-    assert cli.main(_launch_args(shards, run, "train.distributed=ddp", "cluster.kill_on_bad_exit=false",
+    assert cli.main(_launch_args(shards, run, "parallel.distributed=ddp", "cluster.kill_on_bad_exit=false",
                                  "cluster.startup_timeout_s=5")) == 0
     job = _job(run)
     log1 = run / "slurm" / f"{job}_1_log.out"
@@ -390,7 +390,7 @@ def test_without_kill_on_bad_exit_the_start_up_deadline_ends_the_job(shards, tmp
 def test_prep_array_job_runs_each_partition_once_then_merges(shards, tmp_path, cluster, capsys):
     out = tmp_path / "shards"
     tok = shards.parent / "tok"  # the session's tokenizer (vocab 512), trained once
-    common = ["--config", "text", f"prep.tokenizer_dir={tok}", f"prep.out_dir={out}", "prep.vocab_size=512",
+    common = ["--config", "text", f"prep.tokenizer_dir={tok}", f"data.shards={out}", "model.vocab_size=512",
               "data.seq_len=32", "model.max_seq_len=32"]
     assert cli.main(["launch", "prep", "--parts", "2", *common, "--config", "cluster_local",
                      "cluster.nodes=1"]) == 0
@@ -445,7 +445,7 @@ def test_eval_array_job_covers_every_item_once(tmp_path, cluster, capsys):
     save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
     out = tmp_path / "eval"
     assert cli.main(["launch", "eval", "--target", str(model), "--parts", "2", "--config", "cluster_local",
-                     "cluster.nodes=1", "train.threads=1", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]",
+                     "cluster.nodes=1", "parallel.threads=1", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]",
                      "eval.samplers=[ancestral]", "eval.num_samples=8", f"eval.out={out}"]) == 0
     job = json.loads((out / "slurm" / "job.json").read_text())["job_id"]
     sh.wait_job(job, states={"COMPLETED"}, timeout=240)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("text")
-    dirs = [f"prep.tokenizer_dir={base / 'tok'}", f"prep.out_dir={base / 'shards'}", "prep.workers=1"]
+    dirs = [f"prep.tokenizer_dir={base / 'tok'}", f"data.shards={base / 'shards'}", "prep.workers=1"]
     assert main(["prep", "tokenizer", "--config", "text", *dirs]) == 0
     assert main(["prep", "shards", "--config", "text", *dirs]) == 0
     return base, dirs
@@ -74,7 +74,7 @@ def test_inputs_without_documents_are_a_one_line_error(prepared, tmp_path, capsy
         (tmp_path / name).write_bytes(data)
     out = tmp_path / "out"
     capsys.readouterr()
-    assert main(["prep", "shards", "--config", "text", f"prep.tokenizer_dir={base / 'tok'}", f"prep.out_dir={out}",
+    assert main(["prep", "shards", "--config", "text", f"prep.tokenizer_dir={base / 'tok'}", f"data.shards={out}",
                  "prep.workers=0", f"prep.inputs=[{tmp_path}/*.txt]"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -98,7 +98,7 @@ def test_verify_fails_on_a_manifest_without_train_samples(prepared, tmp_path, ca
     manifest["fingerprint"] = fmt.manifest_fingerprint(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    assert main(["prep", "verify", "--config", "text", f"prep.out_dir={out}"]) == 1
+    assert main(["prep", "verify", "--config", "text", f"data.shards={out}"]) == 1
     assert "split train holds no sample" in capsys.readouterr().out
 
 
@@ -107,5 +107,5 @@ def test_an_empty_val_split_is_a_warning(prepared, tmp_path, capsys):
     (tmp_path / "one.txt").write_text(" ".join(["the whale and the sea"] * 200) + "\n")  # one document
     capsys.readouterr()
     assert main(["prep", "shards", "--config", "text", f"prep.tokenizer_dir={base / 'tok'}", "prep.workers=0",
-                 f"prep.out_dir={tmp_path / 'out'}", f"prep.inputs=[{tmp_path / 'one.txt'}]", "prep.val_fraction=0.01"]) == 0
+                 f"data.shards={tmp_path / 'out'}", f"prep.inputs=[{tmp_path / 'one.txt'}]", "prep.val_fraction=0.01"]) == 0
     assert "warning: the val split holds no sample (0 document(s) at val_fraction 0.01)" in capsys.readouterr().err

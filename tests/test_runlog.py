@@ -27,7 +27,7 @@ WANDB_ENV = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR
 
 def _cfg(mode: str = "disabled") -> Config:
     cfg = Config()
-    cfg.train.wandb = mode
+    cfg.log.wandb = mode
     cfg.run.name = "unit"
     return cfg
 
@@ -79,7 +79,7 @@ def test_disabled_mode_never_imports_wandb(tmp_path):
         import sys
         from pipeline.config import Config
         from pipeline.runlog import RunLogger
-        cfg = Config(); cfg.train.wandb = "disabled"
+        cfg = Config(); cfg.log.wandb = "disabled"
         with RunLogger({str(tmp_path)!r}, cfg, {{"logger_id": "x"}}) as log:
             log.log({{"step": 1, "loss": 0.5}})
         print(sorted(m for m in sys.modules if m == "wandb" or m.startswith("wandb.")))
@@ -142,7 +142,7 @@ def test_init_arguments_and_env_restored(tmp_path, monkeypatch):
     kw = calls.runs[0].kwargs
     assert (kw["id"], kw["resume"], kw["mode"], kw["name"], kw["project"]) == ("myid", "allow", "offline", "unit",
                                                                                "proseco")
-    assert kw["entity"] is None and kw["dir"] == str(tmp_path.resolve()) and kw["config"]["train"]["wandb"] == "offline"
+    assert kw["entity"] is None and kw["dir"] == str(tmp_path.resolve()) and kw["config"]["log"]["wandb"] == "offline"
     assert calls.env["WANDB_DIR"] == str(tmp_path.resolve())
     assert calls.env["WANDB_CACHE_DIR"] == str(tmp_path.resolve() / "wandb" / "cache")
     assert calls.env["WANDB_DATA_DIR"] == "/user/choice"  # set by the user: left alone
@@ -180,7 +180,7 @@ def test_init_failure_warns_once_and_keeps_metrics(tmp_path, monkeypatch, capsys
     with RunLogger(tmp_path, _cfg("online"), _info()) as log:
         log.log(_row(1))
     err = capsys.readouterr().err
-    assert len(_warnings(err)) == 1 and "wandb.init" in err and "train.wandb=offline" in err
+    assert len(_warnings(err)) == 1 and "wandb.init" in err and "log.wandb=offline" in err
     assert "wandb login" in err and read_metrics(tmp_path / "metrics.jsonl") == [_row(1)]
     assert calls.teardowns == 1 and all(os.environ.get(k) is None for k in WANDB_ENV)
 
@@ -190,7 +190,7 @@ def test_online_without_credentials_warns_once(tmp_path, monkeypatch, capsys):
     with RunLogger(tmp_path, _cfg("online"), _info()) as log:
         log.log(_row(1))
     err = capsys.readouterr().err
-    assert len(_warnings(err)) == 1 and "wandb login" in err and "train.wandb=offline" in err
+    assert len(_warnings(err)) == 1 and "wandb login" in err and "log.wandb=offline" in err
     assert calls.runs == [] and read_metrics(tmp_path / "metrics.jsonl") == [_row(1)]
 
 
@@ -209,7 +209,7 @@ def test_wandb_not_installed(tmp_path, monkeypatch, capsys):
     with RunLogger(tmp_path, _cfg("offline"), _info()) as log:
         log.log(_row(1))
     err = capsys.readouterr().err
-    assert len(_warnings(err)) == 1 and "pip install wandb" in err and "train.wandb=disabled" in err
+    assert len(_warnings(err)) == 1 and "pip install wandb" in err and "log.wandb=disabled" in err
     assert read_metrics(tmp_path / "metrics.jsonl") == [_row(1)]
 
 
@@ -228,7 +228,7 @@ import sys
 from pipeline.config import Config
 from pipeline.runlog import RunLogger
 folder, mode = sys.argv[1], sys.argv[2]
-cfg = Config(); cfg.train.wandb = mode; cfg.run.name = "unit"
+cfg = Config(); cfg.log.wandb = mode; cfg.run.name = "unit"
 info = {"run_id": "abc123def456", "logger_id": "abc123def456"}
 for steps in ([1, 2, 3, 2], [2, 3, 4]):  # the second logger resumes (replays 2, 3)
     with RunLogger(folder, cfg, info) as log:
@@ -269,7 +269,7 @@ def test_online_without_network_gives_up_with_one_warning(tmp_path):
     assert [line for line in out.stdout.splitlines() if line.startswith("RUN_ID")] == ["RUN_ID None"] * 2
     warnings = _warnings(out.stderr)
     assert len(warnings) == 2, out.stderr  # one per logger (two processes' worth in one script)
-    assert all("wandb.init" in w and "train.wandb=offline" in w for w in warnings)
+    assert all("wandb.init" in w and "log.wandb=offline" in w for w in warnings)
     assert elapsed < 30, f"online init took {elapsed:.1f} s to give up"
     assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == [1, 2, 3, 2, 2, 3, 4]
     assert [p for p in home.rglob("*")] == []

@@ -37,19 +37,19 @@ def ours(fn, cfg, seeds, **kw):
 
 
 SCHEDULES = [
-    dict(name="ancestral", steps=8, corrector_steps=3, corrector_every=1),
-    dict(name="ancestral", steps=10, corrector_steps=4, corrector_every=2, corrector_start=4),
-    dict(name="ancestral", steps=6, corrector_steps=2, corrector_every=3, nucleus_p=0.8),
-    dict(name="ancestral", steps=8, corrector_steps=3, nucleus_p=0.7, nucleus_rule="minimal"),
-    dict(name="ancestral", steps=8, corrector_steps=3, corrector_mode="select_top_k", corrector_top_k=2, nucleus_p=0.9),
-    dict(name="ancestral", steps=8, corrector_steps=3, corrector_mode="sample", nucleus_p=0.9),
-    dict(name="ancestral", steps=16, corrector_steps=0),
-    dict(name="remdm", steps=10, remdm_strategy="cap", remdm_eta=0.3),
-    dict(name="remdm", steps=10, remdm_strategy="rescale", remdm_eta=0.7),
-    dict(name="remdm", steps=10, remdm_strategy="conf", nucleus_p=0.9),
-    dict(name="remdm", steps=12, remdm_strategy="loop", remdm_eta=0.2, remdm_t_on=0.6, remdm_t_off=0.2,
-         remdm_alpha_on=0.7),
-    dict(name="remdm", steps=8, remdm_strategy="cap", remdm_eta=0.4, corrector_steps=2, corrector_every=2),
+    {"name": "ancestral", "steps": 8, "corrector_steps": 3, "corrector_every": 1},
+    {"name": "ancestral", "steps": 10, "corrector_steps": 4, "corrector_every": 2, "corrector_start": 4},
+    {"name": "ancestral", "steps": 6, "corrector_steps": 2, "corrector_every": 3, "nucleus_p": 0.8},
+    {"name": "ancestral", "steps": 8, "corrector_steps": 3, "nucleus_p": 0.7, "nucleus_rule": "minimal"},
+    {"name": "ancestral", "steps": 8, "corrector_steps": 3, "corrector_mode": "select_top_k", "corrector_top_k": 2, "nucleus_p": 0.9},
+    {"name": "ancestral", "steps": 8, "corrector_steps": 3, "corrector_mode": "sample", "nucleus_p": 0.9},
+    {"name": "ancestral", "steps": 16, "corrector_steps": 0},
+    {"name": "remdm", "steps": 10, "remdm_strategy": "cap", "remdm_eta": 0.3},
+    {"name": "remdm", "steps": 10, "remdm_strategy": "rescale", "remdm_eta": 0.7},
+    {"name": "remdm", "steps": 10, "remdm_strategy": "conf", "nucleus_p": 0.9},
+    {"name": "remdm", "steps": 12, "remdm_strategy": "loop", "remdm_eta": 0.2, "remdm_t_on": 0.6, "remdm_t_off": 0.2,
+         "remdm_alpha_on": 0.7},
+    {"name": "remdm", "steps": 8, "remdm_strategy": "cap", "remdm_eta": 0.4, "corrector_steps": 2, "corrector_every": 2},
 ]
 
 
@@ -67,13 +67,13 @@ def test_schedule_samplers_match_the_official_control_flow(settings):
 
 
 BLOCKS = [  # (prompt length, settings); gen length L - prompt
-    (4, dict(steps=4, block_size=4, corrector_steps=3, corrector_every=1)),
-    (4, dict(steps=8, block_size=4, corrector_steps=4, corrector_every=2)),
-    (2, dict(steps=10, block_size=5, corrector_steps=2, corrector_every=3)),  # blocks end before their steps
-    (0, dict(steps=6, block_size=4, corrector_steps=3, corrector_every=1)),
-    (4, dict(steps=4, block_size=4, corrector_steps=2, threshold=0.5)),
-    (3, dict(steps=3, block_size=3, corrector_steps=0, threshold=0.3)),
-    (4, dict(steps=8, block_size=2, corrector_steps=2, corrector_every=1, eos_stop=True)),
+    (4, {"steps": 4, "block_size": 4, "corrector_steps": 3, "corrector_every": 1}),
+    (4, {"steps": 8, "block_size": 4, "corrector_steps": 4, "corrector_every": 2}),
+    (2, {"steps": 10, "block_size": 5, "corrector_steps": 2, "corrector_every": 3}),  # blocks end before their steps
+    (0, {"steps": 6, "block_size": 4, "corrector_steps": 3, "corrector_every": 1}),
+    (4, {"steps": 4, "block_size": 4, "corrector_steps": 2, "threshold": 0.5}),
+    (3, {"steps": 3, "block_size": 3, "corrector_steps": 0, "threshold": 0.3}),
+    (4, {"steps": 8, "block_size": 2, "corrector_steps": 2, "corrector_every": 1, "eos_stop": True}),
 ]
 
 
@@ -117,7 +117,7 @@ def test_prompted_blocks_commit_per_block_from_the_prompt_end():
     assert masks == [8, 6, 4, 2]  # blocks [4, 8) and [8, 12), two steps each, two tokens per step
 
 
-@pytest.mark.parametrize("settings", [dict(steps=32, corrector_steps=2), dict(steps=32, corrector_steps=4)])
+@pytest.mark.parametrize("settings", [{"steps": 32, "corrector_steps": 2}, {"steps": 32, "corrector_steps": 4}])
 def test_official_nfe_rule_reuses_corrector_logits(settings):
     """official <= exact on every sample, and strictly fewer in total (the cached corrector logits)."""
     fn = random_net(9)

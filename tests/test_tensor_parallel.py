@@ -351,9 +351,9 @@ def test_tp2_init_from_seed_and_native_gather(tp2):
 @pytest.mark.distributed
 def test_tp2_bad_sizes_raise(tp2):
     for r in tp2:
-        assert r["bad_world"] is not None and "train.tp_size=3" in r["bad_world"]
+        assert r["bad_world"] is not None and "parallel.tp_size=3" in r["bad_world"]
         assert r["bad_vocab"] is not None and "model.vocab_size=63" in r["bad_vocab"]
-        assert "train.tp_size=2" in r["bad_vocab"]
+        assert "parallel.tp_size=2" in r["bad_vocab"]
 
 
 # ---------------------------------------------------------------------------------------------- TP = 1
@@ -375,7 +375,7 @@ def world1():
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_tp1_matches_backbone(world1, name):
-    with pytest.raises(ProsecoError, match="train.tp_size=2"):
+    with pytest.raises(ProsecoError, match="parallel.tp_size=2"):
         tpm.init_model_parallel(2)  # world size 1
     tpm.init_model_parallel(1)
     cfg = ModelConfig(**{**CONFIGS[name], "dropout": 0.1})
@@ -453,7 +453,7 @@ def test_shard_unshard_roundtrip(tp, tied):
 
 
 def test_bad_config_raises_without_process_group():
-    with pytest.raises(ProsecoError, match=r"model.vocab_size=63 .*train.tp_size=2"):
+    with pytest.raises(ProsecoError, match=r"model.vocab_size=63 .*parallel.tp_size=2"):
         tpm.shard_full_state({}, ModelConfig(**BASE), 63, 0, 2)
     with pytest.raises(ProsecoError, match="model.heads=4"):
         tpm.check_tp_config(ModelConfig(**BASE), V, 8)

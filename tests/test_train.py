@@ -48,13 +48,13 @@ def reference(shards, tmp_path_factory) -> Path:
 def test_kill_9_and_resume_equals_uninterrupted(shards, reference, tmp_path):
     """... with wandb offline: both starts log into the same wandb run (the id kept in run.json)."""
     run = tmp_path / "run"
-    proc = _train(shards, run, "train.wandb=offline", delay=0.3)
+    proc = _train(shards, run, "log.wandb=offline", delay=0.3)
     _wait_for_step(proc, run, 5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(_losses(run)) < STEPS
     info = json.loads((run / "run.json").read_text())
-    out = _finish(_train(shards, run, "train.wandb=offline"))
+    out = _finish(_train(shards, run, "log.wandb=offline"))
     assert "resuming" in out
     assert json.loads((run / "run.json").read_text()) == info  # stable across requeues
     starts = sorted((run / "wandb").glob("offline-run-*"))
@@ -109,21 +109,21 @@ def test_an_unreadable_run_json_is_rebuilt(shards, reference, tmp_path, capsys):
     shutil.copytree(reference, run)
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text("")
-    _train_here(shards, run, f"train.steps={STEPS + 2}")
+    _train_here(shards, run, f"optim.steps={STEPS + 2}")
     out = capsys.readouterr().out
     assert "run.json was unreadable (it is empty); rebuilt it from the ids kept in step_00000012" in out
     assert json.loads((run / "run.json").read_text()) == info and max(_losses(run)) == STEPS + 2
     fresh = tmp_path / "fresh"  # no checkpoint to take the ids from: a new id
     fresh.mkdir()
     (fresh / "run.json").write_text('{"run_id": ')
-    _train_here(shards, fresh, "train.steps=2")
+    _train_here(shards, fresh, "optim.steps=2")
     out = capsys.readouterr().out
     assert "rebuilt it from a new run id" in out and json.loads((fresh / "run.json").read_text())["run_id"]
 
 
 def test_the_log_is_plain_lines_a_person_can_read(shards, tmp_path):
     run = tmp_path / "run"
-    out = _finish(_train(shards, run, "train.steps=4", "train.val_every=4", "train.val_batches=1"))
+    out = _finish(_train(shards, run, "optim.steps=4", "log.val_every=4", "log.val_batches=1"))
     assert "\r" not in out  # a pipe / SLURM log gets no progress-bar stream
     lines = out.splitlines()
     assert lines[0].startswith(f"proseco train: {run} (run id ") and lines[0].endswith(": new run")
@@ -153,7 +153,7 @@ def test_full_state_checkpoint_resumes_under_another_layout(shards, reference, t
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     _fake_topology(run, dp=2)  # as if saved by 2 ranks: the full state reshards to 1
-    assert cli.main(_args(shards, run, f"train.steps={STEPS + 2}")) == 0
+    assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}")) == 0
     out = capsys.readouterr().out
     assert "under another layout" in out and "restarts the interrupted epoch" in out
     assert sorted(_losses(run))[-2:] == [STEPS + 1, STEPS + 2]
@@ -164,20 +164,20 @@ def test_deepspeed_checkpoint_under_torch_is_refused_naming_the_way_out(shards, 
     shutil.copytree(reference, run)
     _fake_topology(run, backend="deepspeed", zero_stage=2)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert cli.main(_args(shards, run, f"train.steps={STEPS + 2}")) == cli.EXIT_USER_ERROR
+    assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}")) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot resume" in err and "train.backend=deepspeed" in err
+    assert len(err.splitlines()) == 1 and "cannot resume" in err and "parallel.backend=deepspeed" in err
     assert "proseco ckpt export" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing overwritten
 
 
 @pytest.mark.parametrize(("override", "needle"), [
-    ("train.backend=megatron train.tp_size=2", "world size 1 is not divisible by train.tp_size=2"),
-    ("train.backend=deepspeed train.zero_stage=3 model.tie_embeddings=true", "tied embedding"),
-    ("train.tp_size=2", "train.tp_size=2 needs train.backend=megatron"),
-    ("train.backend=deepspeed train.distributed=ddp", "does its own data parallelism"),
-    ("train.distributed=zero", "train.distributed must be one of: none, ddp, fsdp"),
-    ("train.grad_accum=0", "train.grad_accum must be > 0"),
+    ("parallel.backend=megatron parallel.tp_size=2", "world size 1 is not divisible by parallel.tp_size=2"),
+    ("parallel.backend=deepspeed parallel.zero_stage=3 model.tie_embeddings=true", "tied embedding"),
+    ("parallel.tp_size=2", "parallel.tp_size=2 needs parallel.backend=megatron"),
+    ("parallel.backend=deepspeed parallel.distributed=ddp", "does its own data parallelism"),
+    ("parallel.distributed=zero", "parallel.distributed must be one of: none, ddp, fsdp"),
+    ("optim.grad_accum=0", "optim.grad_accum must be > 0"),
     ("data.seq_len=16", "data.seq_len=32"),
 ])
 def test_errors_are_one_line(shards, tmp_path, capsys, override, needle):
@@ -187,13 +187,13 @@ def test_errors_are_one_line(shards, tmp_path, capsys, override, needle):
 
 
 def test_dry_run_prints_world_and_run_folder(shards, tmp_path, capsys):
-    assert cli.main([*_args(shards, tmp_path / "run"), "--dry-run", "train.grad_accum=3"]) == 0
+    assert cli.main([*_args(shards, tmp_path / "run"), "--dry-run", "optim.grad_accum=3"]) == 0
     out = capsys.readouterr().out
     assert "world size 1" in out and f"run folder {tmp_path / 'run'}" in out and "= 12" in out
     assert not (tmp_path / "run").exists()
 
 
-DDP = ("train.grad_accum=2", "train.val_every=4", "train.val_batches=2", "train.permanent_every=2")
+DDP = ("optim.grad_accum=2", "log.val_every=4", "log.val_batches=2", "checkpoint.permanent_every=2")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_ddp_kill_9_under_torchrun_and_resume_equals_uninterrupted(shards, ddp_r
     _finish(_train(shards, run, *DDP, nproc=2, torchrun=True))
     _assert_same_run(ddp_reference, run)
     # one process resumes the DDP run folder (full-state checkpoint, loader restarts the epoch)
-    assert cli.main(_args(shards, run, *DDP, f"train.steps={STEPS + 2}")) == 0
+    assert cli.main(_args(shards, run, *DDP, f"optim.steps={STEPS + 2}")) == 0
     assert "under another layout" in capsys.readouterr().out
     assert max(_losses(run)) == STEPS + 2
 
@@ -286,7 +286,7 @@ def test_fsdp_kill_9_and_resume_equals_uninterrupted(shards, ddp_reference, tmp_
             torch.testing.assert_close(v, s_fsdp["optimizer"]["state"][i][name])
     # ddp -> fsdp at the same world size resumes from a DDP checkpoint
     shutil.copytree(ddp_reference, ddp)
-    out = _finish(_train(shards, ddp, *DDP, f"train.steps={STEPS + 2}", nproc=2, distributed="fsdp"))
+    out = _finish(_train(shards, ddp, *DDP, f"optim.steps={STEPS + 2}", nproc=2, distributed="fsdp"))
     assert "resuming" in out and sorted(_losses(ddp))[-2:] == [STEPS + 1, STEPS + 2]
 
 
@@ -313,7 +313,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shards, reference, t
 
     # the same once a checkpoint exists: crash while saving step 4 -> resume from step 2
     run2 = tmp_path / "run2"
-    _train_here(shards, run2, "train.steps=2")
+    _train_here(shards, run2, "optim.steps=2")
     proc = _train(shards, run2, save_delay=30.0)
     while not list((run2 / "checkpoints").glob("step_00000004.tmp-*/state.pt")):
         assert proc.poll() is None and time.monotonic() < deadline + 60
@@ -340,8 +340,8 @@ def _has(module: str) -> bool:
 
 
 needs_deepspeed = pytest.mark.skipif(not _has("deepspeed"), reason="DeepSpeed is not installed")
-DS_EXTRA = ("train.backend=deepspeed", "train.grad_accum=2", "train.steps=4", "train.val_every=4",
-            "train.val_batches=2")
+DS_EXTRA = ("parallel.backend=deepspeed", "optim.grad_accum=2", "optim.steps=4", "log.val_every=4",
+            "log.val_batches=2")
 
 
 def _drop_last_checkpoint(src: Path, dst: Path) -> None:
@@ -368,7 +368,7 @@ def deepspeed_run(shards, tmp_path_factory):
     def get(stage: int, bf16: bool, torchrun: bool = False) -> Path:
         if (stage, bf16) not in runs:
             run = tmp_path_factory.mktemp(f"zero{stage}_{'bf16' if bf16 else 'fp32'}") / "run"
-            _finish(_train(shards, run, *DS_EXTRA, f"train.zero_stage={stage}", f"train.bf16={str(bf16).lower()}",
+            _finish(_train(shards, run, *DS_EXTRA, f"parallel.zero_stage={stage}", f"parallel.bf16={str(bf16).lower()}",
                            nproc=2, distributed=None, torchrun=torchrun))
             runs[stage, bf16] = run
         return runs[stage, bf16]
@@ -390,7 +390,7 @@ def test_deepspeed_zero_saves_reloads_and_continues_identically(shards, ddp_refe
     same model as DDP: ZeRO partitioning, its gradient accumulation over the split backward and the
     zero_to_fp32 export are exact up to reduction order."""
     run = tmp_path / "run"
-    extra = (*DS_EXTRA, f"train.zero_stage={stage}", f"train.bf16={str(bf16).lower()}")
+    extra = (*DS_EXTRA, f"parallel.zero_stage={stage}", f"parallel.bf16={str(bf16).lower()}")
     torchrun = (stage, bf16) == (1, False)
     ref = deepspeed_run(stage, bf16, torchrun)
     assert (max((ref / "checkpoints").glob("step_*")) / "deepspeed").is_dir()
@@ -415,9 +415,9 @@ def test_deepspeed_zero_saves_reloads_and_continues_identically(shards, ddp_refe
 @pytest.mark.distributed
 def test_deepspeed_other_world_size_needs_universal_conversion(shards, deepspeed_run, tmp_path, capsys):
     run = tmp_path / "run"
-    extra = (*DS_EXTRA, "train.zero_stage=2")
+    extra = (*DS_EXTRA, "parallel.zero_stage=2")
     shutil.copytree(deepspeed_run(2, False), run)
-    more = (*extra, "train.steps=6")
+    more = (*extra, "optim.steps=6")
     assert cli.main(_args(shards, run, *more)) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     latest = run / "checkpoints" / "step_00000004"
@@ -457,8 +457,8 @@ def test_export_round_trip_gives_the_same_logits(shards, reference, tmp_path, ca
 
 # ------------------------------------------------------------------------------- megatron-core
 needs_megatron = pytest.mark.skipif(not _has("megatron.core"), reason="megatron-core is not installed")
-MEGATRON_EXTRA = ("train.backend=megatron", "train.grad_accum=2", "train.steps=4", "train.val_every=4",
-                  "train.val_batches=2", "model.dropout=0.0")  # TP-region dropout masks differ from TP=1's
+MEGATRON_EXTRA = ("parallel.backend=megatron", "optim.grad_accum=2", "optim.steps=4", "log.val_every=4",
+                  "log.val_batches=2", "model.dropout=0.0")  # TP-region dropout masks differ from TP=1's
 
 
 @needs_megatron
@@ -469,7 +469,7 @@ def test_megatron_tp2_matches_tp1_and_resumes_identically(shards, tmp_path, caps
     full-state checkpoint resumes in one process (TP=1)."""
     single, tp2, resumed = tmp_path / "single", tmp_path / "tp2", tmp_path / "resumed"
     _train_here(shards, single, *MEGATRON_EXTRA)
-    _finish(_train(shards, tp2, *MEGATRON_EXTRA, "train.tp_size=2", nproc=2, distributed=None))
+    _finish(_train(shards, tp2, *MEGATRON_EXTRA, "parallel.tp_size=2", nproc=2, distributed=None))
     for step, loss in _losses(single).items():
         assert _losses(tp2)[step] == pytest.approx(loss, rel=1e-5), step
     assert "val_mdm_nelbo" in read_metrics(tp2 / "metrics.jsonl")[-1]
@@ -480,14 +480,14 @@ def test_megatron_tp2_matches_tp1_and_resumes_identically(shards, tmp_path, caps
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
     _drop_last_checkpoint(tp2, resumed)
-    out = _finish(_train(shards, resumed, *MEGATRON_EXTRA, "train.tp_size=2", nproc=2, distributed=None))
+    out = _finish(_train(shards, resumed, *MEGATRON_EXTRA, "parallel.tp_size=2", nproc=2, distributed=None))
     assert "from step_00000002 (step 2)" in out and _losses(resumed) == _losses(tp2)
     for weights in ("raw", "ema"):
         a, b = _export_weights(tp2, weights), _export_weights(resumed, weights)
         assert all(torch.equal(a[k], b[k]) for k in a), weights
 
     capsys.readouterr()
-    _train_here(shards, tp2, *MEGATRON_EXTRA, "train.steps=6")  # TP=2 -> TP=1
+    _train_here(shards, tp2, *MEGATRON_EXTRA, "optim.steps=6")  # TP=2 -> TP=1
     out = capsys.readouterr().out
     assert "under another layout" in out and sorted(_losses(tp2))[-2:] == [5, 6]
 
@@ -520,7 +520,7 @@ def _corrupt(run: Path, how: str) -> list[str]:
         rewrite_meta(latest, meta)
     elif how == "edited meta.json":  # by hand, without updating the checksum in COMPLETE
         meta = json.loads((latest / "meta.json").read_text())
-        meta["config"]["train"]["lr"] *= 10
+        meta["config"]["optim"]["lr"] *= 10
         (latest / "meta.json").write_text(json.dumps(meta))
     return ["model.hidden=64"] if how == "other model" else []
 
@@ -535,7 +535,7 @@ def test_bad_checkpoint_is_refused_before_training_and_nothing_is_overwritten(sh
     shutil.copytree(reference, run)
     extra = _corrupt(run, how)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    assert cli.main(_args(shards, run, f"train.steps={STEPS + 2}", *extra)) == cli.EXIT_USER_ERROR
+    assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}", *extra)) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}

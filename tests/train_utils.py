@@ -18,9 +18,9 @@ from pipeline.train import SAVE_DELAY_ENV, STEP_DELAY_ENV, read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 TINY = ["model.vocab_size=null", "model.hidden=32", "model.layers=1", "model.heads=2", "data.seq_len=32",
-        "model.max_seq_len=32", "train.batch_size=4", "train.threads=1", "train.log_every=1",
-        "train.checkpoint_every=2", "train.keep_last=2", "train.warmup_steps=3", "train.ema=0.9",
-        "model.dropout=0.1", "train.wandb=disabled"]
+        "model.max_seq_len=32", "optim.batch_size=4", "parallel.threads=1", "log.every=1",
+        "checkpoint.every=2", "checkpoint.keep_last=2", "optim.warmup_steps=3", "optim.ema=0.9",
+        "model.dropout=0.1", "log.wandb=disabled"]
 
 
 def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
@@ -36,7 +36,7 @@ def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
 
 
 def _args(shards: Path, run: Path, *extra: str) -> list[str]:
-    return ["train", "--config", "text", f"data.manifest={shards}", f"run.dir={run}", f"train.steps={STEPS}",
+    return ["train", "--config", "text", f"data.shards={shards}", f"run.dir={run}", f"optim.steps={STEPS}",
             *TINY, *extra]
 
 
@@ -46,7 +46,7 @@ def _train(shards: Path, run: Path, *extra: str, delay: float = 0.0, nproc: int 
     --nproc` (its launcher imports no torch, so ranks start sooner) or, with ``torchrun``, torchrun."""
     launcher = [sys.executable, "-m", "pipeline"]
     if nproc:
-        extra = (*extra, f"train.distributed={distributed}") if distributed else extra
+        extra = (*extra, f"parallel.distributed={distributed}") if distributed else extra
         if torchrun:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))

@@ -70,7 +70,7 @@ def full_weights(ckpt: Path, weights: str = "auto") -> tuple[dict[str, torch.Ten
     if weights in ("auto", "ema") and "ema" in state:
         return {k: v.float() for k, v in state["ema"].items()}, "ema"
     if weights == "ema":
-        raise ProsecoError(f"{ckpt} has no EMA weights (train.ema was 0); use --weights raw")
+        raise ProsecoError(f"{ckpt} has no EMA weights (optim.ema was 0); use --weights raw")
     if backend != "deepspeed":
         return {k: v.float() for k, v in state["model"].items()}, "raw"
     from pipeline.engines.deepspeed_engine import DS_TAG, import_deepspeed

@@ -18,16 +18,16 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import SamplerConfig
+from pipeline.diffusion import sampling
 from pipeline.diffusion.decoding import Noise, confidence_step
 from pipeline.errors import ProsecoError
-from pipeline.diffusion import sampling
 
 
 class _Schedule:
     """Per-row block position and top-k schedule."""
 
     def __init__(self, cfg: SamplerConfig, z, fixed, mask_id: int):
-        batch, n = z.shape
+        n = z.shape[1]
         self.mask_id, self.pos = mask_id, torch.arange(n, device=z.device)
         self.prompt_end = fixed.long().cumprod(1).sum(1)  # [B]
         gen = n - self.prompt_end

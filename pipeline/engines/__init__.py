@@ -1,6 +1,6 @@
 """Training backends behind one interface (:class:`pipeline.engines.base.Engine`).
 
-``train.backend``: ``torch`` (single process / DDP / FSDP2), ``deepspeed`` (ZeRO 0-3) or
+``parallel.backend``: ``torch`` (single process / DDP / FSDP2), ``deepspeed`` (ZeRO 0-3) or
 ``megatron`` (megatron-core tensor parallelism x data parallelism). Each module imports its
 library lazily, so the torch backend never needs DeepSpeed or megatron-core installed.
 """
@@ -14,7 +14,7 @@ from pipeline.engines.base import Engine
 
 
 def build_engine(cfg: Config, vocab: int, device: torch.device, rank: int, world: int) -> Engine:
-    backend = cfg.train.backend
+    backend = cfg.parallel.backend
     if backend == "torch":
         from pipeline.engines.torch_engine import TorchEngine
 

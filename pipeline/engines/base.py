@@ -7,7 +7,7 @@ logging, stop handling - and is the same for every backend.
 
 The optimizer step of every engine is: gradients of ``grad_accum`` micro-steps, each with one or
 two backwards (pass 1 and pass 2 of the split ProSeCo backward), reduced across data-parallel
-ranks once, clipped to ``train.grad_clip`` by their global norm, then AdamW, then EMA.
+ranks once, clipped to ``optim.grad_clip`` by their global norm, then AdamW, then EMA.
 
 Checkpoint layout shared by all engines (inside ``step_XXXXXXXX/``): ``state.pt`` from rank 0 holds
 the *full, unsharded* model (``"model"``, Backbone parameter names), the optimizer state in
@@ -56,7 +56,7 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    ema = None  # pipeline.trainer.EMA, or None when train.ema == 0
+    ema = None  # pipeline.trainer.EMA, or None when optim.ema == 0
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients by their global norm; returns the norm before clipping."""
@@ -64,7 +64,7 @@ class Engine:
 
     def step(self) -> float:
         """Clip, optimizer step, EMA update; returns the gradient norm before clipping."""
-        clip = self.cfg.train.grad_clip
+        clip = self.cfg.optim.grad_clip
         norm = self.clip_grad_norm(clip if clip > 0 else 1e30)
         self.optimizer.step()
         if self.ema is not None:
@@ -96,10 +96,10 @@ class Engine:
 
 
 def build_backbone(cfg: Config, vocab: int, device: torch.device) -> nn.Module:
-    """The full model, seeded by ``train.seed``: identical initial weights on every rank."""
+    """The full model, seeded by ``run.seed``: identical initial weights on every rank."""
     from pipeline.model import Backbone
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.run.seed)
     return Backbone(cfg.model, vocab_size=vocab).to(device)
 
 

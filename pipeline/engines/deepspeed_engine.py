@@ -1,4 +1,4 @@
-"""``train.backend=deepspeed``: ZeRO stage 0-3 through ``deepspeed.initialize``.
+"""``parallel.backend=deepspeed``: ZeRO stage 0-3 through ``deepspeed.initialize``.
 
 The DeepSpeed config is generated from ours (:func:`deepspeed_config`) - there is no JSON file to
 drift. The optimizer is our torch AdamW (:func:`pipeline.trainer.make_optimizer`, same parameter
@@ -7,12 +7,12 @@ for it (DeepSpeed's FusedAdam / CPUAdam would build C++ ops at start-up).
 
 Gradient accumulation: each *backward* is one DeepSpeed micro-step. The split ProSeCo backward
 (pass 1, then pass 2) runs two backwards per micro-batch, so DeepSpeed's
-``gradient_accumulation_steps`` is ``train.grad_accum x backwards_per_micro_batch`` and
+``gradient_accumulation_steps`` is ``optim.grad_accum x backwards_per_micro_batch`` and
 ``engine.step()`` follows every backward; DeepSpeed reduces, clips (``gradient_clipping``) and steps
 the optimizer at the accumulation boundary only. Losses arrive already divided by ``grad_accum``
 and go in with ``scale_wrt_gas=False``, so gradients equal the torch backend's.
 
-bf16 (``train.bf16``): DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in
+bf16 (``parallel.bf16``): DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in
 the ZeRO optimizer); logits are cast to fp32 before the loss.
 
 EMA: an fp32 copy of the model made before ``deepspeed.initialize``, updated from the live
@@ -58,7 +58,7 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as exc:
-        raise ProsecoError(f"train.backend=deepspeed needs DeepSpeed ({exc}); install it with "
+        raise ProsecoError(f"parallel.backend=deepspeed needs DeepSpeed ({exc}); install it with "
                            "`pip install 'proseco-pipeline[deepspeed]'` (or `make venv`)") from None
     return deepspeed
 
@@ -70,28 +70,16 @@ def backwards_per_micro(cfg: Config) -> int:
 
 def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed config for ``cfg`` (see the module docstring for the accumulation rule)."""
-    t = cfg.train
     return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum * backwards_per_micro(cfg),
-        "gradient_clipping": float(t.grad_clip),
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": bool(t.bf16)},
+        "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum * backwards_per_micro(cfg),
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": bool(cfg.parallel.bf16)},
         "zero_allow_untested_optimizer": True,  # our torch AdamW as the client optimizer
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-
-
-def check_options(cfg: Config) -> None:
-    """Options DeepSpeed cannot combine with ours, refused before anything is built."""
-    t = cfg.train
-    if t.zero_stage == 3 and cfg.model.tie_embeddings:
-        raise ProsecoError("train.zero_stage=3 cannot partition the tied embedding/head weight of "
-                           "model.tie_embeddings=true; use train.zero_stage=2 or model.tie_embeddings=false")
-    if t.zero_stage == 3 and t.activation_checkpointing:
-        raise ProsecoError("train.activation_checkpointing=true is not supported with train.zero_stage=3 "
-                           "(ZeRO-3 re-gathers partitioned weights inside recomputation); use zero_stage<=2")
 
 
 class _Float32Logits(nn.Module):
@@ -109,21 +97,19 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, cfg: Config, vocab: int, device: torch.device, rank: int, world: int):
-        check_options(cfg)
         deepspeed = import_deepspeed()
         for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", 0)):
             os.environ.setdefault(key, str(value))  # one process started without a launcher
-        t = cfg.train
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.data_rank, self.data_world = rank, world
         module = build_backbone(cfg, vocab, device)
-        if t.activation_checkpointing:
+        if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(module.blocks)
-        self.ema = unshared_copy(module).float() if t.ema > 0 else None
+        self.ema = unshared_copy(module).float() if cfg.optim.ema > 0 else None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=make_optimizer(module, t), config=deepspeed_config(cfg))
+            model=module, optimizer=make_optimizer(module, cfg.optim), config=deepspeed_config(cfg))
         self.model = self.ds.module
-        self._zero3 = t.zero_stage == 3
+        self._zero3 = cfg.parallel.zero_stage == 3
         self._deepspeed = deepspeed
 
     def forward(self, z, t, valid, sync):
@@ -146,7 +132,7 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.cfg.train.ema
+        decay = self.cfg.optim.ema
         params = list(self.model.parameters())
         gather = self._deepspeed.zero.GatheredParameters(params) if self._zero3 else None
         if gather is not None:
@@ -168,7 +154,7 @@ class DeepSpeedEngine(Engine):
 
     @property
     def topology(self):
-        return {"backend": "deepspeed", "dp": self.world, "tp": 1, "zero_stage": self.cfg.train.zero_stage}
+        return {"backend": "deepspeed", "dp": self.world, "tp": 1, "zero_stage": self.cfg.parallel.zero_stage}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, folder: Path, rank: int) -> dict:
@@ -194,7 +180,7 @@ class DeepSpeedEngine(Engine):
                 raise ProsecoError(
                     f"cannot resume from {folder}: its DeepSpeed ZeRO files were saved with dp="
                     f"{saved_topology.get('dp')}, zero_stage={saved_topology.get('zero_stage')} and this run has "
-                    f"dp={self.world}, zero_stage={self.cfg.train.zero_stage}. Convert it once, then rerun: "
+                    f"dp={self.world}, zero_stage={self.cfg.parallel.zero_stage}. Convert it once, then rerun: "
                     f"proseco ckpt universal {folder}")
             self.ds._config.load_universal_checkpoint = True
         path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
@@ -204,6 +190,6 @@ class DeepSpeedEngine(Engine):
         if self.ema is not None:
             state = load_state_file(folder, self.device)
             if "ema" not in state:
-                raise ProsecoError(f"{folder} has no EMA weights but train.ema={self.cfg.train.ema}; "
-                                   "resume with train.ema=0 or start a new run")
+                raise ProsecoError(f"{folder} has no EMA weights but optim.ema={self.cfg.optim.ema}; "
+                                   "resume with optim.ema=0 or start a new run")
             self.ema.load_state_dict(state["ema"])

@@ -1,6 +1,6 @@
-"""``train.backend=megatron``: megatron-core tensor parallelism x data parallelism.
+"""``parallel.backend=megatron``: megatron-core tensor parallelism x data parallelism.
 
-``parallel_state.initialize_model_parallel(tensor_model_parallel_size=train.tp_size)`` splits the
+``parallel_state.initialize_model_parallel(tensor_model_parallel_size=parallel.tp_size)`` splits the
 world into tensor-parallel (TP) groups of ``tp_size`` consecutive ranks and data-parallel (DP)
 groups across them. The model is the same seeded Backbone as the other backends with tensor
 parallelism applied to it (:func:`pipeline.model.parallelize.tensor_parallel_backbone`: megatron-core
@@ -40,7 +40,7 @@ def _import_tp():
     try:
         from pipeline.model import parallelize, tensor_parallel
     except ImportError as exc:
-        raise ProsecoError(f"train.backend=megatron needs megatron-core ({exc}); install it with "
+        raise ProsecoError(f"parallel.backend=megatron needs megatron-core ({exc}); install it with "
                            "`pip install 'proseco-pipeline[megatron]'` (or `make venv`)") from None
     return tensor_parallel, parallelize
 
@@ -52,31 +52,30 @@ class MegatronEngine(Engine):
         if device.type == "cuda":
             os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # megatron's advice for TP overlap
         tp, parallelize = _import_tp()
-        t = cfg.train
-        tp.check_tp_config(cfg.model, vocab, t.tp_size)
-        tp.init_model_parallel(t.tp_size)
+        tp.check_tp_config(cfg.model, vocab, cfg.parallel.tp_size)
+        tp.init_model_parallel(cfg.parallel.tp_size)
         self._tp = tp
         self.cfg, self.vocab, self.device, self.rank, self.world = cfg, vocab, device, rank, world
-        self.tp_size = t.tp_size
+        self.tp_size = cfg.parallel.tp_size
         self.tp_rank = tp.tp_rank()
         self.data_rank, self.data_world = tp.dp_rank_world()
-        torch.manual_seed(t.seed)  # the same full Backbone as every other backend, then this rank's shard
+        torch.manual_seed(cfg.run.seed)  # the same full Backbone as every other backend, then this rank's shard
         self.model = parallelize.tensor_parallel_backbone(cfg.model, vocab, device)
-        if t.activation_checkpointing:
+        if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(self.model.blocks)
         self.ema = None
-        if t.ema > 0:  # megatron layers hold process groups (no deep copy): a fresh shadow, RNG untouched
+        if cfg.optim.ema > 0:  # megatron layers hold process groups (no deep copy): a fresh shadow, RNG untouched
             with torch.random.fork_rng(devices=[]):
                 shadow = parallelize.tensor_parallel_backbone(cfg.model, vocab, device)
-                self.ema = EMA(self.model, t.ema, shadow=shadow)
+                self.ema = EMA(self.model, cfg.optim.ema, shadow=shadow)
         self.ddp = nn.parallel.DistributedDataParallel(self.model, process_group=tp.dp_group(),
                                                        forward_sync_buffers=False) \
             if self.data_world > 1 else None
-        self.optimizer = make_optimizer(self.model, t)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
         # the model is the Backbone itself: its optimizer ids are the full model's at any TP size
         self._param_names = param_names(self.model, self.optimizer)
         self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-            if t.bf16 and device.type == "cuda" else contextlib.nullcontext
+            if cfg.parallel.bf16 and device.type == "cuda" else contextlib.nullcontext
 
     # ---- step ----------------------------------------------------------------------------------
     def forward(self, z, t, valid, sync):
@@ -120,8 +119,8 @@ class MegatronEngine(Engine):
                                                                       self.tp_rank, self.tp_size))
         if self.ema is not None:
             if "ema" not in state:
-                raise ProsecoError(f"{folder} has no EMA weights but train.ema={self.cfg.train.ema}; "
-                                   "resume with train.ema=0 or start a new run")
+                raise ProsecoError(f"{folder} has no EMA weights but optim.ema={self.cfg.optim.ema}; "
+                                   "resume with optim.ema=0 or start a new run")
             self.ema.shadow.load_state_dict(self._shard(state["ema"]), strict=True)
         if dist.is_initialized():
             dist.barrier()

@@ -1,4 +1,4 @@
-"""``train.backend=torch``: one process, DDP, or FSDP2 (``fully_shard``).
+"""``parallel.backend=torch``: one process, DDP, or FSDP2 (``fully_shard``).
 
 Every backward but the step's last skips the gradient sync (DDP: ``no_sync()``; FSDP2:
 ``set_requires_gradient_sync(False)``), so gradients are reduced once per optimizer step and equal
@@ -43,14 +43,13 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, cfg: Config, vocab: int, device: torch.device, rank: int, world: int):
-        t = cfg.train
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.data_rank, self.data_world = rank, world
         self.model = build_backbone(cfg, vocab, device)
-        if t.activation_checkpointing:
+        if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(self.model.blocks)
-        self.ema = EMA(self.model, t.ema) if t.ema > 0 else None  # before sharding: stays unsharded
-        self.fsdp = world > 1 and t.distributed == "fsdp"
+        self.ema = EMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None  # before sharding: stays unsharded
+        self.fsdp = world > 1 and cfg.parallel.distributed == "fsdp"
         if self.fsdp:  # replaces the parameters with DTensor shards in place: the optimizer comes after
             mesh = init_device_mesh(device.type, (world,))
             for block in self.model.blocks:
@@ -58,10 +57,10 @@ class TorchEngine(Engine):
             fully_shard(self.model, mesh=mesh)
         self.ddp = nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False) \
             if world > 1 and not self.fsdp else None
-        self.optimizer = make_optimizer(self.model, t)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
         self.eval_collective = self.fsdp and self.ema is None
         self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-            if t.bf16 and device.type == "cuda" else contextlib.nullcontext
+            if cfg.parallel.bf16 and device.type == "cuda" else contextlib.nullcontext
 
     # ---- step ----------------------------------------------------------------------------------
     def forward(self, z, t, valid, sync):
@@ -106,8 +105,8 @@ class TorchEngine(Engine):
             if "ema" not in state:
                 from pipeline.errors import ProsecoError
 
-                raise ProsecoError(f"{folder} has no EMA weights but train.ema={self.cfg.train.ema}; "
-                                   "resume with train.ema=0 or start a new run")
+                raise ProsecoError(f"{folder} has no EMA weights but optim.ema={self.cfg.optim.ema}; "
+                                   "resume with optim.ema=0 or start a new run")
             self.ema.shadow.load_state_dict(state["ema"])
         if dist.is_initialized():
             dist.barrier()

@@ -302,7 +302,7 @@ def task_options(cfg: Config, task: str) -> dict:
     e = cfg.eval
     options = {"text": {"reference": e.reference_lm, "mauve_reference": e.mauve_reference,
                         "batch_size": e.batch_size},
-               "qm9": {"train_smiles": e.task_data}, "gsm8k": {"data": e.task_data}}.get(task, {})
+               "qm9": {"train_smiles": e.qm9_train_smiles}, "gsm8k": {"data": e.gsm8k_questions}}.get(task, {})
     return {k: v for k, v in options.items() if v != ""}
 
 
@@ -439,8 +439,8 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
     with open(folder / "commands.txt", "a") as f:  # the report quotes the commands that made it
         f.write((command or " ".join(["proseco", *sys.argv[1:]])) + "\n")
     atomic_write_json(folder / "eval_config.json", to_dict(cfg)["eval"])
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.parallel.threads:
+        torch.set_num_threads(cfg.parallel.threads)
     print(f"eval: {summary}")
     counts = run_items(items, cfg, folder, force=force, progress=sys.stderr.isatty())
     print(f"eval: {counts['ok']} done, {counts['skipped']} already done, {counts['failed']} failed; "

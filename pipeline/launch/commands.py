@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, check_corpus_run, to_dict
 from pipeline.errors import ProsecoError
 from pipeline.launch import render, slurm
 from pipeline.launch.slurm import (
@@ -43,11 +43,10 @@ def launch_train(cfg: Config, dry_run: bool = False) -> int:
     """``proseco launch train``: one job of cluster.nodes x cluster.tasks_per_node training ranks."""
     from pipeline.train import run_dir
 
-    if cfg.data.task != "text":
-        raise ProsecoError(f"proseco launch train reads corpus shards (data.task=text), got {cfg.data.task!r}")
+    check_corpus_run(cfg, "proseco launch train", need_shards=False)
     run = run_dir(cfg).resolve()
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
-    cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
+    cfg.data.shards = str(Path(cfg.data.shards).resolve())
     name = cfg.cluster.job_name or f"proseco-train-{cfg.run.name}"
     params = train_parameters(cfg, run, name)
     script = job_script(cfg, run / "slurm", params)
@@ -75,8 +74,8 @@ def prep_jobs_dir(out: Path) -> Path:
 def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     """``proseco launch prep``: an array job of ``parts`` shard partitions, then a dependent merge job."""
     _check_parts(parts)
-    out = Path(cfg.prep.out_dir).resolve()
-    cfg.prep.out_dir = str(out)
+    out = Path(cfg.data.shards).resolve()
+    cfg.data.shards = str(out)
     cfg.prep.tokenizer_dir = str(Path(cfg.prep.tokenizer_dir).resolve())
     cfg.prep.inputs = [str(Path(i).resolve()) if Path(i).exists() else i for i in cfg.prep.inputs]
     jobs_dir = prep_jobs_dir(out)  # next to the shards: their folder takes shard output only

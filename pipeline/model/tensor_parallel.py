@@ -35,6 +35,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ModelConfig
+from pipeline.config.validate import (
+    check_tensor_parallel as check_tp_config,  # the one rule, used by the engine
+)
 from pipeline.errors import ProsecoError
 
 with warnings.catch_warnings():
@@ -109,26 +112,6 @@ def partition_dim(name: str, plan: dict[str, Style] = BACKBONE_PLAN) -> int | No
     split = param_split(name, plan)
     return None if split is None else split[0]
 
-
-def _mlp_inner(cfg: ModelConfig) -> int:
-    """The MLP's hidden width."""
-    return int(cfg.hidden * cfg.mlp_ratio)
-
-
-def check_tp_config(cfg: ModelConfig, vocab_size: int, tp_size: int) -> None:
-    """Raise ProsecoError unless heads, MLP width and vocabulary all divide by ``tp_size``."""
-    if tp_size < 1:
-        raise ProsecoError(f"train.tp_size={tp_size} must be >= 1")
-    if cfg.heads % tp_size:
-        raise ProsecoError(f"model.heads={cfg.heads} is not divisible by train.tp_size={tp_size}; "
-                           "pick a tp_size that divides the number of heads")
-    if _mlp_inner(cfg) % tp_size:
-        raise ProsecoError(f"the MLP width int(model.hidden*model.mlp_ratio)={_mlp_inner(cfg)} is not divisible "
-                           f"by train.tp_size={tp_size}")
-    if vocab_size % tp_size:
-        raise ProsecoError(f"model.vocab_size={vocab_size} is not divisible by train.tp_size={tp_size}; set "
-                           f"model.vocab_size to a multiple of {tp_size} that is at least the tokenizer's "
-                           "vocabulary (the extra rows are never used)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +230,7 @@ def init_model_parallel(tp_size: int) -> None:
         raise RuntimeError("init_model_parallel needs the default process group (dist.init_process_group)")
     world = dist.get_world_size()
     if tp_size < 1 or world % tp_size:
-        raise ProsecoError(f"train.tp_size={tp_size} must be >= 1 and divide the number of processes "
+        raise ProsecoError(f"parallel.tp_size={tp_size} must be >= 1 and divide the number of processes "
                            f"({world}); use a tp_size that divides it")
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() == tp_size:

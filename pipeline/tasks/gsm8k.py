@@ -17,7 +17,7 @@ answer), ``skipped`` (questions of the data file whose prompt leaves fewer than
 
 Options (keys of the options dict; unknown keys are ignored):
 
-* ``data`` (required; the evaluator fills it from ``eval.task_data``): a JSONL file, one
+* ``data`` (required; the evaluator fills it from ``eval.gsm8k_questions``): a JSONL file, one
   ``{"question": ..., "answer": ...}`` object a line, the answer in GSM8K form (a worked solution
   ending ``#### <number>``);
 * ``template``: the prompt, ``"Question: {question}\\nAnswer:"`` by default;
@@ -122,7 +122,7 @@ class Task(EvalTask):
         super().__init__(cfg, options, model)
         if not self.options.get("data"):
             raise ProsecoError("gsm8k needs option data: a JSONL file of {question, answer} "
-                               "(eval.task_data=PATH)")
+                               "(eval.gsm8k_questions=PATH)")
         tok = model.tokenizer
         if tok is None:
             raise ProsecoError("gsm8k needs a model trained on text shards (it has no tokenizer)")

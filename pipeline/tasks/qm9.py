@@ -42,7 +42,7 @@ Ratios with an empty denominator (no valid sample) are 0.0; the counts say why.
 Options (keys of the options dict; unknown keys are ignored):
 
 * ``train_smiles``: a text file, one SMILES per line, the training set for ``novelty`` (the
-  evaluator fills it from ``eval.task_data``). Default (unset or ""):
+  evaluator fills it from ``eval.qm9_train_smiles``). Default (unset or ""):
   all of QM9 as bundled by the ``qm9pack`` package (130,831 molecules, read offline), i.e.
   novelty = "not a QM9 molecule", the usual definition. Give the train file of :func:`write_qm9_corpus` for novelty w.r.t. the training split.
   The set is canonicalised once per process (7-14 s for QM9 on 2 cores) and cached.

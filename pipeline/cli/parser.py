@@ -1,39 +1,24 @@
-"""The ``proseco`` command line (also ``python -m pipeline``).
-
-Every verb resolves one :class:`~pipeline.config.Config` the same way (preset file(s), then
-dotted overrides) and hands it to the stage that does the work; the stage modules are imported
-lazily so that ``--help``, ``--dry-run`` and ``proseco config`` stay instant and work even when a
-stage (or torch) is unavailable. User errors (:class:`~pipeline.errors.ProsecoError`) become one
-``error: ...`` line and exit code 2; ``--debug`` adds the traceback.
-"""
+"""The argparse tree of ``proseco``: one sub-parser per verb, with its help text and examples."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 import textwrap
-import traceback
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 
 import pipeline
-from pipeline.config import Config, check_world_size, dump_yaml, load_config
-from pipeline.errors import ProsecoError
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_PRESET = PRESET_DIR / "tiny.yaml"
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 OVERRIDES_HELP = """\
 configuration:
-  Settings resolve as: defaults (pipeline/config.py) <- --config FILE(s), in order
+  Settings resolve as: defaults (pipeline/config/schema.py) <- --config FILE(s), in order
   <- overrides. An override is section.key=value with the value parsed as YAML:
 {examples}
-  Sections: model, diffusion, sampler, train, data, prep, demo, run, eval, cluster. Unknown keys,
-  wrong types and out-of-range values are errors. Without --config, configs/tiny.yaml is used.
+  Sections: model, diffusion, sampler, optim, parallel, checkpoint, log, data, prep, eval, cluster,
+  run, demo. Unknown keys, wrong types and out-of-range values are errors; a renamed key names its
+  new place. Without --config: configs/tiny.yaml for demo and prep sudoku, configs/text.yaml for
+  prep, train, launch train / prep and config, none for verbs that load a trained model.
   --dry-run prints the resolved YAML and what would run, then exits.
 """
 
@@ -49,7 +34,7 @@ def _presets_help() -> str:
 
 
 DEMO_EXAMPLES = (
-    "proseco demo train.steps=200 train.lr=1e-3 model.time_conditioning=true",
+    "proseco demo optim.steps=200 optim.lr=1e-3 model.time_conditioning=true",
     "proseco demo demo.steps_grid=[2,4,8] sampler.corrector_steps=2 --dry-run",
 )
 
@@ -71,7 +56,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="section.key=value",
-        help="config overrides, e.g. model.hidden=128 train.steps=500",
+        help="config overrides, e.g. model.hidden=128 optim.steps=500",
     )
     p.add_argument(
         "-c",
@@ -80,7 +65,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FILE",
         help="YAML preset: a path or a name in configs/ (e.g. owt_small); repeatable, "
-        "later files win (default: configs/tiny.yaml)",
+        "later files win (default: see `configuration` below)",
     )
     p.add_argument(
         "--dry-run",
@@ -94,138 +79,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         help="show full tracebacks for errors",
     )
 
-
-def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
-    return _exit_code(_import_stage("pipeline.demo").run(cfg))
-
-
-def _run_train(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline import spawn
-
-    if args.nproc is not None:  # the launcher process: it does not import torch (the ranks start faster)
-        import os
-
-        if args.nproc < 1:
-            raise ProsecoError(f"--nproc must be >= 1, got {args.nproc}")
-        if "RANK" in os.environ:
-            raise ProsecoError("--nproc starts its own ranks: do not combine it with torchrun / srun "
-                               "(drop --nproc, or run `proseco train --nproc N` directly)")
-        check_world_size(cfg, args.nproc)
-        return spawn.run(spawn.strip_nproc(args.argv), args.nproc)
-    spawn.follow_launcher()  # a rank of `proseco train --nproc`: stop (and save) if the launcher dies
-    return _exit_code(_import_stage("pipeline.train").run(cfg))
-
-
-def _describe_train(args: argparse.Namespace, cfg: Config) -> str:
-    from pipeline.train import world_layout
-
-    ranks = f"{args.nproc} ranks on this machine (proseco train --nproc), each: " if args.nproc else ""
-    return f"{ranks}pipeline.train.run(cfg)\n# world: {world_layout(cfg, args.nproc)}"
-
-
-def _run_prep(args: argparse.Namespace, cfg: Config) -> int:
-    stages = _import_stage("data_prep.stages")
-    if args.target == "tokenizer":
-        return _exit_code(stages.tokenizer(cfg, args.out, import_model=args.import_model, force=args.force))
-    if args.target == "shards":
-        return _exit_code(stages.shards(cfg, args.out, task=args.task))
-    return _exit_code(getattr(stages, args.target)(cfg, args.out))
-
-
-def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
-    return _exit_code(_import_stage("pipeline.generate").run(cfg, args.model, num=args.num, out=args.out,
-                                                            infill=args.infill))
-
-
-def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
-    tools = _import_stage("pipeline.checkpoint.tools")
-    if args.action == "export":
-        out = tools.export(args.path, args.out, weights=args.weights, force=args.force)
-        print(f"exported {out} (load it with `proseco sample {out}` or pipeline.checkpoint.load_model)")
-    elif args.action == "universal":
-        out = tools.universal(args.path, force=args.force)
-        print(f"wrote {out}; rerun the training command with the new layout to resume from it")
-    else:
-        print(tools.info(args.path))
-    return 0
-
-
-def _run_eval(args: argparse.Namespace, cfg: Config) -> int:
-    import shlex
-
-    command = "proseco " + shlex.join(args.argv)
-    return _exit_code(_import_stage("pipeline.evaluation.runner").run(cfg, args.run, shard_spec=args.shard,
-                                                                     out=args.out, command=command,
-                                                                     force=args.force, dry_run=args.dry_run))
-
-
-def _run_report(args: argparse.Namespace, cfg: Config) -> int:
-    md, page = _import_stage("pipeline.evaluation.report").build(args.folder)
-    print(f"wrote {md} and {page}")
-    return 0
-
-
-def _run_launch(args: argparse.Namespace, cfg: Config) -> int:
-    launch = _import_stage("pipeline.launch")
-    if args.stage == "prep":
-        return _exit_code(launch.launch_prep(cfg, args.parts, dry_run=args.dry_run))
-    if args.stage == "eval":
-        if not args.target:
-            raise ProsecoError("proseco launch eval needs what to evaluate: --target RUN (run folder, checkpoint, glob)")
-        return _exit_code(launch.launch_eval(cfg, args.target, args.parts, dry_run=args.dry_run))
-    return _exit_code(launch.launch_train(cfg, dry_run=args.dry_run))
-
-
-def _run_status(args: argparse.Namespace, cfg: Config) -> int:
-    launch = _import_stage("pipeline.launch")
-    return _exit_code(launch.cancel(args.run) if args.verb == "cancel" else launch.status(args.run))
-
-
-def _resolve(args: argparse.Namespace) -> Config:
-    """The config a verb runs with. `sample` starts from the config stored in the model file,
-    so only what the user overrides differs from training (model.* must then still match)."""
-    if args.verb == "sample":
-        from pipeline.checkpoint import read_model_file
-        from pipeline.config import config_from_dict
-
-        base = config_from_dict(read_model_file(args.model)["config"])
-        return load_config([_preset_paths([c])[0] for c in args.config], args.overrides, base=base)
-    return load_config(_preset_paths(args.config), args.overrides)
-
-
-def _model_size_line(cfg: Config) -> str:
-    """`# model: N parameters`, as a YAML comment so the output still parses."""
-    from pipeline.model import parameter_count
-    from pipeline.tasks import task_class
-
-    vocab = cfg.model.vocab_size
-    if vocab is None:
-        vocab = task_class(cfg.data.task).vocab_size
-        if vocab is None:
-            return "# model: size depends on the vocabulary of the data (model.vocab_size: null)"
-    return f"# model: {parameter_count(cfg.model, vocab):,} parameters (vocabulary {vocab:,})"
-
-
-def _run_config(args: argparse.Namespace, cfg: Config) -> int:
-    print(dump_yaml(cfg), end="")
-    print(_model_size_line(cfg))
-    return 0
-
-
-# verb -> (runner, description of what it runs, for --dry-run)
-VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace, Config], str]]] = {
-    "demo": (_run_demo, lambda a, c: "pipeline.demo.run(cfg)"),
-    "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or 'the folder in the prep section'})"),
-    "train": (_run_train, _describe_train),
-    "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),
-    "eval": (_run_eval, lambda a, c: f"pipeline.evaluation.runner.run(cfg, {a.run!r}, shard_spec={a.shard!r})"),
-    "report": (_run_report, lambda a, c: f"pipeline.evaluation.report.build({a.folder!r})"),
-    "launch": (_run_launch, lambda a, c: "the job script above"),
-    "status": (_run_status, lambda a, c: f"pipeline.launch.status({a.run!r})"),
-    "cancel": (_run_status, lambda a, c: f"pipeline.launch.cancel({a.run!r})"),
-    "ckpt": (_run_ckpt, lambda a, c: f"pipeline.checkpoint.tools.{a.action}({a.path!r})"),
-    "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare data: tokenizer, corpus shards (+ merge, verify), or the demo's Sudoku task",
         description=_describe(
             """Prepare data. `tokenizer`: train a sentencepiece model on prep.inputs (default: the
-            bundled public-domain corpus) with the special ids the diffusion model needs (pad, unk,
+            bundled public-domain corpus) of model.vocab_size ids, with the special ids the diffusion model needs (pad, unk,
             bos, eos, mask), or --import an existing one; writes prep.tokenizer_dir. `shards`:
             tokenize prep.inputs (text, JSONL, parquet; .gz/.zst) in prep.workers processes into
-            webdataset shards of data.seq_len tokens plus manifest.json in prep.out_dir; rerunning
+            webdataset shards of data.seq_len tokens plus manifest.json in data.shards; rerunning
             after a crash resumes; --task i/n prepares one partition (then `merge`). `verify`:
             re-checksum and recount the shards against the manifest. `sudoku`: the demo's task as
             files."""
@@ -280,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("target", choices=["tokenizer", "shards", "merge", "verify", "sudoku"],
                       help="what to prepare")
     prep.add_argument("--out", metavar="DIR",
-                      help="output folder (default: prep.tokenizer_dir for tokenizer, prep.out_dir otherwise)")
+                      help="output folder (default: prep.tokenizer_dir for tokenizer, data.shards otherwise)")
     prep.add_argument("--import", dest="import_model", metavar="MODEL",
                       help="tokenizer: use this existing sentencepiece model instead of training one")
     prep.add_argument("--force", action="store_true", help="tokenizer: replace an existing tokenizer")
@@ -292,26 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="pretrain on corpus shards (torch DDP/FSDP2, DeepSpeed ZeRO, megatron TP); resumes automatically",
         description=_describe(
-            """Train a ProSeCo model on the shards in data.manifest (written by `proseco prep shards`)
-            for train.steps optimizer steps. train.backend picks the engine: torch (one process, or
-            with --nproc N or under torchrun DDP / FSDP2 with train.distributed=ddp|fsdp), deepspeed (ZeRO stage
-            train.zero_stage=0..3, config generated from ours) or megatron (megatron-core tensor
-            parallelism of size train.tp_size, data parallel over the remaining ranks); gloo on CPU,
+            """Train a ProSeCo model on the shards in data.shards (written by `proseco prep shards`)
+            for optim.steps optimizer steps. parallel.backend picks the engine: torch (one process, or
+            with --nproc N or under torchrun DDP / FSDP2 with parallel.distributed=ddp|fsdp), deepspeed (ZeRO stage
+            parallel.zero_stage=0..3, config generated from ours) or megatron (megatron-core tensor
+            parallelism of size parallel.tp_size, data parallel over the remaining ranks); gloo on CPU,
             nccl on CUDA. Everything goes to the run folder (run.dir, default runs/<run.name>):
-            run.json, config.yaml, metrics.jsonl, wandb/ (train.wandb=offline|online|disabled) and
-            checkpoints/ every train.checkpoint_every steps. Rerunning the same command resumes from
+            run.json, config.yaml, metrics.jsonl, wandb/ (log.wandb=offline|online|disabled) and
+            checkpoints/ every checkpoint.every steps. Rerunning the same command resumes from
             the latest complete checkpoint. Ctrl-C, SIGTERM / SIGUSR1 or the time budget
-            train.max_time_s saves at the next step boundary and exits with code 3 (requeue); a
+            run.max_time_s saves at the next step boundary and exits with code 3 (requeue); a
             second Ctrl-C aborts without saving. The log is plain lines: a header, a line every
-            train.log_every steps, validations and checkpoint saves."""
+            log.every steps, validations and checkpoint saves."""
         ),
-        epilog=_epilog("proseco train --config text train.steps=20",
-                       "proseco train --nproc 2 --config text train.distributed=ddp",
-                       "proseco train --nproc 2 --config text train.backend=deepspeed "
-                       "train.zero_stage=3",
-                       "proseco train --nproc 2 --config text train.backend=megatron "
-                       "train.tp_size=2",
-                       "proseco train --config text run.name=exp1 train.max_time_s=3600 --dry-run"),
+        epilog=_epilog("proseco train --config text optim.steps=20",
+                       "proseco train --nproc 2 --config text parallel.distributed=ddp",
+                       "proseco train --nproc 2 --config text parallel.backend=deepspeed "
+                       "parallel.zero_stage=3",
+                       "proseco train --nproc 2 --config text parallel.backend=megatron "
+                       "parallel.tp_size=2",
+                       "proseco train --config text run.name=exp1 run.max_time_s=3600 --dry-run"),
         formatter_class=fmt,
     )
     train.add_argument("--nproc", type=int, metavar="N",
@@ -410,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=_epilog("proseco launch train --config text --config cluster_local cluster.nodes=2",
                        "proseco launch train --config owt_small --config cluster_gpu cluster.nodes=4 "
-                       "cluster.partition=gpu train.backend=deepspeed",
+                       "cluster.partition=gpu parallel.backend=deepspeed",
                        "proseco launch prep --parts 8 --config text --config cluster_local",
                        "proseco launch eval --target runs/exp1 --parts 4 --config cluster_local",
                        "proseco launch train --config text --config cluster_local --dry-run"),
@@ -473,80 +326,3 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(verb_parser=config)
     return parser
 
-
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """parse_known_args, so overrides may also follow options (`demo --dry-run a.b=1`)."""
-    args, extras = parser.parse_known_args(argv)
-    unknown = [e for e in extras if e.startswith("-") or "=" not in e]
-    if unknown:
-        getattr(args, "verb_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.verb is not None:
-        args.overrides = [*args.overrides, *extras]
-    return args
-
-
-def _preset_paths(names: list[str]) -> list[str]:
-    """--config values as paths; a bare name like `owt_small` means configs/owt_small.yaml."""
-    if not names:
-        return [str(DEFAULT_PRESET)] if DEFAULT_PRESET.is_file() else []
-    paths = []
-    for name in names:
-        preset = PRESET_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-        paths.append(str(preset) if not Path(name).exists() and preset.is_file() else name)
-    return paths
-
-
-def _import_stage(module: str) -> ModuleType:
-    """Import a stage lazily; a missing stage module is a user-facing error, not a crash."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
-            raise  # a dependency of the stage is missing: a real bug / broken install
-        raise ProsecoError(f"{module} is not available in this installation") from exc
-
-
-def _exit_code(result: int | None) -> int:
-    """Stages return an exit code; a stage that returns nothing succeeded."""
-    return 0 if result is None else int(result)
-
-
-def user_message(exc: ProsecoError) -> str:
-    """The error's own message. One raised in a DataLoader worker arrives wrapped with the worker's
-    traceback ("Caught ProsecoError in DataLoader worker process 0. Original Traceback ..."): its
-    last line holds the message."""
-    text = str(exc)
-    if "\nOriginal Traceback" not in text:
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    return last.split("Error: ", 1)[-1] if last.startswith("pipeline.errors.") else last
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `proseco` console script; returns the process exit code."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse(parser, argv)
-    args.argv = argv
-    if args.verb is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USER_ERROR
-    runner, describe = VERBS[args.verb]
-    try:
-        cfg = _resolve(args)
-        if args.dry_run and args.verb not in ("launch", "eval"):  # those print the job script / the work list
-            print(dump_yaml(cfg), end="")
-            print(_model_size_line(cfg))
-            print(f"# dry run: would run {describe(args, cfg)}")
-            return 0
-        return runner(args, cfg)
-    except ProsecoError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {user_message(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        if args.debug:
-            traceback.print_exc()
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
