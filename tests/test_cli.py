@@ -80,8 +80,8 @@ def test_bare_train_without_shards_says_to_run_prep(tmp_path, monkeypatch, capsy
 
 
 def test_an_old_key_on_the_command_line_names_its_new_place(capsys):
-    assert main(["config", "optim.lr=1e-3"]) == EXIT_USER_ERROR
-    assert "config key 'optim.lr' moved to optim.lr" in capsys.readouterr().err
+    assert main(["config", "train.lr=1e-3"]) == EXIT_USER_ERROR
+    assert "config key 'train.lr' moved to optim.lr" in capsys.readouterr().err
 
 
 def test_config_by_preset_name_and_path(tmp_path, capsys):
