@@ -4,6 +4,7 @@ real kill, sharding, per-item failures, the report."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.checkpoint import save_model
+from pipeline.artifact import write_export
 from pipeline.config import load_config
 from pipeline.evaluation import report, runner
 from pipeline.model import Backbone
@@ -25,12 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    """An untrained tiny Sudoku model file (evaluation does not care how good it is)."""
+    """An export folder of an untrained tiny Sudoku model (evaluation does not care how good it is)."""
+    return _tiny_export(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+def _tiny_export(path: Path, seed: int) -> Path:
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
-    return path
+    torch.manual_seed(seed)
+    state = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE).state_dict()
+    return write_export(path, {"raw": state}, cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID, force=True)
 
 
 def _cfg(*overrides: str):
@@ -154,8 +158,10 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp
         printed = capsys.readouterr().out
         assert "2 done, 0 already done" in printed and "computed with other settings" in printed
         assert f"changed: {what})" in printed, printed
-    assert cli.main([*base, *now, "eval.weights=raw"]) == 0  # a model file has no EMA/raw choice: same items
-    assert "0 done, 2 already done" in capsys.readouterr().out
+    assert cli.main([*base, *now, "eval.weights=raw"]) == 0  # other weights asked for: recomputed
+    assert "2 done, 0 already done" in capsys.readouterr().out
+    assert cli.main([*base, *now, "eval.weights=ema"]) == 1  # this export has raw weights only
+    assert "has no ema weights" in capsys.readouterr().out
     rows = {r["_path"]: r for r in report.load_results(out)}
     assert all(r["num_samples"] == 12 and r["determinants"]["sampler"]["temperature"] == 0.5 for r in rows.values())
     assert {k: r["key"] for k, r in rows.items()} != {k: r["key"] for k, r in first.items()}
@@ -165,14 +171,12 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp
 
 
 def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, capsys):
-    out, model = tmp_path / "eval", tmp_path / "m.pt"
+    out, model = tmp_path / "eval", tmp_path / "m"
     args = ["eval", str(model), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]
-    model.write_bytes(model_file.read_bytes())
+    shutil.copytree(model_file, model)
     assert cli.main(args) == 0
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
-    torch.manual_seed(1)  # other weights, same file name
-    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    _tiny_export(model, seed=1)  # other weights, same folder name
     capsys.readouterr()
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
@@ -209,3 +213,32 @@ def test_dry_run_prints_the_work_list_and_writes_nothing(model_file, tmp_path, c
     assert cli.main([*args, "eval.num_samples=6", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "4 to run" in printed and "changed: num_samples" in printed
+
+
+def test_an_export_evaluated_from_another_directory_equals_its_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    """A text run trained with relative paths, exported, then evaluated from elsewhere: the export
+    brings its tokenizer and gives the metrics of the checkpoint it came from (EMA weights both)."""
+    from train_utils import TINY
+
+    monkeypatch.chdir(tmp_path)  # data.manifest and run.dir relative to the training directory
+    assert cli.main(["train", "--config", "text", f"data.manifest={os.path.relpath(shards)}", "run.dir=run",
+                     "train.steps=2", *TINY]) == 0
+    assert cli.main(["ckpt", "export", "run"]) == 0
+    run = tmp_path / "run"
+    export = run / "exports" / "step_00000002"
+    assert sorted(p.name for p in (export / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer.model"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    common = ["train.threads=1", "eval.tasks=[text]", "eval.samplers=[ancestral]", "eval.steps=[4]",
+              "eval.corrector_steps=[0,1]", "eval.num_samples=6"]
+    capsys.readouterr()
+    for name, model in (("ckpt", run / "checkpoints" / "step_00000002"), ("export", export)):
+        assert cli.main(["eval", str(model), "--out", name, *common]) == 0, capsys.readouterr()
+    ckpt, exp = ({r["setting"]["corrector_steps"]: r for r in report.load_results(elsewhere / n)}
+                 for n in ("ckpt", "export"))
+    assert sorted(ckpt) == sorted(exp) == [0, 1]
+    for s in ckpt:
+        assert ckpt[s]["weights"] == exp[s]["weights"] == "ema"
+        assert ckpt[s]["metrics"] == exp[s]["metrics"] and ckpt[s]["nfe"] == exp[s]["nfe"]
+        assert ckpt[s]["metrics"]  # the text task scored decoded text: the tokenizer loaded

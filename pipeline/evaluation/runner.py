@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.artifact import NOT_A_MODEL, ArtifactInfo, load_model, model_identity, saved_config
+from pipeline.artifact import EXPORT_META, NOT_A_MODEL, ArtifactInfo, load_model, model_identity, saved_config
 from pipeline.config import Config, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
@@ -105,7 +105,11 @@ def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
         raise ProsecoError(f"no checkpoint matches {spec!r}")
     out: list[ModelRef] = []
     for p in map(Path, paths):
-        if (p / "checkpoints").is_dir():
+        if (p / EXPORT_META).is_file():  # RUN/exports/step_N is an export, not a checkpoint
+            where = p.resolve()
+            out.append(ModelRef(f"{where.parent.parent.name}/exports/{p.name}" if where.parent.name == "exports"
+                                else p.name, str(where)))
+        elif (p / "checkpoints").is_dir():
             found = CheckpointManager(p).list_complete()
             if not found:
                 raise ProsecoError(f"{p} has no complete checkpoint to evaluate")
@@ -116,8 +120,6 @@ def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
                 raise ProsecoError(f"{p} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
             out.append(ModelRef(f"{p.resolve().parent.parent.name}/{p.name}", str(p.resolve()),
                                 CheckpointManager.step_of(p)))
-        elif (p / "model.json").is_file():
-            out.append(ModelRef(p.name, str(p.resolve())))
         else:
             raise ProsecoError(f"{p} is not a model: {NOT_A_MODEL}")
     return [dataclasses.replace(m, identity=model_identity(m.path)) for m in out]
