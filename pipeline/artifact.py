@@ -98,7 +98,7 @@ def locate(path: str | os.PathLike) -> tuple[str, Path]:
 def saved_config(path: str | os.PathLike) -> dict:
     """The training config (as a dict) stored with a model, without loading its weights."""
     kind, folder = locate(path)
-    return _export_meta(folder)["config"] if kind == "export" else checkpoint_meta(folder)["config"]
+    return _export_meta(folder)["config"] if kind == "export" else checkpoint_meta(folder, verify=False)["config"]
 
 
 def model_identity(path: str | os.PathLike) -> str:
@@ -243,8 +243,6 @@ def write_export(out: str | os.PathLike, states: dict[str, dict[str, torch.Tenso
     at least one), atomically: a temporary folder renamed into place. ``default``: the weights
     :func:`load_model` picks with ``weights="auto"`` (EMA when present). ``tokenizer_dir``: a
     tokenizer folder to copy in. Returns the folder."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and not force:
         raise ProsecoError(f"{out} exists; pass --force to replace it or --out to choose another folder")
@@ -254,9 +252,27 @@ def write_export(out: str | os.PathLike, states: dict[str, dict[str, torch.Tenso
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, out, states, cfg, tokenizer_dir, {
+            "format": EXPORT_FORMAT, "step": step, "weights": default, "available": sorted(states),
+            "vocab_size": vocab_size, "mask_id": mask_id, "config": to_dict(cfg), "data": data or {},
+            "extra": extra or {}, **(source or {})})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_files(tmp: Path, out: Path, states: dict, cfg: Config, tokenizer_dir: Path | None, meta: dict) -> None:
+    """Every file of the export folder ``out`` into ``tmp``, ``SHA256SUMS`` last."""
+    from safetensors.torch import save_file
+
     names = [EXPORT_META, CONFIG_FILE]
     for which, state in states.items():
-        model = _backbone(cfg, vocab_size, state, out)  # refuse weights that do not fit before writing
+        model = _backbone(cfg, meta["vocab_size"], state, out)  # refuse weights that do not fit before writing
         # safetensors refuses tensors that share memory (a tied head): store each name's own copy
         save_file({k: v.detach().float().clone().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / WEIGHT_FILES[which]), metadata={"format": EXPORT_FORMAT, "weights": which})
@@ -267,16 +283,9 @@ def write_export(out: str | os.PathLike, states: dict[str, dict[str, torch.Tenso
 
         copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
         names += [f"{TOKENIZER_DIR}/{MODEL_FILE}", f"{TOKENIZER_DIR}/{SIDECAR}"]
-    meta = {"format": EXPORT_FORMAT, "step": step, "weights": default, "available": sorted(states),
-            "vocab_size": vocab_size, "mask_id": mask_id, "config": to_dict(cfg), "data": data or {},
-            "extra": extra or {}, **(source or {})}
     atomic_write(tmp / EXPORT_META, json.dumps(meta, indent=1) + "\n")
     atomic_write(tmp / CONFIG_FILE, dump_yaml(cfg))
     write_sums(tmp, names)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike | None = None, weights: str = "auto",
