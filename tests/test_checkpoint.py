@@ -59,6 +59,14 @@ def test_raw_and_ema_weights_both_load_and_ema_is_the_default(tmp_path):
         load_model(path, weights="ema")
 
 
+def test_weights_that_do_not_fit_their_config_are_refused_before_anything_is_written(tmp_path):
+    cfg = load_config(TINY)
+    other = Backbone(load_config(TINY, ["model.hidden=32"]).model, vocab_size=sudoku.VOCAB_SIZE).state_dict()
+    with pytest.raises(ProsecoError, match="weights do not fit the model its config describes"):
+        write_export(tmp_path / "m", {"raw": other}, cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_from_another_model_config_is_refused(model_file):
     path = model_file[0]
     other = load_config(TINY, ["model.hidden=128", "model.layers=2"])

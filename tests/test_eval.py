@@ -3,6 +3,7 @@ real kill, sharding, per-item failures, the report."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.artifact import write_export
+from pipeline.artifact import load_model, write_export
+from pipeline.checkpoint.manager import rewrite_meta
 from pipeline.config import load_config
+from pipeline.errors import ProsecoError
 from pipeline.evaluation import report, runner
 from pipeline.model import Backbone
 from pipeline.tasks import sudoku
@@ -242,3 +245,13 @@ def test_an_export_evaluated_from_another_directory_equals_its_checkpoint(shards
         assert ckpt[s]["weights"] == exp[s]["weights"] == "ema"
         assert ckpt[s]["metrics"] == exp[s]["metrics"] and ckpt[s]["nfe"] == exp[s]["nfe"]
         assert ckpt[s]["metrics"]  # the text task scored decoded text: the tokenizer loaded
+    # `proseco sample` loads the run folder's latest checkpoint from here too, tokenizer included
+    assert cli.main(["sample", str(run), "--num", "2", "sampler.steps=4"]) == 0
+    assert "sample 1  NFE 4" in capsys.readouterr().out
+    # a checkpoint written before checkpoints recorded where their data is cannot find its tokenizer
+    old = tmp_path / "old" / "checkpoints" / "step_00000002"
+    shutil.copytree(run / "checkpoints" / "step_00000002", old)
+    meta = json.loads((old / "meta.json").read_text())
+    rewrite_meta(old, {k: v for k, v in meta.items() if k != "data"})
+    with pytest.raises(ProsecoError, match="records its shards as the relative path"):
+        load_model(old)
