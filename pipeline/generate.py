@@ -15,13 +15,13 @@ from pipeline.errors import ProsecoError
 from pipeline.tasks import get_task
 
 
-def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, infill: bool = False) -> int:
+def run(cfg: Config, model_path: str, *, num: int = 8, out: str | None = None, infill: bool = False) -> int:
     if num < 1:
         raise ProsecoError(f"--num must be >= 1, got {num}")
     check_sampler(cfg.sampler, cfg.data.seq_len, cfg.model.max_seq_len)  # fail before loading weights
     if cfg.data.task == "text" and infill:
         raise ProsecoError("--infill solves a synthetic task's puzzles; a text model generates from scratch")
-    model, _, info = load_model(model_file, cfg=cfg)
+    model, _, info = load_model(model_path, cfg=cfg)
     if cfg.data.task == "text":
         return _run_text(cfg, model, info, num, out)
     task = get_task(cfg.data.task)

@@ -24,7 +24,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 @pytest.fixture()
-def model_file(tmp_path):
+def model_export(tmp_path):
     """(export folder of an untrained tiny Sudoku model, the model, its config)."""
     cfg = load_config(TINY, ["train.threads=1"])
     torch.manual_seed(0)
@@ -34,8 +34,8 @@ def model_file(tmp_path):
     return path, model, cfg
 
 
-def test_round_trip_gives_the_same_logits(model_file):
-    path, model, cfg = model_file
+def test_round_trip_gives_the_same_logits(model_export):
+    path, model, cfg = model_export
     loaded, saved_cfg, info = load_model(path, cfg=cfg)
     x = torch.randint(0, 5, (3, 16))
     assert torch.equal(loaded(x), model.eval()(x))
@@ -67,14 +67,14 @@ def test_weights_that_do_not_fit_their_config_are_refused_before_anything_is_wri
     assert list(tmp_path.iterdir()) == []
 
 
-def test_checkpoint_from_another_model_config_is_refused(model_file):
-    path = model_file[0]
+def test_checkpoint_from_another_model_config_is_refused(model_export):
+    path = model_export[0]
     other = load_config(TINY, ["model.hidden=128", "model.layers=2"])
     with pytest.raises(ProsecoError, match=r"model.hidden: checkpoint 64, config 128.*model.layers"):
         load_model(path, cfg=other)
 
 
-def test_foreign_missing_and_damaged_models_are_user_errors(model_file, tmp_path):
+def test_foreign_missing_and_damaged_models_are_user_errors(model_export, tmp_path):
     with pytest.raises(ProsecoError, match="no model at"):
         load_model(tmp_path / "missing")
     junk = tmp_path / "junk.pt"
@@ -83,7 +83,7 @@ def test_foreign_missing_and_damaged_models_are_user_errors(model_file, tmp_path
         load_model(junk)
     with pytest.raises(ProsecoError, match="is not a model"):
         load_model(tmp_path)
-    path = model_file[0]
+    path = model_export[0]
     with open(path / "raw.safetensors", "ab") as f:
         f.write(b"x")
     with pytest.raises(ProsecoError, match=r"is corrupted: raw.safetensors fails its sha256 check"):
@@ -116,8 +116,8 @@ def test_an_export_carries_its_tokenizer_and_checks_it_is_the_trained_one(shards
         load_model(bad)
 
 
-def test_sample_verb_reports_exact_nfe_and_writes_json(model_file, tmp_path, capsys):
-    path, _, _ = model_file
+def test_sample_verb_reports_exact_nfe_and_writes_json(model_export, tmp_path, capsys):
+    path, _, _ = model_export
     out = tmp_path / "s.json"
     argv = ["sample", str(path), "--num", "3", "--out", str(out), "sampler.steps=4", "sampler.corrector_steps=2"]
     assert main(argv) == 0
@@ -130,8 +130,8 @@ def test_sample_verb_reports_exact_nfe_and_writes_json(model_file, tmp_path, cap
     assert "summary:" in printed and "corrector" in printed
 
 
-def test_sample_infill_keeps_the_clues(model_file, tmp_path):
-    path, _, _ = model_file
+def test_sample_infill_keeps_the_clues(model_export, tmp_path):
+    path, _, _ = model_export
     out = tmp_path / "s.json"
     assert main(["sample", str(path), "--infill", "--num", "4", "--out", str(out), "sampler.name=confidence"]) == 0
     assert json.loads(out.read_text())["summary"]["clue_violations"] == 0.0
@@ -144,8 +144,8 @@ def test_sample_infill_keeps_the_clues(model_file, tmp_path):
     ("sampler.corrector_every=0", "(omega) must be >= 1"),
     ("data.seq_len=32", "exceeds model.max_seq_len"),
 ])
-def test_sample_bad_input_is_one_error_line(model_file, override, message):
-    path, _, _ = model_file
+def test_sample_bad_input_is_one_error_line(model_export, override, message):
+    path, _, _ = model_export
     proc = subprocess.run([sys.executable, "-m", "pipeline", "sample", str(path), override],
                           check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2

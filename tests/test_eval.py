@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
+def model_export(tmp_path_factory) -> Path:
     """An export folder of an untrained tiny Sudoku model (evaluation does not care how good it is)."""
     return _tiny_export(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
@@ -44,7 +44,7 @@ def _cfg(*overrides: str):
     return load_config(str(ROOT / "configs" / "tiny.yaml"), ["train.threads=1", *overrides])
 
 
-def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(model_file):
+def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(model_export):
     cfg = _cfg("eval.samplers=[ancestral,remdm]", "eval.steps=[4,8]", "eval.corrector_steps=[0,2]",
                "eval.corrector_every=[1,2]")
     st = runner.settings(cfg)
@@ -52,7 +52,7 @@ def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(m
     assert len(st) == 8 and len(set(st)) == 8
     assert {s.label for s in st} == {"ancestral (MDM)", "ancestral + corrector S=2 w=1",
                                      "ancestral + corrector S=2 w=2", "remdm"}
-    items = runner.work_list(runner.resolve_models(str(model_file)), ["sudoku4", "sudoku4-solve"], cfg)
+    items = runner.work_list(runner.resolve_models(str(model_export)), ["sudoku4", "sudoku4-solve"], cfg)
     assert len(items) == 16 and items == sorted(items, key=lambda i: i.relpath)
     shards = [runner.shard(items, f"{i}/3") for i in range(3)]
     flat = [i for s in shards for i in s]
@@ -61,9 +61,9 @@ def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(m
         runner.shard(items, "3")
 
 
-def test_eval_writes_results_skips_done_items_and_records_failures(model_file, tmp_path, capsys):
+def test_eval_writes_results_skips_done_items_and_records_failures(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.steps=[2,4]",
+    args = ["eval", str(model_export), "--out", str(out), "train.threads=1", "eval.steps=[2,4]",
             "eval.corrector_steps=[0,1]", "eval.samplers=[ancestral]", "eval.num_samples=16", "eval.batch_size=5",
             "eval.tasks=[sudoku4,sudoku4-solve,text]"]
     assert cli.main(args) == 1  # some items failed: the exit code says so
@@ -96,8 +96,8 @@ def test_eval_writes_results_skips_done_items_and_records_failures(model_file, t
     assert "NFE-matched" in md.read_text() and "proseco eval" in md.read_text()
 
 
-def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_file, tmp_path, capsys):
-    assert cli.main(["eval", str(model_file), "eval.tasks=[sudoku9]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
+def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_export, tmp_path, capsys):
+    assert cli.main(["eval", str(model_export), "eval.tasks=[sudoku9]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
     assert "unknown evaluation task(s) sudoku9" in capsys.readouterr().err
     partial = tmp_path / "run" / "checkpoints" / "step_00000010"
     partial.mkdir(parents=True)
@@ -107,8 +107,8 @@ def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_file, 
     assert "run `proseco eval` first" in capsys.readouterr().err
 
 
-def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_file, tmp_path):
-    common = [sys.executable, "-m", "pipeline", "eval", str(model_file), "train.threads=1",
+def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_export, tmp_path):
+    common = [sys.executable, "-m", "pipeline", "eval", str(model_export), "train.threads=1",
               "eval.steps=[2,4,8,16]", "eval.corrector_steps=[0,1,2,4]", "eval.samplers=[ancestral]",
               "eval.num_samples=128", "eval.tasks=[sudoku4,sudoku4-solve]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -132,9 +132,9 @@ def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_
     assert not list(run.rglob("*.tmp-*"))
 
 
-def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path, capsys):
+def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    assert cli.main(["eval", str(model_export), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
                      "eval.samplers=[ancestral,confidence]", "eval.steps=[3,4]", "eval.corrector_steps=[0]",
                      "sampler.block_size=8", "eval.num_samples=4"]) == 1
     rows = {r["_path"].split("/")[-1]: r for r in report.load_results(out)}
@@ -143,10 +143,10 @@ def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path
     assert "confidence_T3" in report.build(out)[1].read_text()  # the failure is in the report
 
 
-def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp_path, capsys):
+def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_export, tmp_path, capsys):
     """A result is keyed by everything that determines it: other settings are a new item."""
     out = tmp_path / "eval"
-    base = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    base = ["eval", str(model_export), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0]"]
     assert cli.main([*base, "eval.num_samples=8"]) == 0
     first = {r["_path"]: r for r in report.load_results(out)}
@@ -173,11 +173,11 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp
     assert "2 done, 0 already done" in capsys.readouterr().out
 
 
-def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, capsys):
+def test_another_model_at_the_same_path_is_a_new_item(model_export, tmp_path, capsys):
     out, model = tmp_path / "eval", tmp_path / "m"
     args = ["eval", str(model), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]
-    shutil.copytree(model_file, model)
+    shutil.copytree(model_export, model)
     assert cli.main(args) == 0
     _tiny_export(model, seed=1)  # other weights, same folder name
     capsys.readouterr()
@@ -186,9 +186,9 @@ def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, caps
     assert "1 done, 0 already done" in printed and "model.identity" in printed
 
 
-def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_file, tmp_path, capsys):
+def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[text]",
+    assert cli.main(["eval", str(model_export), "--out", str(out), "train.threads=1", "eval.tasks=[text]",
                      "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]) == 1
     rows = report.load_results(out)
     assert rows and all(r["status"] == "failed" for r in rows)
@@ -203,9 +203,9 @@ def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_f
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no eval folder, no failed results
 
 
-def test_dry_run_prints_the_work_list_and_writes_nothing(model_file, tmp_path, capsys):
+def test_dry_run_prints_the_work_list_and_writes_nothing(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(model_file), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
+    args = ["eval", str(model_export), "--out", str(out), "train.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]", "eval.num_samples=4"]
     assert cli.main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out
