@@ -15,7 +15,7 @@ from pipeline.artifact import load_model, write_export
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ProsecoError
-from pipeline.io import SUMS_FILE
+from pipeline.io import SUMS_FILE, write_sums
 from pipeline.model import Backbone
 from pipeline.tasks import sudoku
 
@@ -91,6 +91,12 @@ def test_foreign_missing_and_damaged_models_are_user_errors(model_export, tmp_pa
     (path / SUMS_FILE).unlink()
     with pytest.raises(ProsecoError, match=f"has no {SUMS_FILE}"):
         load_model(path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model.json").write_text('{"format": "someone-else/1"}')
+    write_sums(foreign, ["model.json"])
+    with pytest.raises(ProsecoError, match="is not a proseco-export/2 export .format 'someone-else/1'"):
+        load_model(foreign)
 
 
 def test_a_text_model_whose_tokenizer_does_not_load_says_why(tmp_path):
