@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import load_model, save_model
+from pipeline.artifact import load_model, model_identity, write_export
 from pipeline.config import Config, to_dict
 from pipeline.evaluation.matching import nfe_matched
 from pipeline.model import Backbone, count_parameters
@@ -55,9 +55,10 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     key = _fingerprint({"model": to_dict(cfg)["model"], "diffusion": dataclasses.asdict(diffusion),
                         "optim": to_dict(cfg)["optim"], "seed": cfg.run.seed, "log_every": cfg.log.every,
                         "steps": steps, "data": data["manifest"]["fingerprint"]})
-    path = out / f"{kind}.pt"
+    path = out / kind
     if path.exists():
-        model, _, saved = load_model(path)
+        model, _, info = load_model(path)
+        saved = info.extra
         if saved.get("key") == key:
             log(f"  {kind:8s} loaded {path} (same config and data; {saved['steps']} steps, {saved['seconds']:.0f} s)")
             return model, {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True, "key": key}
@@ -69,8 +70,8 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     log(f"  {kind:8s} {steps} steps in {result.seconds:.0f} s ({1e3 * result.seconds / steps:.1f} ms/step); "
         f"final mdm loss {last['mdm']:.3f}, correction loss {last['correction']:.3f}")
     trained_cfg = dataclasses.replace(cfg, diffusion=diffusion)
-    save_model(path, result.model, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID, key=key, steps=steps,
-               seconds=result.seconds)
+    write_export(path, {"raw": result.model.state_dict()}, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID,
+                 step=steps, extra={"key": key, "steps": steps, "seconds": result.seconds}, force=True)
     return result.model, {"steps": steps, "seconds": result.seconds, "cached": False, "key": key}
 
 
@@ -126,8 +127,8 @@ def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[li
         cfg.eval, tasks=["sudoku4", "sudoku4-solve"], samplers=["ancestral"], steps=list(cfg.demo.steps_grid),
         corrector_steps=[0, *cfg.demo.corrector_grid], corrector_every=[1], num_samples=cfg.demo.eval_samples,
         batch_size=cfg.sampler.batch_size))
-    models = [runner.ModelRef(f"{kind}-{trained[kind]['key'][:8]}", str((out / f"{kind}.pt").resolve()),
-                              identity=runner.model_identity(out / f"{kind}.pt", None))
+    models = [runner.ModelRef(f"{kind}-{trained[kind]['key'][:8]}", str((out / kind).resolve()),
+                              identity=model_identity(out / kind))
               for kind in ("mdm", "proseco")]
     items = runner.work_list(models, ecfg.eval.tasks, ecfg)
     folder = out / "eval"

@@ -1,4 +1,5 @@
-"""``proseco sample``: generate from a model file with any sampler and report exact NFE."""
+"""``proseco sample``: generate from a model (export, checkpoint or run folder) with any sampler and
+report exact NFE."""
 
 from __future__ import annotations
 
@@ -7,22 +8,22 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import load_model
+from pipeline.artifact import load_model
 from pipeline.config import Config
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.tasks import sudoku
 
 
-def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, infill: bool = False) -> int:
+def run(cfg: Config, model_path: str, *, num: int = 8, out: str | None = None, infill: bool = False) -> int:
     if num < 1:
         raise ProsecoError(f"--num must be >= 1, got {num}")
     check_sampler(cfg.sampler, cfg.data.seq_len, cfg.model.max_seq_len)  # fail before loading weights
     if cfg.data.task == "text" and infill:
         raise ProsecoError("--infill solves a synthetic task's puzzles; a text model generates from scratch")
-    model, _, blob = load_model(model_file, cfg)
+    model, _, info = load_model(model_path, cfg=cfg)
     if cfg.data.task == "text":
-        return _run_text(cfg, model, blob, num, out)
+        return _run_text(cfg, model, info, num, out)
     if cfg.data.task != sudoku.NAME:
         raise ProsecoError(f"proseco sample generates for text and {sudoku.NAME} models, not data.task={cfg.data.task!r}")
     if cfg.parallel.threads:
@@ -32,7 +33,7 @@ def run(cfg: Config, model_file: str, *, num: int = 8, out: str | None = None, i
         d = cfg.data
         prompt, fixed = sudoku.heldout_puzzles(d.split_seed, d.holdout_fraction, d.puzzle_clues, n=num)
     seeds = sample_seeds(cfg.sampler.seed, 0, num)
-    result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=blob["mask_id"],
+    result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=info.mask_id,
                     batch=None if infill else num, prompt=prompt, fixed=fixed, seeds=seeds,
                     time_conditioned=cfg.model.time_conditioning, max_seq_len=cfg.model.max_seq_len)
     for i, row in enumerate(result.tokens):
@@ -56,33 +57,18 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-def _tokenizer(cfg: Config):
-    """The tokenizer named by the training shards' manifest, or None when it is not at hand."""
-    from pipeline.data.manifest import Manifest
-
-    try:
-        manifest = Manifest.load(cfg.data.shards)
-        from data_prep.tokenizer import Tokenizer
-
-        return Tokenizer.load(manifest.root)  # the shards folder keeps a copy of the tokenizer
-    except (ProsecoError, OSError, KeyError, ImportError):
-        return None
-
-
-def _run_text(cfg: Config, model, blob: dict, num: int, out: str | None) -> int:
+def _run_text(cfg: Config, model, info, num: int, out: str | None) -> int:
     """Generate ``num`` sequences of ``data.seq_len`` tokens from scratch and decode them."""
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
-    result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=blob["mask_id"], batch=num,
+    result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=info.mask_id, batch=num,
                     seeds=sample_seeds(cfg.sampler.seed, 0, num), time_conditioned=cfg.model.time_conditioning,
                     max_seq_len=cfg.model.max_seq_len)
-    tok = _tokenizer(cfg)
-    if tok is None:
-        print(f"(tokenizer of {cfg.data.shards} not found: printing token ids; set data.shards=SHARDS_DIR)")
+    tok = info.tokenizer  # load_model loads a text model's tokenizer or says why it cannot
     texts = []
     for i, row in enumerate(result.tokens):
         ids = [int(x) for x in row]
-        texts.append(tok.decode(ids) if tok is not None else " ".join(map(str, ids)))
+        texts.append(tok.decode(ids))
         print(f"sample {i}  NFE {int(result.nfe[i])} (predictor {int(result.nfe_predictor[i])}, "
               f"corrector {int(result.nfe_corrector[i])})")
         print(_indent(texts[-1]))

@@ -44,13 +44,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.artifact import data_identity, model_config_mismatch
 from pipeline.checkpoint.manager import (
     CheckpointManager,
     code_version,
     rng_state,
     set_rng_state,
 )
-from pipeline.checkpoint.model_file import model_config_mismatch
 from pipeline.config import Config, check_corpus_run, check_shards, check_world_size, dump_yaml, to_dict
 from pipeline.console import Console
 from pipeline.data.loader import ShardLoader
@@ -367,8 +367,9 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
             own = f"rank_{rank:05d}.pt"
             return {**hashed, own: save_torch(mine, tmp / own)}
 
-        meta = {"topology": engine.topology, "manifest": manifest.fingerprint, "config": to_dict(cfg),
-                "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}, "run": info}
+        meta = {"topology": engine.topology, "manifest": manifest.fingerprint, "data": data_identity(manifest),
+                "config": to_dict(cfg), "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id},
+                "run": info}
         path = ckpt.save(step, meta, writer=writer)
         if rank == 0:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

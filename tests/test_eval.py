@@ -3,7 +3,9 @@ real kill, sharding, per-item failures, the report."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +16,10 @@ import pytest
 import torch
 
 from pipeline import cli
-from pipeline.checkpoint import save_model
+from pipeline.artifact import load_model, write_export
+from pipeline.checkpoint.manager import rewrite_meta
 from pipeline.config import load_config
+from pipeline.errors import ProsecoError
 from pipeline.evaluation import report, runner
 from pipeline.model import Backbone
 from pipeline.tasks import sudoku
@@ -24,20 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained tiny Sudoku model file (evaluation does not care how good it is)."""
+def model_export(tmp_path_factory) -> Path:
+    """An export folder of an untrained tiny Sudoku model (evaluation does not care how good it is)."""
+    return _tiny_export(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+def _tiny_export(path: Path, seed: int) -> Path:
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(path, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
-    return path
+    torch.manual_seed(seed)
+    state = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE).state_dict()
+    return write_export(path, {"raw": state}, cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID, force=True)
 
 
 def _cfg(*overrides: str):
     return load_config(str(ROOT / "configs" / "tiny.yaml"), ["parallel.threads=1", *overrides])
 
 
-def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(model_file):
+def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(model_export):
     cfg = _cfg("eval.samplers=[ancestral,remdm]", "eval.steps=[4,8]", "eval.corrector_steps=[0,2]",
                "eval.corrector_every=[1,2]")
     st = runner.settings(cfg)
@@ -45,7 +52,7 @@ def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(m
     assert len(st) == 8 and len(set(st)) == 8
     assert {s.label for s in st} == {"ancestral (MDM)", "ancestral + corrector S=2 w=1",
                                      "ancestral + corrector S=2 w=2", "remdm"}
-    items = runner.work_list(runner.resolve_models(str(model_file)), ["sudoku4", "sudoku4-solve"], cfg)
+    items = runner.work_list(runner.resolve_models(str(model_export)), ["sudoku4", "sudoku4-solve"], cfg)
     assert len(items) == 16 and items == sorted(items, key=lambda i: i.relpath)
     shards = [runner.shard(items, f"{i}/3") for i in range(3)]
     flat = [i for s in shards for i in s]
@@ -54,9 +61,9 @@ def test_work_list_expands_settings_once_each_and_shards_cover_it_exactly_once(m
         runner.shard(items, "3")
 
 
-def test_eval_writes_results_skips_done_items_and_records_failures(model_file, tmp_path, capsys):
+def test_eval_writes_results_skips_done_items_and_records_failures(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.steps=[2,4]",
+    args = ["eval", str(model_export), "--out", str(out), "parallel.threads=1", "eval.steps=[2,4]",
             "eval.corrector_steps=[0,1]", "eval.samplers=[ancestral]", "eval.num_samples=16", "eval.batch_size=5",
             "eval.tasks=[sudoku4,sudoku4-solve,text]"]
     assert cli.main(args) == 1  # some items failed: the exit code says so
@@ -89,8 +96,8 @@ def test_eval_writes_results_skips_done_items_and_records_failures(model_file, t
     assert "NFE-matched" in md.read_text() and "proseco eval" in md.read_text()
 
 
-def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_file, tmp_path, capsys):
-    assert cli.main(["eval", str(model_file), "eval.tasks=[sudoku9]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
+def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_export, tmp_path, capsys):
+    assert cli.main(["eval", str(model_export), "eval.tasks=[sudoku9]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
     assert "unknown evaluation task(s) sudoku9" in capsys.readouterr().err
     partial = tmp_path / "run" / "checkpoints" / "step_00000010"
     partial.mkdir(parents=True)
@@ -100,8 +107,8 @@ def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_file, 
     assert "run `proseco eval` first" in capsys.readouterr().err
 
 
-def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_file, tmp_path):
-    common = [sys.executable, "-m", "pipeline", "eval", str(model_file), "parallel.threads=1",
+def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_export, tmp_path):
+    common = [sys.executable, "-m", "pipeline", "eval", str(model_export), "parallel.threads=1",
               "eval.steps=[2,4,8,16]", "eval.corrector_steps=[0,1,2,4]", "eval.samplers=[ancestral]",
               "eval.num_samples=128", "eval.tasks=[sudoku4,sudoku4-solve]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -125,9 +132,9 @@ def test_eval_resumes_after_kill_9_and_ends_equal_to_an_uninterrupted_run(model_
     assert not list(run.rglob("*.tmp-*"))
 
 
-def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path, capsys):
+def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
+    assert cli.main(["eval", str(model_export), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
                      "eval.samplers=[ancestral,confidence]", "eval.steps=[3,4]", "eval.corrector_steps=[0]",
                      "sampler.block_size=8", "eval.num_samples=4"]) == 1
     rows = {r["_path"].split("/")[-1]: r for r in report.load_results(out)}
@@ -136,10 +143,10 @@ def test_a_sampler_setting_the_model_cannot_run_fails_alone(model_file, tmp_path
     assert "confidence_T3" in report.build(out)[1].read_text()  # the failure is in the report
 
 
-def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp_path, capsys):
+def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_export, tmp_path, capsys):
     """A result is keyed by everything that determines it: other settings are a new item."""
     out = tmp_path / "eval"
-    base = ["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
+    base = ["eval", str(model_export), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0]"]
     assert cli.main([*base, "eval.num_samples=8"]) == 0
     first = {r["_path"]: r for r in report.load_results(out)}
@@ -154,8 +161,10 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp
         printed = capsys.readouterr().out
         assert "2 done, 0 already done" in printed and "computed with other settings" in printed
         assert f"changed: {what})" in printed, printed
-    assert cli.main([*base, *now, "eval.weights=raw"]) == 0  # a model file has no EMA/raw choice: same items
-    assert "0 done, 2 already done" in capsys.readouterr().out
+    assert cli.main([*base, *now, "eval.weights=raw"]) == 0  # other weights asked for: recomputed
+    assert "2 done, 0 already done" in capsys.readouterr().out
+    assert cli.main([*base, *now, "eval.weights=ema"]) == 1  # this export has raw weights only
+    assert "has no ema weights" in capsys.readouterr().out
     rows = {r["_path"]: r for r in report.load_results(out)}
     assert all(r["num_samples"] == 12 and r["determinants"]["sampler"]["temperature"] == 0.5 for r in rows.values())
     assert {k: r["key"] for k, r in rows.items()} != {k: r["key"] for k, r in first.items()}
@@ -164,24 +173,22 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(model_file, tmp
     assert "2 done, 0 already done" in capsys.readouterr().out
 
 
-def test_another_model_at_the_same_path_is_a_new_item(model_file, tmp_path, capsys):
-    out, model = tmp_path / "eval", tmp_path / "m.pt"
+def test_another_model_at_the_same_path_is_a_new_item(model_export, tmp_path, capsys):
+    out, model = tmp_path / "eval", tmp_path / "m"
     args = ["eval", str(model), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]
-    model.write_bytes(model_file.read_bytes())
+    shutil.copytree(model_export, model)
     assert cli.main(args) == 0
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
-    torch.manual_seed(1)  # other weights, same file name
-    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    _tiny_export(model, seed=1)  # other weights, same folder name
     capsys.readouterr()
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "1 done, 0 already done" in printed and "model.identity" in printed
 
 
-def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_file, tmp_path, capsys):
+def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[text]",
+    assert cli.main(["eval", str(model_export), "--out", str(out), "parallel.threads=1", "eval.tasks=[text]",
                      "eval.steps=[2]", "eval.corrector_steps=[0]", "eval.num_samples=4"]) == 1
     rows = report.load_results(out)
     assert rows and all(r["status"] == "failed" for r in rows)
@@ -196,9 +203,9 @@ def test_all_failed_exits_non_zero_and_a_non_model_target_writes_nothing(model_f
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no eval folder, no failed results
 
 
-def test_dry_run_prints_the_work_list_and_writes_nothing(model_file, tmp_path, capsys):
+def test_dry_run_prints_the_work_list_and_writes_nothing(model_export, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(model_file), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
+    args = ["eval", str(model_export), "--out", str(out), "parallel.threads=1", "eval.tasks=[sudoku4]",
             "eval.samplers=[ancestral]", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]", "eval.num_samples=4"]
     assert cli.main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out
@@ -209,3 +216,42 @@ def test_dry_run_prints_the_work_list_and_writes_nothing(model_file, tmp_path, c
     assert cli.main([*args, "eval.num_samples=6", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "4 to run" in printed and "changed: num_samples" in printed
+
+
+def test_an_export_evaluated_from_another_directory_equals_its_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    """A text run trained with relative paths, exported, then evaluated from elsewhere: the export
+    brings its tokenizer and gives the metrics of the checkpoint it came from (EMA weights both)."""
+    from train_utils import TINY
+
+    monkeypatch.chdir(tmp_path)  # data.shards and run.dir relative to the training directory
+    assert cli.main(["train", "--config", "text", f"data.shards={os.path.relpath(shards)}", "run.dir=run",
+                     "optim.steps=2", *TINY]) == 0
+    assert cli.main(["ckpt", "export", "run"]) == 0
+    run = tmp_path / "run"
+    export = run / "exports" / "step_00000002"
+    assert sorted(p.name for p in (export / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer.model"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    common = ["parallel.threads=1", "eval.tasks=[text]", "eval.samplers=[ancestral]", "eval.steps=[4]",
+              "eval.corrector_steps=[0,1]", "eval.num_samples=6"]
+    capsys.readouterr()
+    for name, model in (("ckpt", run / "checkpoints" / "step_00000002"), ("export", export)):
+        assert cli.main(["eval", str(model), "--out", name, *common]) == 0, capsys.readouterr()
+    ckpt, exp = ({r["setting"]["corrector_steps"]: r for r in report.load_results(elsewhere / n)}
+                 for n in ("ckpt", "export"))
+    assert sorted(ckpt) == sorted(exp) == [0, 1]
+    for s in ckpt:
+        assert ckpt[s]["weights"] == exp[s]["weights"] == "ema"
+        assert ckpt[s]["metrics"] == exp[s]["metrics"] and ckpt[s]["nfe"] == exp[s]["nfe"]
+        assert ckpt[s]["metrics"]  # the text task scored decoded text: the tokenizer loaded
+    # `proseco sample` loads the run folder's latest checkpoint from here too, tokenizer included
+    assert cli.main(["sample", str(run), "--num", "2", "sampler.steps=4"]) == 0
+    assert "sample 1  NFE 4" in capsys.readouterr().out
+    # a checkpoint written before checkpoints recorded where their data is cannot find its tokenizer
+    old = tmp_path / "old" / "checkpoints" / "step_00000002"
+    shutil.copytree(run / "checkpoints" / "step_00000002", old)
+    meta = json.loads((old / "meta.json").read_text())
+    rewrite_meta(old, {k: v for k, v in meta.items() if k != "data"})
+    with pytest.raises(ProsecoError, match="records its shards as the relative path"):
+        load_model(old)

@@ -69,8 +69,8 @@ def test_bf16_training_on_cuda_learns_saves_and_resumes(gpu_shards, tmp_path, ba
     from pipeline import cli
 
     assert cli.main(["ckpt", "export", str(tmp_path / "run"), "--out", str(export)]) == 0
-    from pipeline.checkpoint import load_model
+    from pipeline.artifact import load_model
 
-    model, _, blob = load_model(export)
+    model, _, info = load_model(export)
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randint(0, blob["vocab_size"], (2, 128)))).all()
+        assert torch.isfinite(model(torch.randint(0, info.vocab_size, (2, 128)))).all()

@@ -139,13 +139,13 @@ def test_prep_dry_run_shows_the_array_each_partition_and_the_dependent_merge(tmp
 
 
 def test_eval_dry_run_shows_the_array_and_each_shard(tmp_path, capsys):
-    from pipeline.checkpoint import save_model
+    from pipeline.artifact import write_export
     from pipeline.model import Backbone
     from pipeline.tasks import sudoku
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
-    model = tmp_path / "tiny.pt"
-    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    model = write_export(tmp_path / "tiny", {"raw": Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE).state_dict()},
+                         cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
     out = tmp_path / "eval"
     assert cli.main(["launch", "eval", "--target", str(model), "--parts", "2", "--config", "cluster_local",
                      f"eval.out={out}", "--dry-run"]) == 0
@@ -434,15 +434,15 @@ def test_impossible_jobs_are_refused_before_anything_is_queued(shards, tmp_path,
 @slurm
 @pytest.mark.slurm
 def test_eval_array_job_covers_every_item_once(tmp_path, cluster, capsys):
-    from pipeline.checkpoint import save_model
+    from pipeline.artifact import write_export
     from pipeline.config import load_config
     from pipeline.model import Backbone
     from pipeline.tasks import sudoku
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["model.layers=1", "model.hidden=32", "model.heads=2"])
     torch.manual_seed(0)
-    model = tmp_path / "tiny.pt"
-    save_model(model, Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE), cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
+    model = write_export(tmp_path / "tiny", {"raw": Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE).state_dict()},
+                         cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID)
     out = tmp_path / "eval"
     assert cli.main(["launch", "eval", "--target", str(model), "--parts", "2", "--config", "cluster_local",
                      "cluster.nodes=1", "parallel.threads=1", "eval.steps=[2,4]", "eval.corrector_steps=[0,1]",

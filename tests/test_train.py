@@ -356,7 +356,7 @@ def _export_weights(run: Path, weights: str = "raw", out: Path | None = None) ->
 
     out = out or run / "exports" / weights
     assert cli.main(["ckpt", "export", str(run), "--weights", weights, "--out", str(out), "--force"]) == 0
-    return load_file(str(out / "model.safetensors"))
+    return load_file(str(out / f"{weights}.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -430,24 +430,24 @@ def test_deepspeed_other_world_size_needs_universal_conversion(shards, deepspeed
 
 # ------------------------------------------------------------------------------------- export
 def test_export_round_trip_gives_the_same_logits(shards, reference, tmp_path, capsys):
-    from pipeline.checkpoint import load_model
+    from pipeline.artifact import load_model
     from pipeline.model import Backbone
 
     out = tmp_path / "export"
     assert cli.main(["ckpt", "export", str(reference), "--out", str(out)]) == 0
     assert cli.main(["ckpt", "export", str(reference), "--out", str(out)]) == cli.EXIT_USER_ERROR  # exists
     assert "--force" in capsys.readouterr().err
-    model, cfg, blob = load_model(out)
-    assert blob["export"]["weights"] == "ema" and blob["export"]["step"] == STEPS
+    model, cfg, info = load_model(out)
+    assert info.weights == "ema" and info.step == STEPS
     state = _final_state(reference)
-    direct = Backbone(cfg.model, vocab_size=blob["vocab_size"])
+    direct = Backbone(cfg.model, vocab_size=info.vocab_size)
     direct.load_state_dict(state["ema"])
-    tokens = torch.randint(0, blob["vocab_size"], (3, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, info.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(tokens), direct.eval()(tokens))
     assert cli.main(["ckpt", "info", str(reference)]) == 0
     assert f"step {STEPS}" in capsys.readouterr().out
-    # a text model samples from its export; the tokenizer comes from the shards folder
+    # a text model samples from its export; the tokenizer comes with it
     assert cli.main(["sample", str(out), "--num", "2", "sampler.steps=4", "sampler.corrector_steps=1"]) == 0
     printed = capsys.readouterr().out
     assert "sample 1  NFE 8 (predictor 4, corrector 4)" in printed and "token ids" not in printed

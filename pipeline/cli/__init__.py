@@ -40,13 +40,13 @@ def default_preset(args: argparse.Namespace) -> Path | None:
 
 
 def _resolve(args: argparse.Namespace) -> Config:
-    """The config a verb runs with. `sample` starts from the config stored in the model file,
+    """The config a verb runs with. `sample` starts from the config stored with the model,
     so only what the user overrides differs from training (model.* must then still match)."""
     if args.verb == "sample":
-        from pipeline.checkpoint import read_model_file
+        from pipeline.artifact import saved_config
         from pipeline.config import config_from_dict
 
-        base = config_from_dict(read_model_file(args.model)["config"])
+        base = config_from_dict(saved_config(args.model))
         return load_config(_preset_paths(args.config), args.overrides, base=base)
     default = default_preset(args)
     names = args.config or ([str(default)] if default is not None and default.is_file() else [])

@@ -175,20 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     smp = sub.add_parser(
         "sample",
-        help="generate from a trained model file with any sampler (e.g. runs/demo/proseco.pt)",
+        help="generate from a trained model with any sampler (e.g. runs/demo/proseco)",
         description=_describe(
-            """Load a model file written by training (its config comes with it) and generate
+            """Load a model - an export folder, a checkpoint folder or a run folder (its latest
+            checkpoint); its config and tokenizer come with it - and generate
             --num samples with the sampler settings given as sampler.* overrides: the policy
             (sampler.name = ancestral | confidence | remdm), unmasking steps T (sampler.steps),
             corrector passes S (sampler.corrector_steps) every omega steps (sampler.corrector_every).
             Prints the samples, their score on the task, and the exact NFE (predictor, corrector)."""
         ),
-        epilog=_epilog("proseco sample runs/demo/proseco.pt sampler.steps=4 sampler.corrector_steps=2",
-                       "proseco sample runs/demo/proseco.pt --infill --num 16 sampler.name=confidence"),
+        epilog=_epilog("proseco sample runs/demo/proseco sampler.steps=4 sampler.corrector_steps=2",
+                       "proseco sample runs/demo/proseco --infill --num 16 sampler.name=confidence"),
         formatter_class=fmt,
     )
-    smp.add_argument("model", metavar="MODEL_FILE",
-                     help="a model file (e.g. runs/demo/proseco.pt) or a `proseco ckpt export` folder")
+    smp.add_argument("model", metavar="MODEL",
+                     help="an export folder (e.g. runs/demo/proseco), a checkpoint folder or a run folder")
     smp.add_argument("--num", type=int, default=8, help="number of samples (default: 8)")
     smp.add_argument("--infill", action="store_true",
                      help="solve the task's held-out puzzles instead of generating from scratch")
@@ -200,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="evaluate checkpoints x tasks x sampler settings (NFE, quality, diversity); resumable",
         description=_describe(
-            """Expand RUN (a run folder: all its complete checkpoints; a checkpoint folder; a glob; a
-            model file; a `proseco ckpt export` folder) x eval.tasks (default: the model's own task)
+            """Expand RUN (a run folder: all its complete checkpoints; a checkpoint folder; a glob;
+            a `proseco ckpt export` folder) x eval.tasks (default: the model's own task)
             x sampler settings (eval.samplers x eval.steps T x eval.corrector_steps S x
             eval.corrector_every omega; S=0 is plain MDM sampling, remdm the remasking baseline)
             into a work list and write one result JSON + samples file per item under eval.out
@@ -210,15 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
             skips items finished with the same key and recomputes those whose settings changed
             (--force: all). A failing item is recorded, the rest still runs, and the exit code is 1.
             --shard i/n runs every n-th item (SLURM arrays: `proseco launch eval --parts n`).
-            --dry-run prints the work list and what would run. Training checkpoints are read with
-            their EMA weights (eval.weights)."""
+            --dry-run prints the work list and what would run. Models are read with their EMA
+            weights when they have them (eval.weights)."""
         ),
-        epilog=_epilog("proseco eval runs/demo/proseco.pt eval.steps=[4,8,16] eval.corrector_steps=[0,1,2]",
+        epilog=_epilog("proseco eval runs/demo/proseco eval.steps=[4,8,16] eval.corrector_steps=[0,1,2]",
                        "proseco eval runs/exp1 eval.tasks=[text] eval.reference_lm=/models/gpt2-large",
                        "proseco eval 'runs/exp1/checkpoints/step_*' --shard 0/4"),
         formatter_class=fmt,
     )
-    ev.add_argument("run", metavar="RUN", help="run folder, checkpoint folder, glob, model file or export folder")
+    ev.add_argument("run", metavar="RUN", help="run folder, checkpoint folder, glob or export folder")
     ev.add_argument("--shard", metavar="i/n", help="run only every n-th item, starting at i")
     ev.add_argument("--out", metavar="DIR", help="results folder (default: eval.out or RUN/eval)")
     ev.add_argument("--force", action="store_true",
@@ -291,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
             """Work on a checkpoint of `proseco train`. PATH is a checkpoint folder
             (runs/NAME/checkpoints/step_XXXXXXXX) or a run folder (its latest complete checkpoint).
             `info`: step, parallel layout, files (verified against their checksums), code version.
-            `export`: consolidate the weights (EMA by default) of any backend - torch, FSDP2,
-            DeepSpeed ZeRO, megatron tensor parallel - into model.safetensors + model.json +
-            config.yaml, loadable for sampling without DeepSpeed or megatron-core (default folder:
+            `export`: consolidate the raw and EMA weights of any backend - torch, FSDP2,
+            DeepSpeed ZeRO, megatron tensor parallel - into one self-contained folder
+            (raw/ema.safetensors, model.json, config.yaml, the tokenizer, SHA256SUMS), loadable
+            from any directory without DeepSpeed or megatron-core (default folder:
             runs/NAME/exports/step_XXXXXXXX). `universal`: convert a DeepSpeed ZeRO checkpoint with
             DeepSpeed's universal-checkpoint tool, so that the run resumes under another
             data-parallel size or ZeRO stage."""
@@ -307,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("path", metavar="PATH", help="checkpoint folder or run folder")
     ckpt.add_argument("--out", metavar="DIR", help="export: output folder")
     ckpt.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
-                      help="export: EMA weights (auto: when the run kept them) or the raw trained ones")
+                      help="export: the weights the export loads by default: EMA (auto: when the run kept "
+                           "them) or the raw trained ones")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
     _add_config_args(ckpt)
     ckpt.set_defaults(verb_parser=ckpt)

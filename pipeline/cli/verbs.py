@@ -75,8 +75,8 @@ def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
 def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     tools = import_stage("pipeline.checkpoint.tools")
     if args.action == "export":
-        out = tools.export(args.path, args.out, weights=args.weights, force=args.force)
-        print(f"exported {out} (load it with `proseco sample {out}` or pipeline.checkpoint.load_model)")
+        out = import_stage("pipeline.artifact").export(args.path, args.out, weights=args.weights, force=args.force)
+        print(f"exported {out} (load it with `proseco sample {out}` or pipeline.artifact.load_model)")
     elif args.action == "universal":
         out = tools.universal(args.path, force=args.force)
         print(f"wrote {out}; rerun the training command with the new layout to resume from it")
@@ -151,6 +151,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[ar
     "launch": (_run_launch, lambda a, c: "the job script above"),
     "status": (_run_status, lambda a, c: f"pipeline.launch.status({a.run!r})"),
     "cancel": (_run_status, lambda a, c: f"pipeline.launch.cancel({a.run!r})"),
-    "ckpt": (_run_ckpt, lambda a, c: f"pipeline.checkpoint.tools.{a.action}({a.path!r})"),
+    "ckpt": (_run_ckpt, lambda a, c: f"pipeline.{'artifact' if a.action == 'export' else 'checkpoint.tools'}"
+                                     f".{a.action}({a.path!r})"),
     "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
 }

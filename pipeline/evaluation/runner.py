@@ -2,9 +2,9 @@
 
 The work list is the product of
 
-* **models**: every complete checkpoint of a run folder, a checkpoint folder, a glob of them, a
-  model file (``.pt``) or a ``proseco ckpt export`` folder; training checkpoints are read with
-  their EMA weights by default (``eval.weights``);
+* **models**: every complete checkpoint of a run folder, a checkpoint folder, a glob of them or
+  an export folder (``proseco ckpt export``), each loaded by :func:`pipeline.artifact.load_model`
+  with its EMA weights by default (``eval.weights``);
 * **tasks**: ``eval.tasks`` (default: the model's own ``data.task``), plug-ins of
   :mod:`pipeline.tasks`;
 * **sampler settings**: ``eval.samplers`` x unmasking steps ``eval.steps`` (T) x corrector budget
@@ -38,17 +38,17 @@ import json
 import math
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, config_from_dict, to_dict
+from pipeline.artifact import EXPORT_META, NOT_A_MODEL, ArtifactInfo, load_model, model_identity, saved_config
+from pipeline.config import Config, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
-from pipeline.io import SUMS_FILE, atomic_write, atomic_write_json, sha256_file
+from pipeline.io import atomic_write, atomic_write_json, sha256_file
 
 RESULT_FORMAT = "proseco-eval/1"
 
@@ -56,36 +56,12 @@ RESULT_FORMAT = "proseco-eval/1"
 # ------------------------------------------------------------------------------------ work list
 @dataclass(frozen=True)
 class ModelRef:
-    """A model to evaluate: a training checkpoint folder, a model file or an export folder."""
+    """A model to evaluate: a training checkpoint folder or an export folder."""
 
-    key: str  # a stable name for result paths: "<run>/step_00001000" for checkpoints, the file's stem otherwise
+    key: str  # a stable name for result paths: "<run>/step_00001000" for checkpoints, the folder's name otherwise
     path: str
     step: int | None = None
     identity: str = ""  # what the weights are: a hash of the checksums of the model's files
-
-
-def model_identity(path: Path, step: int | None) -> str:
-    """A short hash of the model's content: a checkpoint's recorded file checksums, an export's
-    SHA256SUMS, a model file's own sha256. Another model at the same path gets another identity."""
-    if step is not None:
-        from pipeline.checkpoint.manager import CheckpointManager
-
-        files = CheckpointManager(path.parent.parent).read_meta(path).get("files", {})
-        blob = json.dumps(files, sort_keys=True).encode()
-    elif path.is_dir():
-        sums = path / SUMS_FILE
-        blob = sums.read_bytes() if sums.is_file() else sha256_file(path / "model.safetensors").encode()
-    else:
-        blob = sha256_file(path).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _check_model_file(p: Path) -> None:
-    """Refuse, before anything is written, a file that is not a model (a YAML, a log, a corpus)."""
-    if not zipfile.is_zipfile(p):
-        raise ProsecoError(f"{p} is not a model: expected a run folder, a checkpoint folder "
-                           "(runs/NAME/checkpoints/step_XXXXXXXX), a model file (.pt written by `proseco demo`) "
-                           "or an export folder (`proseco ckpt export`)")
 
 
 @dataclass(frozen=True)
@@ -121,7 +97,7 @@ class Item:
 
 def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
     """Models named by ``spec``: a run folder (all complete checkpoints), a checkpoint folder, a
-    glob, a model file or an export folder."""
+    glob or an export folder."""
     from pipeline.checkpoint.manager import MARKER, CheckpointManager
 
     paths = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
@@ -129,7 +105,11 @@ def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
         raise ProsecoError(f"no checkpoint matches {spec!r}")
     out: list[ModelRef] = []
     for p in map(Path, paths):
-        if (p / "checkpoints").is_dir():
+        if (p / EXPORT_META).is_file():  # RUN/exports/step_N is an export, not a checkpoint
+            where = p.resolve()
+            out.append(ModelRef(f"{where.parent.parent.name}/exports/{p.name}" if where.parent.name == "exports"
+                                else p.name, str(where)))
+        elif (p / "checkpoints").is_dir():
             found = CheckpointManager(p).list_complete()
             if not found:
                 raise ProsecoError(f"{p} has no complete checkpoint to evaluate")
@@ -140,14 +120,9 @@ def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
                 raise ProsecoError(f"{p} is not a complete checkpoint (no {MARKER} marker): its save was interrupted")
             out.append(ModelRef(f"{p.resolve().parent.parent.name}/{p.name}", str(p.resolve()),
                                 CheckpointManager.step_of(p)))
-        elif p.is_file():
-            _check_model_file(p)
-            out.append(ModelRef(p.stem, str(p.resolve())))
-        elif (p / "model.json").is_file():
-            out.append(ModelRef(p.name, str(p.resolve())))
         else:
-            raise ProsecoError(f"{p} is not a run folder, checkpoint, model file or export folder")
-    return [dataclasses.replace(m, identity=model_identity(Path(m.path), m.step)) for m in out]
+            raise ProsecoError(f"{p} is not a model: {NOT_A_MODEL}")
+    return [dataclasses.replace(m, identity=model_identity(m.path)) for m in out]
 
 
 def settings(cfg: Config) -> list[Setting]:
@@ -184,40 +159,15 @@ def shard(items: list[Item], spec: str | None) -> list[Item]:
 # ------------------------------------------------------------------------------------ loading
 @dataclass
 class Loaded:
+    """A model loaded for evaluation: the module, its training config and what else it came with."""
+
     model: torch.nn.Module
     cfg: Config  # the training config
-    vocab_size: int
-    mask_id: int
-    weights: str
+    info: ArtifactInfo  # vocabulary size, mask id, which weights, tokenizer
 
 
 def load_for_eval(ref: ModelRef, weights: str) -> Loaded:
-    from pipeline.checkpoint import load_model
-    from pipeline.model import Backbone
-
-    path = Path(ref.path)
-    if ref.step is None:  # a model file or an export folder
-        model, cfg, blob = load_model(path)
-        return Loaded(model, cfg, int(blob["vocab_size"]), int(blob["mask_id"]), blob.get("export", {}).get("weights",
-                                                                                                        "file"))
-    from pipeline.checkpoint.tools import _meta, full_weights
-
-    meta = _meta(path)
-    if "model" not in meta:
-        raise ProsecoError(f"{path} predates evaluable checkpoints (no vocabulary / mask id in meta.json)")
-    cfg = config_from_dict(meta["config"])
-    sd, which = full_weights(path, weights)
-    model = Backbone(cfg.model, vocab_size=meta["model"]["vocab_size"])
-    model.load_state_dict(sd)
-    return Loaded(model.eval(), cfg, int(meta["model"]["vocab_size"]), int(meta["model"]["mask_id"]), which)
-
-
-def _tokenizer(cfg: Config):
-    if cfg.data.task != "text":
-        return None
-    from pipeline.generate import _tokenizer
-
-    return _tokenizer(cfg)
+    return Loaded(*load_model(ref.path, weights=weights))
 
 
 # ------------------------------------------------------------------------------------ running
@@ -234,8 +184,7 @@ def determinants(item: Item, cfg: Config) -> dict:
 
     options = task_options(cfg, item.task)
     files = {k: sha256_file(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
-    return {"model": {"identity": item.model.identity, "weights": cfg.eval.weights if item.model.step is not None
-                      else "file"},
+    return {"model": {"identity": item.model.identity, "weights": cfg.eval.weights},
             "task": {"name": item.task, "options": options, "option_files": files,
                      "scorer_version": task_class(item.task).version},
             "sampler": dataclasses.asdict(_sampler(cfg, item.setting)),
@@ -286,7 +235,7 @@ def generate(loaded: Loaded, task, setting: Setting, cfg: Config, n: int, batch_
         kwargs = {"batch": size} if cond is None else {"prompt": cond[0][start:start + size],
                                                        "fixed": cond[1][start:start + size]}
         with torch.no_grad():
-            out = sample(loaded.model, sampler, seq_len=seq_len, mask_id=loaded.mask_id,
+            out = sample(loaded.model, sampler, seq_len=seq_len, mask_id=loaded.info.mask_id,
                          seeds=sample_seeds(cfg.sampler.seed, start, size),
                          time_conditioned=tcfg.model.time_conditioning, max_seq_len=tcfg.model.max_seq_len, **kwargs)
         tokens.append(out.tokens.cpu())
@@ -361,8 +310,8 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = Tru
             key = (item.model.key, item.task)
             if key not in tasks:
                 try:
-                    info = ModelInfo(loaded.vocab_size, loaded.mask_id, loaded.cfg.data.seq_len,
-                                     _tokenizer(loaded.cfg))
+                    info = ModelInfo(loaded.info.vocab_size, loaded.info.mask_id, loaded.cfg.data.seq_len,
+                                     loaded.info.tokenizer)
                     tasks[key] = task_class(item.task)(loaded.cfg, task_options(cfg, item.task), info)
                 except ProsecoError as exc:
                     tasks[key] = exc
@@ -377,7 +326,7 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = Tru
             texts = task.decode(gen["tokens"])
             atomic_write(samples_file, "".join(json.dumps({"i": i, "nfe": int(gen["nfe"][i]), "text": t}) + "\n"
                                                for i, t in enumerate(texts)), fsync=False)
-            result = {**base, "status": "ok", "weights": loaded.weights, "primary": task.primary,
+            result = {**base, "status": "ok", "weights": loaded.info.weights, "primary": task.primary,
                       "higher_is_better": task.higher_is_better, "diversity": task.diversity,
                       "metrics": metrics, "nfe": float(gen["nfe"].mean()),
                       "nfe_predictor": float(gen["nfe_predictor"].mean()),
@@ -409,7 +358,7 @@ def default_out(spec: str, cfg: Config) -> Path:
         return p / "eval"
     if p.is_dir() and p.name.startswith("step_"):
         return p.parent.parent / "eval"
-    return (p.parent if p.is_file() else p) / "eval"
+    return p / "eval"
 
 
 def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | None = None,
@@ -455,14 +404,6 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
 def _own_task(ref: ModelRef) -> str:
     """The task a model was trained on (its config's data.task); sudoku4 models also solve puzzles."""
     try:
-        if ref.step is None:
-            from pipeline.checkpoint import read_model_file
-
-            task = read_model_file(ref.path)["config"]["data"]["task"]
-        else:
-            task = json.loads((Path(ref.path) / "meta.json").read_text())["config"]["data"]["task"]
-    except (OSError, ValueError, KeyError, ProsecoError):
+        return saved_config(ref.path)["data"]["task"]
+    except (KeyError, TypeError, ProsecoError):
         return "text"
-    return task
-
-
