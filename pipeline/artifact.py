@@ -190,7 +190,8 @@ def _checkpoint_data(meta: dict) -> dict:
     """A checkpoint's data identity; one written before checkpoints stored it gives what it has."""
     if meta.get("data"):
         return meta["data"]
-    return {"fingerprint": meta.get("manifest"), "path": meta["config"]["data"]["manifest"]}
+    data = meta["config"]["data"]
+    return {"fingerprint": meta.get("manifest"), "path": data.get("shards", data.get("manifest"))}
 
 
 def _shards_folder(ckpt: Path, data: dict) -> Path:
