@@ -11,8 +11,7 @@ import sys
 import time
 
 from data_prep import readers
-from pipeline.config import Config, check_tokenizer_vocab
-from pipeline.errors import ProsecoError
+from pipeline.config import Config, check_tokenizer_vocab, parse_part
 
 
 def _inputs(cfg: Config) -> list[str]:
@@ -38,23 +37,10 @@ def tokenizer(cfg: Config, out: str | None, *, import_model: str | None = None, 
     return 0
 
 
-def parse_task(text: str | None) -> tuple[int, int]:
-    """`--task i/n` -> (i, n); this process prepares partition i of n (0-based)."""
-    if not text:
-        return 0, 1
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ProsecoError(f"--task must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not 0 <= i < n:
-        raise ProsecoError(f"--task {text}: need 0 <= i < n")
-    return i, n
-
-
 def shards(cfg: Config, out: str | None, *, task: str | None = None) -> int:
     from data_prep.shards import ShardSettings, build_shards
 
-    i, n = parse_task(task)
+    i, n = parse_part(task, "--task")
     p = cfg.prep
     settings = ShardSettings(
         inputs=_inputs(cfg), tokenizer_dir=p.tokenizer_dir, out_dir=out or cfg.data.shards, seq_len=cfg.data.seq_len,

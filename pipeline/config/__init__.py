@@ -29,6 +29,7 @@ from pipeline.config.validate import (
     check_tensor_parallel,
     check_tokenizer_vocab,
     check_world_size,
+    parse_part,
     validate,
 )
 
@@ -36,5 +37,5 @@ __all__ = [
     "MOVED_KEYS", "CheckpointConfig", "ClusterConfig", "Config", "DataConfig", "DemoConfig", "DiffusionConfig",
     "EvalConfig", "LogConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PrepConfig", "RunConfig",
     "SamplerConfig", "check_corpus_run", "check_shards", "check_tensor_parallel", "check_tokenizer_vocab",
-    "check_world_size", "config_from_dict", "dump_yaml", "load_config", "to_dict", "validate",
+    "check_world_size", "config_from_dict", "dump_yaml", "load_config", "parse_part", "to_dict", "validate",
 ]

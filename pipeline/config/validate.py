@@ -202,3 +202,16 @@ def check_tensor_parallel(model: ModelConfig, vocab_size: int, tp_size: int, wor
         raise ConfigError(f"model.vocab_size={vocab_size} is not divisible by parallel.tp_size={tp_size}; set "
                           f"model.vocab_size to a multiple of {tp_size} that is at least the tokenizer's "
                           "vocabulary (the extra rows are never used)")
+
+
+def parse_part(spec: str | None, option: str) -> tuple[int, int]:
+    """``i/n`` of ``--task`` / ``--shard`` -> (i, n), 0 <= i < n; (0, 1) when not given."""
+    if not spec:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"{option} must look like i/n (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"{option} {spec}: need 0 <= i < n")
+    return i, n

@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.artifact import EXPORT_META, NOT_A_MODEL, ArtifactInfo, load_model, model_identity, saved_config
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, parse_part, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write, atomic_write_json, sha256_file
@@ -145,14 +145,7 @@ def work_list(models: list[ModelRef], tasks: list[str], cfg: Config) -> list[Ite
 
 def shard(items: list[Item], spec: str | None) -> list[Item]:
     """``i/n``: every n-th item starting at i (0-based)."""
-    if not spec:
-        return items
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ProsecoError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
-    if not 0 <= i < n:
-        raise ProsecoError(f"--shard {spec}: need 0 <= i < n")
+    i, n = parse_part(spec, "--shard")
     return items[i::n]
 
 

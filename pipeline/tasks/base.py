@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.errors import ProsecoError
 
 
 @dataclass
@@ -63,6 +64,18 @@ class EvalTask:
 
     def __init__(self, cfg: Config, options: dict, model: ModelInfo):
         self.cfg, self.options, self.model = cfg, dict(options), model
+
+    def text_tokenizer(self, what: str = "text shards"):
+        """The model's tokenizer, for tasks that score decoded text; a task error when the model has
+        none (it was not trained on text shards) or when the tokenizer has more ids than the model."""
+        tok = self.model.tokenizer
+        if tok is None:
+            raise ProsecoError(f"task {self.name} needs a model trained on {what} (it has no tokenizer); "
+                               "evaluate this model with its own task instead")
+        if tok.vocab_size > self.model.vocab_size:
+            raise ProsecoError(f"task {self.name}: the tokenizer has {tok.vocab_size} ids, "
+                               f"the model only {self.model.vocab_size}")
+        return tok
 
     def conditioning(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None

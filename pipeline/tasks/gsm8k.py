@@ -123,12 +123,7 @@ class Task(EvalTask):
         if not self.options.get("data"):
             raise ProsecoError("gsm8k needs option data: a JSONL file of {question, answer} "
                                "(eval.gsm8k_questions=PATH)")
-        tok = model.tokenizer
-        if tok is None:
-            raise ProsecoError("gsm8k needs a model trained on text shards (it has no tokenizer)")
-        if tok.vocab_size > model.vocab_size:
-            raise ProsecoError(f"gsm8k: the tokenizer has {tok.vocab_size} ids, "
-                               f"the model only {model.vocab_size}")
+        tok = self.text_tokenizer()
         template = self.options.get("template") or DEFAULT_TEMPLATE
         if not isinstance(template, str) or "{question}" not in template:
             raise ProsecoError("gsm8k option template must be a string containing {question}, "

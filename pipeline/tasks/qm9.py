@@ -340,13 +340,7 @@ class Task(EvalTask):
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)
         _rdkit()
-        tok = model.tokenizer
-        if tok is None:
-            raise ProsecoError("qm9 needs a model trained on text shards of SMILES (it has no tokenizer)")
-        if tok.vocab_size > model.vocab_size:
-            raise ProsecoError(f"qm9: the tokenizer has {tok.vocab_size} ids, "
-                               f"the model only {model.vocab_size}")
-        self.tokenizer = tok
+        self.tokenizer = self.text_tokenizer("text shards of SMILES")
         self.train_set, self.train_info = load_train_set(self.options.get("train_smiles") or None)
 
     def decode(self, tokens: torch.Tensor) -> list[str]:

@@ -99,11 +99,7 @@ class Task(EvalTask):
         unknown = sorted(set(self.options) - set(OPTIONS))
         if unknown:
             raise ProsecoError(f"task text: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-        tok = model.tokenizer
-        if tok is None:
-            raise ProsecoError("task text needs a model trained on text shards (its checkpoint has no tokenizer); "
-                               "evaluate this model with its own task instead")
-        self.tokenizer = tok
+        tok = self.tokenizer = self.text_tokenizer()
         eval_cfg = getattr(cfg, "eval", None)
         reference = self.options.get("reference", getattr(eval_cfg, "reference_lm", "smollm2"))
         self.reference = str(reference).strip() if reference is not None else "none"
