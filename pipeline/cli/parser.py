@@ -107,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(*DEMO_EXAMPLES),
         formatter_class=fmt,
     )
-    _add_config_args(demo)
-    demo.set_defaults(verb_parser=demo)
 
     prep = sub.add_parser(
         "prep",
@@ -138,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokenizer: use this existing sentencepiece model instead of training one")
     prep.add_argument("--force", action="store_true", help="tokenizer: replace an existing tokenizer")
     prep.add_argument("--task", metavar="i/n", help="shards: prepare partition i of n (0-based)")
-    _add_config_args(prep)
-    prep.set_defaults(verb_parser=prep)
 
     train = sub.add_parser(
         "train",
@@ -170,8 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, metavar="N",
                        help="start N ranks on this machine (instead of torchrun): Ctrl-C / SIGTERM make all "
                             "ranks save and exit 3, a failed rank stops the others")
-    _add_config_args(train)
-    train.set_defaults(verb_parser=train)
 
     smp = sub.add_parser(
         "sample",
@@ -194,8 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--infill", action="store_true",
                      help="solve the task's held-out puzzles instead of generating from scratch")
     smp.add_argument("--out", metavar="FILE", help="also write samples and NFE to this JSON file")
-    _add_config_args(smp)
-    smp.set_defaults(verb_parser=smp)
 
     ev = sub.add_parser(
         "eval",
@@ -224,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", metavar="DIR", help="results folder (default: eval.out or RUN/eval)")
     ev.add_argument("--force", action="store_true",
                     help="recompute every item, even those with a finished result of the same settings")
-    _add_config_args(ev)
-    ev.set_defaults(verb_parser=ev)
 
     rep = sub.add_parser(
         "report",
@@ -241,8 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     rep.add_argument("folder", metavar="FOLDER", help="an eval output folder (e.g. runs/exp1/eval)")
-    _add_config_args(rep)
-    rep.set_defaults(verb_parser=rep)
 
     launch = sub.add_parser(
         "launch",
@@ -273,8 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("stage", choices=["train", "prep", "eval"], help="what the job runs")
     launch.add_argument("--parts", type=int, default=4, help="prep / eval: number of array tasks")
     launch.add_argument("--target", metavar="RUN", help="eval: what to evaluate (as for `proseco eval RUN`)")
-    _add_config_args(launch)
-    launch.set_defaults(verb_parser=launch)
     for verb, text in (("status", "job state, step, last checkpoint and log tail of a launched run"),
                        ("cancel", "cancel a launched run's job (its checkpoints stay)")):
         p = sub.add_parser(verb, help=text, description=_describe(f"Show the {text}." if verb == "status" else
@@ -282,8 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "rerun `proseco launch` to continue later."),
                            formatter_class=fmt)
         p.add_argument("run", metavar="RUN", help="run folder (runs/NAME) or prep output folder")
-        _add_config_args(p)
-        p.set_defaults(verb_parser=p)
 
     ckpt = sub.add_parser(
         "ckpt",
@@ -312,8 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export: the weights the export loads by default: EMA (auto: when the run kept "
                            "them) or the raw trained ones")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
-    _add_config_args(ckpt)
-    ckpt.set_defaults(verb_parser=ckpt)
 
     config = sub.add_parser(
         "config",
@@ -325,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("proseco config --config owt_small sampler.steps=128 > my_preset.yaml"),
         formatter_class=fmt,
     )
-    _add_config_args(config)
-    config.set_defaults(verb_parser=config)
+    for verb_parser in sub.choices.values():  # every verb takes --config, overrides, --dry-run, --debug
+        _add_config_args(verb_parser)
+        verb_parser.set_defaults(verb_parser=verb_parser)
     return parser
 
