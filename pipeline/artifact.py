@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from pipeline.checkpoint.manager import MARKER
 from pipeline.checkpoint.tools import checkpoint_meta, full_weights, resolve, weight_sets
 from pipeline.config import Config, config_from_dict, dump_yaml, to_dict
 from pipeline.errors import ProsecoError
-from pipeline.io import SUMS_FILE, atomic_write, check_sums, default_file_mode, write_sums
+from pipeline.io import SUMS_FILE, atomic_folder, atomic_write, check_sums, default_file_mode, write_sums
 
 EXPORT_FORMAT = "proseco-export/2"
 EXPORT_META = "model.json"
@@ -250,20 +249,11 @@ def write_export(out: str | os.PathLike, states: dict[str, dict[str, torch.Tenso
     default = default or ("ema" if "ema" in states else "raw")
     if default not in states:
         raise ProsecoError(f"no {default} weights to export (have: {', '.join(states)})")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         _write_files(tmp, out, states, cfg, tokenizer_dir, {
             "format": EXPORT_FORMAT, "step": step, "weights": default, "available": sorted(states),
             "vocab_size": vocab_size, "mask_id": mask_id, "config": to_dict(cfg), "data": data or {},
             "extra": extra or {}, **(source or {})})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return out
 
 

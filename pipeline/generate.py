@@ -3,15 +3,13 @@ report exact NFE."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from pipeline.artifact import load_model
 from pipeline.config import Config
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_write_json
 from pipeline.tasks import sudoku
 
 
@@ -47,10 +45,15 @@ def run(cfg: Config, model_path: str, *, num: int = 8, out: str | None = None, i
     summary = {**result.summary(), **score}
     print("summary: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if out:
-        Path(out).write_text(json.dumps({"summary": summary, "tokens": result.tokens.tolist(),
-                                         "nfe_predictor": result.nfe_predictor.tolist(),
-                                         "nfe_corrector": result.nfe_corrector.tolist()}, indent=1))
+        _write_samples(out, summary, result)
     return 0
+
+
+def _write_samples(out: str, summary: dict, result, texts: list[str] | None = None) -> None:
+    """``--out FILE``: the summary, the samples (token ids, and texts for a text model) and their NFE."""
+    atomic_write_json(out, {"summary": summary, **({"texts": texts} if texts is not None else {}),
+                            "tokens": result.tokens.tolist(), "nfe_predictor": result.nfe_predictor.tolist(),
+                            "nfe_corrector": result.nfe_corrector.tolist()})
 
 
 def _indent(text: str) -> str:
@@ -75,7 +78,5 @@ def _run_text(cfg: Config, model, info, num: int, out: str | None) -> int:
     summary = result.summary()
     print("summary: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if out:
-        Path(out).write_text(json.dumps({"summary": summary, "texts": texts, "tokens": result.tokens.tolist(),
-                                         "nfe_predictor": result.nfe_predictor.tolist(),
-                                         "nfe_corrector": result.nfe_corrector.tolist()}, indent=1))
+        _write_samples(out, summary, result, texts=texts)
     return 0

@@ -4,6 +4,8 @@
   sibling, fsync, rename, fsync of the folder; a crash leaves either the old file or the new one, never a torn one. New
   files get the mode an ordinary ``open()`` would give them (``0o666`` minus the umask), so a
   shared group folder stays shared (``tempfile.mkstemp`` alone would make them ``0600``).
+* :func:`atomic_folder`: the same for a folder of files (an export, a converted checkpoint): written
+  in a temporary sibling, then renamed over the old one.
 * :func:`sha256_file` / :func:`sha256_files`: checksums of files already on disk (several files
   hashed in threads: ``hashlib`` releases the GIL on large buffers).
 * :func:`save_torch`: ``torch.save`` + fsync, then the sha256 of the file read back from the page
@@ -13,11 +15,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
@@ -121,6 +126,28 @@ class AtomicFile:
             self.commit()
         else:
             self.discard()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``path`` to fill; when the block ends without an error it
+    replaces ``path`` (an old folder there is removed first), else it is removed. Created with the
+    umask's mode (``mkdtemp`` would make it 0700)."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(out.parent)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint.manager import MARKER, CheckpointManager, file_entries, rewrite_meta
 from pipeline.errors import ProsecoError
+from pipeline.io import atomic_folder
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -106,15 +106,12 @@ def universal(path: str | os.PathLike, force: bool = False) -> Path:
     files = {k: v for k, v in meta["files"].items() if not k.startswith(f"{UNIVERSAL_TAG}/")}
     if files != meta["files"]:
         rewrite_meta(ckpt, {**meta, "files": files})
-    tmp = ckpt / f"{UNIVERSAL_TAG}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(ckpt / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
-    ds_to_universal.main(args)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        tmp.rmdir()  # the converter creates its output folder itself
+        args = argparse.Namespace(input_folder=str(ckpt / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        ds_to_universal.main(args)
     new = sorted(p.relative_to(ckpt).as_posix() for p in out.rglob("*") if p.is_file())
     rewrite_meta(ckpt, {**meta, "files": {**files, **file_entries(ckpt, new)}})
     return out

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
 
-    demo = sub.add_parser(
+    sub.add_parser(
         "demo",
         help="train MDM and ProSeCo on 4x4 Sudoku and compare them (CPU, minutes)",
         description=_describe(
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "them) or the raw trained ones")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
 
-    config = sub.add_parser(
+    sub.add_parser(
         "config",
         help="print the resolved config as YAML (nothing runs)",
         description=_describe(

@@ -43,6 +43,7 @@ from pathlib import Path
 from pipeline.errors import ProsecoError
 from pipeline.evaluation import plots
 from pipeline.evaluation.matching import best, nfe_matched
+from pipeline.io import atomic_write
 from pipeline.runlog import read_metrics
 
 LOW_DIVERSITY_FRACTION = 0.5
@@ -389,6 +390,6 @@ def build(folder: str | Path) -> tuple[Path, Path]:
     commands = (folder / "commands.txt").read_text().splitlines() if (folder / "commands.txt").is_file() else []
     blocks += [Block("h2", "Commands"), Block("pre", "\n".join([*commands, f"proseco report {folder}"]))]
     md_path, html_path = folder / "report.md", folder / "report.html"
-    md_path.write_text(to_markdown(blocks), encoding="utf-8")
-    html_path.write_text(to_html(blocks, title), encoding="utf-8")
+    atomic_write(md_path, to_markdown(blocks))
+    atomic_write(html_path, to_html(blocks, title))
     return md_path, html_path
