@@ -1,6 +1,6 @@
 """A second, deliberately plain implementation of the official samplers' control flow, for tests.
 
-Written from the semantics in DESIGN.md / paper.md (official ``_diffusion_sample`` with its logit
+Written from the semantics of the paper (arXiv 2602.11590) and its public code (official ``_diffusion_sample`` with its logit
 cache, ``_corrector_denoise``, ReMDM's ``_ddpm_caching_update`` and LLaDA's ``generate``): one sample
 at a time, Python loops over positions, the official cache structure (the corrector loop always runs
 S iterations and pays an NFE only when its input changed; the LLaDA path breaks at the fixed point and

@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Training objective (paper Alg. 1; DESIGN.md "The algorithm")."""
+    """Training objective (paper Algorithm 1, arXiv 2602.11590; see pipeline/diffusion/objective.py)."""
 
     schedule: str = "loglinear"  # the only schedule so far: mask prob = t, weight 1/t
     t_eps: float = 0.1  # t ~ U[t_eps, 1] (antithetic); the paper's scripts use 0.1

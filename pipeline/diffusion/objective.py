@@ -1,6 +1,6 @@
 """The training objective: MDLM and ProSeCo (paper Algorithm 1), as small pure functions.
 
-Notation (DESIGN.md): x clean tokens [B, L]; t in (0, 1] per sequence; z_t = x with each
+Notation: x clean tokens [B, L]; t in (0, 1] per sequence; z_t = x with each
 position masked independently with probability t (log-linear schedule, alpha_t = 1 - t);
 the continuous-time NELBO weight is w(t) = -alpha'_t / (1 - alpha_t) = 1 / t.
 
@@ -64,7 +64,7 @@ def denoiser_logits(logits: torch.Tensor, mask_id: int, inplace: bool = False) -
     """Zero-masking parameterisation: the model never predicts the mask token (logit -inf).
 
     No carry-over: visible tokens are not copied, so pass 1's argmax may change them and the
-    corrector pass may rewrite any position (paper.md 1.3, ``parameterization=d3pm`` +
+    corrector pass may rewrite any position (the official code: ``parameterization=d3pm`` +
     ``subs_masking``). ``inplace``: the caller owns ``logits`` (a fresh network output), so skip
     the [B, L, V] copy - measurable at large vocabularies. bf16/fp16 are upcast to fp32."""
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
