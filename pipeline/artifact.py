@@ -67,6 +67,13 @@ class ArtifactInfo:
     tokenizer: Any = None  # data_prep.tokenizer.Tokenizer of a model trained on text shards, else None
     extra: dict = field(default_factory=dict)  # what the writer of an export added (the demo: key, steps)
 
+    def sampling_ids(self, cfg: Config) -> dict:
+        """The keywords of :func:`pipeline.diffusion.sampling.sample` that follow how the model was
+        trained (``cfg``: its training config): its padding rule and its tokenizer's pad and EOS ids."""
+        tok = self.tokenizer
+        return {"pad_id": None if tok is None else tok.pad_id, "eos_id": None if tok is None else tok.eos_id,
+                "loss_on_pad": cfg.diffusion.loss_on_pad}
+
 
 def data_identity(manifest) -> dict:
     """The identity of a model's training data, stored in checkpoints and exports: the manifest's

@@ -33,7 +33,8 @@ def run(cfg: Config, model_path: str, *, num: int = 8, out: str | None = None, i
     seeds = sample_seeds(cfg.sampler.seed, 0, num)
     result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=info.mask_id,
                     batch=None if infill else num, prompt=prompt, fixed=fixed, seeds=seeds,
-                    time_conditioned=cfg.model.time_conditioning, max_seq_len=cfg.model.max_seq_len)
+                    time_conditioned=cfg.model.time_conditioning, max_seq_len=cfg.model.max_seq_len,
+                    **info.sampling_ids(cfg))
     for i, row in enumerate(result.tokens):
         head = f"sample {i}  NFE {int(result.nfe[i])} (predictor {int(result.nfe_predictor[i])}, " \
                f"corrector {int(result.nfe_corrector[i])})"
@@ -66,7 +67,7 @@ def _run_text(cfg: Config, model, info, num: int, out: str | None) -> int:
         torch.set_num_threads(cfg.parallel.threads)
     result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=info.mask_id, batch=num,
                     seeds=sample_seeds(cfg.sampler.seed, 0, num), time_conditioned=cfg.model.time_conditioning,
-                    max_seq_len=cfg.model.max_seq_len)
+                    max_seq_len=cfg.model.max_seq_len, **info.sampling_ids(cfg))
     tok = info.tokenizer  # load_model loads a text model's tokenizer or says why it cannot
     texts = []
     for i, row in enumerate(result.tokens):

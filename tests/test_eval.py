@@ -236,8 +236,14 @@ def test_an_export_evaluated_from_another_directory_equals_its_checkpoint(shards
     common = ["parallel.threads=1", "eval.tasks=[text]", "eval.samplers=[ancestral]", "eval.steps=[4]",
               "eval.corrector_steps=[0,1]", "eval.num_samples=6"]
     capsys.readouterr()
+    seen = []  # the sampler is given the model's padding rule and its tokenizer's pad / EOS ids
+    real_sample = runner.sample
+    monkeypatch.setattr(runner, "sample", lambda *a, **kw: seen.append(kw) or real_sample(*a, **kw))
     for name, model in (("ckpt", run / "checkpoints" / "step_00000002"), ("export", export)):
         assert cli.main(["eval", str(model), "--out", name, *common]) == 0, capsys.readouterr()
+    tok = load_model(export)[2].tokenizer
+    assert seen and all((kw["pad_id"], kw["eos_id"], kw["loss_on_pad"]) == (tok.pad_id, tok.eos_id, False)
+                        for kw in seen)
     ckpt, exp = ({r["setting"]["corrector_steps"]: r for r in report.load_results(elsewhere / n)}
                  for n in ("ckpt", "export"))
     assert sorted(ckpt) == sorted(exp) == [0, 1]

@@ -230,7 +230,8 @@ def generate(loaded: Loaded, task, setting: Setting, cfg: Config, n: int, batch_
         with torch.no_grad():
             out = sample(loaded.model, sampler, seq_len=seq_len, mask_id=loaded.info.mask_id,
                          seeds=sample_seeds(cfg.sampler.seed, start, size),
-                         time_conditioned=tcfg.model.time_conditioning, max_seq_len=tcfg.model.max_seq_len, **kwargs)
+                         time_conditioned=tcfg.model.time_conditioning, max_seq_len=tcfg.model.max_seq_len,
+                         **loaded.info.sampling_ids(tcfg), **kwargs)
         tokens.append(out.tokens.cpu())
         nfe.append(out.nfe.float().cpu())
         nfe_p.append(out.nfe_predictor.float().cpu())

@@ -23,6 +23,10 @@ Use::
 Give ``prep.inputs`` the train *file*: a folder input would pick up the held-out file too. With a
 512-id BPE tokenizer a QM9 SMILES is 11.5 tokens on average, 22 at most, so ``data.seq_len=32``
 holds bos + SMILES + eos in pad mode (checked: ``prep tokenizer`` 1 s, ``prep shards`` 17 s on 2 cores).
+Train with ``diffusion.loss_on_pad=true``, the official QM9 recipe (``compute_loss_on_pad_tokens``):
+pads are masked and predicted like any token, so the model learns where a molecule ends and its
+samples (which fill every position) are drawn in the regime it was trained in. The sampler reads the
+rule from the model's config: with ``loss_on_pad=false`` it never emits a pad.
 
 **Evaluation.** Unconditional samples scored as SMILES with RDKit.
 
