@@ -49,6 +49,7 @@ from pipeline.config import Config, parse_part, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write, atomic_write_json, sha256_file
+from pipeline.tasks import task_class
 
 RESULT_FORMAT = "proseco-eval/1"
 
@@ -173,8 +174,6 @@ def determinants(item: Item, cfg: Config) -> dict:
     weights, the task with its options and scorer version, the complete sampler settings (seed
     included) and the number of samples. Not the batch size of generation: per-sample
     generators make results independent of it."""
-    from pipeline.tasks import task_class
-
     options = task_options(cfg, item.task)
     files = {k: sha256_file(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
     return {"model": {"identity": item.model.identity, "weights": cfg.eval.weights},
@@ -241,11 +240,8 @@ def generate(loaded: Loaded, task, setting: Setting, cfg: Config, n: int, batch_
 
 
 def task_options(cfg: Config, task: str) -> dict:
-    """The eval.* settings a task takes, under the task's own option names."""
-    e = cfg.eval
-    options = {"text": {"reference": e.reference_lm, "mauve_reference": e.mauve_reference,
-                        "batch_size": e.batch_size},
-               "qm9": {"train_smiles": e.qm9_train_smiles}, "gsm8k": {"data": e.gsm8k_questions}}.get(task, {})
+    """The eval.* settings a task takes, under the task's own option names (its ``eval_options``)."""
+    options = {name: getattr(cfg.eval, key) for name, key in task_class(task).eval_options.items()}
     return {k: v for k, v in options.items() if v != ""}
 
 

@@ -17,6 +17,8 @@ Contract (:class:`EvalTask`):
   ``conditioning`` changes what they compute, so that old results are recomputed, not reused.
 * ``primary``: the quality metric the report plots against NFE; ``higher_is_better`` says its
   direction. ``diversity``: the diversity metric shown beside it (or None).
+* ``eval_options``: which ``eval.*`` keys set which of the task's options (``proseco eval`` builds
+  ``options`` from them).
 * ``__init__(cfg, options, model)``: ``cfg`` is the checkpoint's training config (data.seq_len,
   data.task, ...); ``options`` are the task's settings from ``eval.task_options[name]``;
   ``model`` is a :class:`ModelInfo` (vocabulary size, mask id, sequence length, the tokenizer
@@ -34,7 +36,7 @@ Contract (:class:`EvalTask`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,6 +63,7 @@ class EvalTask:
     primary = "?"
     higher_is_better = True
     diversity: str | None = None
+    eval_options: ClassVar[dict[str, str]] = {}  # option name -> the eval.* key that sets it (empty values are left out)
 
     def __init__(self, cfg: Config, options: dict, model: ModelInfo):
         self.cfg, self.options, self.model = cfg, dict(options), model

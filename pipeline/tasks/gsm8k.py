@@ -36,6 +36,7 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -117,6 +118,7 @@ class Task(EvalTask):
     primary = "exact_match"
     higher_is_better = True
     diversity = None
+    eval_options: ClassVar[dict[str, str]] = {"data": "gsm8k_questions"}
 
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)

@@ -67,6 +67,7 @@ import random
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -340,6 +341,7 @@ class Task(EvalTask):
     primary = "validity"
     higher_is_better = True
     diversity = "uniqueness"
+    eval_options: ClassVar[dict[str, str]] = {"train_smiles": "qm9_train_smiles"}
 
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)

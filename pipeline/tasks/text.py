@@ -32,7 +32,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -93,6 +93,7 @@ class Task(EvalTask):
     primary = "gen_ppl"
     higher_is_better = False
     diversity = "unigram_entropy"
+    eval_options: ClassVar[dict[str, str]] = {"reference": "reference_lm", "mauve_reference": "mauve_reference", "batch_size": "batch_size"}
 
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)
