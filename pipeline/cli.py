@@ -100,14 +100,12 @@ def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline import spawn
+    from pipeline import distributed, spawn
 
     if args.nproc is not None:  # the launcher process: it does not import torch (the ranks start faster)
-        import os
-
         if args.nproc < 1:
             raise ProsecoError(f"--nproc must be >= 1, got {args.nproc}")
-        if "RANK" in os.environ:
+        if distributed.started_by_launcher():
             raise ProsecoError("--nproc starts its own ranks: do not combine it with torchrun / srun "
                                "(drop --nproc, or run `proseco train --nproc N` directly)")
         check_world_size(cfg, args.nproc)

@@ -46,6 +46,7 @@ from pathlib import Path
 from pipeline.config import Config, config_from_dict, dump_yaml, to_dict
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write_json
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
@@ -69,7 +70,7 @@ class TrainTask:
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = config_from_dict(self.cfg)
-        folder = train.run_dir(cfg)
+        folder = RunDir.of(cfg).path
         print(f"proseco: rank {env.rank}/{env.world_size} (local {env.local_rank}) on {os.uname().nodename}, "
               f"master {env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
               flush=True)
@@ -91,9 +92,7 @@ class TrainTask:
 
 
 def _requeue_after_stop(cfg: Config, folder: Path) -> None:
-    from pipeline.train import read_last_exit
-
-    last = read_last_exit(folder) or {}
+    last = RunDir(folder).read_last_exit() or {}
     job = os.environ.get("SLURM_JOB_ID")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     reason = last.get("reason")
@@ -334,11 +333,10 @@ def _snapshot(run: Path, cfg: Config, script: str, stage: str) -> Path:
 
 # ------------------------------------------------------------------------------------ commands
 def launch_train(cfg: Config, dry_run: bool = False) -> int:
-    from pipeline.train import run_dir
 
     if cfg.data.task != "text":
         raise ProsecoError(f"proseco launch train reads corpus shards (data.task=text), got {cfg.data.task!r}")
-    run = run_dir(cfg).resolve()
+    run = RunDir.of(cfg).path.resolve()
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
     cfg.data.manifest = str(Path(cfg.data.manifest).resolve())
     name = cfg.cluster.job_name or f"proseco-train-{cfg.run.name}"
@@ -535,7 +533,6 @@ def _read_job(run: Path) -> dict:
 def status(run: str | os.PathLike) -> int:
     from pipeline.checkpoint.manager import CheckpointManager
     from pipeline.runlog import read_metrics
-    from pipeline.train import read_last_exit
 
     run = Path(run)
     job = _read_job(run)
@@ -553,7 +550,7 @@ def status(run: str | os.PathLike) -> int:
     if (run / "checkpoints").is_dir():
         latest = CheckpointManager(run).latest()
         print(f"  latest checkpoint: {latest if latest else 'none'}")
-    last_exit = read_last_exit(run)
+    last_exit = RunDir(run).read_last_exit()
     if last_exit:
         print(f"  last start ended: step {last_exit['step']}, {last_exit['reason']} (exit {last_exit['exit_code']})")
     logs = sorted((run / "slurm").glob("*_0_log.out"), key=lambda p: p.stat().st_mtime)

@@ -49,6 +49,7 @@ from pipeline.config import Config, config_from_dict, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.io import SUMS_FILE, atomic_write, atomic_write_json, sha256_file
+from pipeline.rundir import RunDir
 
 RESULT_FORMAT = "proseco-eval/1"
 
@@ -404,12 +405,8 @@ def _num(v) -> str:
 def default_out(spec: str, cfg: Config) -> Path:
     if cfg.eval.out:
         return Path(cfg.eval.out)
-    p = Path(spec)
-    if (p / "checkpoints").is_dir():
-        return p / "eval"
-    if p.is_dir() and p.name.startswith("step_"):
-        return p.parent.parent / "eval"
-    return (p.parent if p.is_file() else p) / "eval"
+    p, run = Path(spec), RunDir.holding(spec)
+    return run.eval if run is not None else (p.parent if p.is_file() else p) / "eval"
 
 
 def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | None = None,
