@@ -20,8 +20,12 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ProsecoError
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 ARRIVED_KEY = "proseco/startup/arrived"  # a counter: each rank adds 1 when it reaches the store
 ALL_ARRIVED_KEY = "proseco/startup/all"  # set by the last rank to arrive
