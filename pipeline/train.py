@@ -285,6 +285,7 @@ def _train(cfg: Config, rank: int, world: int, device: torch.device, memory: Mem
 
 def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, mask_id: int, rank: int,
           world: int, device: torch.device, start_time: float) -> int:
+    # ---- build: batches, checkpoints, run folder ---------------------------------------------------
     t = cfg.train
     d_rank, d_world, tp = engine.data_rank, engine.data_world, world // engine.data_world
     loader = _open_loader(cfg, data, d_rank, d_world)
