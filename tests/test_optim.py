@@ -66,6 +66,9 @@ def test_tensor_loader_covers_each_epoch_and_resumes_where_it_stopped():
     assert loader.batches_per_epoch == 5
     epoch = torch.cat(_drain(loader, 5))
     assert sorted(epoch[:, 0].tolist()) == list(range(0, 40, 2))  # every row once
+    odd = TensorLoader(rows, 8, fingerprint="f", seed=3)  # 20 rows: batches span epochs, rows stay even
+    seen = torch.cat(_drain(odd, 5))[:, 0].tolist()
+    assert all(seen.count(v) == 2 for v in range(0, 40, 2)) and odd.epoch == 2
     first = TensorLoader(rows, 4, fingerprint="f", seed=3)
     head = _drain(first, 7)
     state = first.state_dict()

@@ -38,9 +38,10 @@ class MemoryData:
 
 
 class TensorLoader:
-    """Batches of rows of ``tokens`` for one rank: each epoch is a permutation of the rows drawn
-    from ``(seed, epoch)``; rank ``r`` of ``w`` reads every ``w``-th row of it from the ``r``-th on,
-    in whole batches (the rest of its rows waits for the next epoch's permutation)."""
+    """Batches of rows of ``tokens`` for one rank. Each epoch is a permutation of the rows drawn
+    from ``(seed, epoch)``; rank ``r`` of ``w`` reads every ``w``-th row of it from the ``r``-th on.
+    Batches are consecutive runs of ``batch_size`` rows of that stream, epoch after epoch (a batch
+    may span two epochs), so every row is read equally often and the position is one counter."""
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, *, fingerprint: str, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
@@ -48,30 +49,41 @@ class TensorLoader:
             raise ProsecoError(f"in-memory training data must be [sequences, length], got shape {tuple(tokens.shape)}")
         self.tokens, self.batch_size, self.fingerprint = tokens.long(), batch_size, fingerprint
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch, self.batches = 0, 0
+        self.rows = len(range(rank, len(tokens), world_size))  # this rank's rows per epoch
+        self.batches = 0  # batches handed out so far
+        self._orders: dict[int, torch.Tensor] = {}
         if self.batches_per_epoch == 0:
             raise ProsecoError(f"{len(tokens)} training sequences over {world_size} ranks give fewer than "
                                f"train.batch_size={batch_size} per rank; lower the batch size")
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(range(self.rank, len(self.tokens), self.world_size)) // self.batch_size
+        return self.rows // self.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.batches * self.batch_size // self.rows
 
     def _order(self, epoch: int) -> torch.Tensor:
-        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
-        perm = torch.randperm(len(self.tokens), generator=torch.Generator().manual_seed(seed))
-        return perm[self.rank::self.world_size]
+        if epoch not in self._orders:
+            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+            perm = torch.randperm(len(self.tokens), generator=torch.Generator().manual_seed(seed))
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = perm[self.rank::self.world_size]
+        return self._orders[epoch]
+
+    def _batch(self, index: int) -> dict[str, torch.Tensor]:
+        positions = range(index * self.batch_size, (index + 1) * self.batch_size)
+        rows = torch.stack([self._order(p // self.rows)[p % self.rows] for p in positions])
+        x = self.tokens[rows]
+        return {"tokens": x, "valid": torch.ones_like(x, dtype=torch.bool)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches forever, epoch after epoch, from the current position."""
+        """Batches forever from the current position."""
         while True:
-            rows = self._order(self.epoch)
-            while self.batches < self.batches_per_epoch:
-                start = self.batches * self.batch_size
-                x = self.tokens[rows[start:start + self.batch_size]]
-                self.batches += 1
-                yield {"tokens": x, "valid": torch.ones_like(x, dtype=torch.bool)}
-            self.epoch, self.batches = self.epoch + 1, 0
+            batch = self._batch(self.batches)
+            self.batches += 1
+            yield batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "seed": self.seed, "fingerprint": self.fingerprint,
@@ -92,5 +104,5 @@ class TensorLoader:
             raise ProsecoError(f"the checkpoint's data position was saved with world size {state['world_size']} "
                                f"and batch size {state['batch_size']}, this run has {self.world_size} and "
                                f"{self.batch_size}")
-        self.seed, self.epoch, self.batches = int(state["seed"]), int(state["epoch"]), \
-            int(state["batches"]) if same else 0
+        self.seed, self._orders = int(state["seed"]), {}
+        self.batches = int(state["batches"]) if same else -(-int(state["epoch"]) * self.rows // self.batch_size)
