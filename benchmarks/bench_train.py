@@ -45,7 +45,7 @@ from pipeline.config import load_config
 from pipeline.data import ShardLoader
 from pipeline.diffusion.objective import proseco_loss
 from pipeline.model import Backbone, count_parameters
-from pipeline.trainer import make_optimizer
+from pipeline.optim import make_optimizer
 
 try:  # run as a script (benchmarks/ is on sys.path) or as `python -m benchmarks.bench_train`
     from bench_loader import write_shards

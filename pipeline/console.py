@@ -96,3 +96,43 @@ class Console:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def train_header(cfg, engine, world: int, device, vocab: int, run_id: str, folder, resumed: str | None,
+                 step: int, data: str) -> list[str]:
+    """The start-up lines of `proseco train`'s log: where, what, how big, on which layout.
+    ``engine``: the :class:`pipeline.engines.Engine`; ``resumed``: the checkpoint resumed at
+    ``step`` (None: a new run); ``data``: what the run reads and how many batches an epoch holds."""
+    from pipeline.model import parameter_count
+
+    m = cfg.model
+    topo = engine.topology
+    dp, tp = engine.data_world, world // engine.data_world
+    seq = cfg.data.seq_len
+    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * dp
+    layout = {"torch": f"torch ({cfg.parallel.distributed if world > 1 else 'single process'})",
+              "deepspeed": f"deepspeed (ZeRO stage {cfg.parallel.zero_stage})",
+              "megatron": f"megatron-core (tensor parallel {tp})"}[topo["backend"]]
+    if topo["backend"] == "deepspeed":
+        precision = "bf16 (DeepSpeed, fp32 master weights)" if cfg.parallel.bf16 else "fp32"
+    elif cfg.parallel.bf16 and device.type == "cuda":
+        precision = "bf16 autocast (fp32 weights)"
+    else:
+        precision = "fp32" + (" (parallel.bf16 applies on CUDA only)" if cfg.parallel.bf16 else "")
+    objective = (f"ProSeCo (mdm + {cfg.diffusion.corrector_weight:g} x correction)"
+                 if cfg.diffusion.corrector_weight > 0 else "MDM (no correction term)")
+    start = f"resuming from {resumed} (step {step})" if resumed is not None else "new run"
+    return [
+        f"proseco train: {folder} (run id {run_id}): {start}",
+        (f"  model      {parameter_count(m, vocab):,} parameters ({m.layers} layers x hidden {m.hidden}, "
+         f"{m.heads} heads, vocabulary {vocab:,}), objective {objective}"),
+        (f"  layout     {layout}, world {world} = data parallel {dp} x tensor parallel {tp}, device {device.type}, "
+         f"precision {precision}"),
+        (f"  batch      {per_step:,} sequences x {seq} tokens = {per_step * seq:,} tokens per step "
+         f"({cfg.optim.batch_size} per rank x {cfg.optim.grad_accum} micro-steps x {dp} data-parallel ranks)"),
+        (f"  schedule   steps {step} -> {cfg.optim.steps}, "
+         f"lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, {cfg.optim.schedule}), log every {cfg.log.every}, "
+         f"validate every {cfg.log.val_every or 'never'}, checkpoint every {cfg.checkpoint.every}"),
+        f"  data       {data}",
+        f"  logs       {folder}/metrics.jsonl, wandb {cfg.log.wandb}",
+    ]

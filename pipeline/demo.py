@@ -22,12 +22,16 @@ from pathlib import Path
 
 import torch
 
+from pipeline import train
 from pipeline.artifact import load_model, model_identity, write_export
 from pipeline.config import Config, to_dict
+from pipeline.data.memory import MemoryData
+from pipeline.errors import ProsecoError
 from pipeline.evaluation.matching import nfe_matched
 from pipeline.model import Backbone, count_parameters
+from pipeline.rundir import RunDir
+from pipeline.runlog import read_metrics
 from pipeline.tasks import sudoku
-from pipeline.trainer import train_in_memory
 
 METHODS = {  # label -> (which model, corrector on?)
     "a": ("mdm", False),
@@ -48,7 +52,11 @@ def _fingerprint(obj) -> str:
 
 
 def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[torch.nn.Module, dict]:
-    """Train one model (or load it when this exact config + data was trained before)."""
+    """Train one model (or load it when this exact config + data was trained before).
+
+    Training is `proseco train`'s loop in this process (:func:`pipeline.train.run` on the grids
+    held in memory, single process, torch backend), in the run folder ``<out>/runs/<kind>-<key>``:
+    an interrupted demo resumes from its checkpoint when rerun."""
     diffusion = dataclasses.replace(cfg.diffusion, corrector_weight=0.0 if kind == "mdm" else
                                     (cfg.diffusion.corrector_weight or 1.0))
     steps = cfg.demo.proseco_steps if kind == "proseco" else round(cfg.demo.proseco_steps * cfg.demo.mdm_step_ratio)
@@ -62,17 +70,28 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
         if saved.get("key") == key:
             log(f"  {kind:8s} loaded {path} (same config and data; {saved['steps']} steps, {saved['seconds']:.0f} s)")
             return model, {"steps": saved["steps"], "seconds": saved["seconds"], "cached": True, "key": key}
-    torch.manual_seed(cfg.run.seed)
-    model = Backbone(cfg.model, vocab_size=sudoku.VOCAB_SIZE)
-    result = train_in_memory(model, data["train"], cfg, diffusion, sudoku.MASK_ID, steps=steps,
-                             desc=f"train {kind}")
-    last = result.history[-1]
-    log(f"  {kind:8s} {steps} steps in {result.seconds:.0f} s ({1e3 * result.seconds / steps:.1f} ms/step); "
+    folder = RunDir(out / "runs" / f"{kind}-{key[:12]}")
+    trained_cfg = dataclasses.replace(
+        cfg, diffusion=diffusion,
+        optim=dataclasses.replace(cfg.optim, steps=steps),
+        parallel=dataclasses.replace(cfg.parallel, backend="torch", distributed="none"),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=steps),
+        log=dataclasses.replace(cfg.log, val_every=0, wandb="disabled"),
+        run=dataclasses.replace(cfg.run, name=f"demo-{kind}", dir=str(folder)))
+    grids = MemoryData(data["train"], sudoku.VOCAB_SIZE, sudoku.MASK_ID, data["manifest"]["fingerprint"],
+                       f"{len(data['train'])} 4x4 Sudoku grids in memory")
+    start = time.perf_counter()
+    if train.run(trained_cfg, memory=grids) != 0:
+        raise ProsecoError(f"training of the {kind} model stopped early; its checkpoint is in {folder.checkpoints}: "
+                           "rerun the same `proseco demo` command to continue")
+    seconds = time.perf_counter() - start
+    model, _, info = load_model(folder.path)  # its latest checkpoint: the EMA weights when kept
+    last = read_metrics(folder.metrics)[-1]
+    log(f"  {kind:8s} {steps} steps in {seconds:.0f} s ({1e3 * seconds / steps:.1f} ms/step); "
         f"final mdm loss {last['mdm']:.3f}, correction loss {last['correction']:.3f}")
-    trained_cfg = dataclasses.replace(cfg, diffusion=diffusion)
-    write_export(path, {"raw": result.model.state_dict()}, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID,
-                 step=steps, extra={"key": key, "steps": steps, "seconds": result.seconds}, force=True)
-    return result.model, {"steps": steps, "seconds": result.seconds, "cached": False, "key": key}
+    write_export(path, {info.weights: model.state_dict()}, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID,
+                 step=steps, extra={"key": key, "steps": steps, "seconds": seconds}, force=True)
+    return model, {"steps": steps, "seconds": seconds, "cached": False, "key": key}
 
 
 def nfe_ratio(results: list[dict], metric: str, nfe_key: str) -> dict | None:

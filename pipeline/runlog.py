@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, to_dict
+from pipeline.rundir import RunDir
 
 INIT_TIMEOUT_ENV = "PROSECO_WANDB_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT_S = 60.0
@@ -124,7 +125,7 @@ class RunLogger:
         if not self.enabled:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / "metrics.jsonl"
+        path = RunDir(self.folder).metrics
         self.resume_step = _repair_metrics(path)
         self._file = open(path, "a")  # closed in __exit__
         mode = self.cfg.log.wandb

@@ -26,17 +26,19 @@ run may change its world size, switch between single process / DDP / FSDP2 / ten
 Graceful stop: SIGTERM / SIGUSR1 / SIGUSR2 / Ctrl-C set a flag; at each optimizer-step boundary
 all ranks agree (one all-reduce MAX over [signal seen, time budget ``run.max_time_s`` spent]),
 save together and exit with :data:`EXIT_REQUEUE` (3), which tells a launcher to requeue the job;
-a second Ctrl-C aborts without saving. What the run prints is :mod:`pipeline.console`'s.
+a second Ctrl-C aborts without saving (:mod:`pipeline.stopflag`). What the run prints is
+:mod:`pipeline.console`'s; the run folder's layout is :class:`pipeline.rundir.RunDir`'s.
+
+In-memory data (:class:`pipeline.data.memory.MemoryData`, the demo's task data) is one more batch
+source: ``run(cfg, memory=...)`` trains on it through the same loop, engine and checkpoints.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +53,20 @@ from pipeline.checkpoint.manager import (
     rng_state,
     set_rng_state,
 )
-from pipeline.config import Config, check_corpus_run, check_shards, check_world_size, dump_yaml, to_dict
-from pipeline.console import Console
+from pipeline.config import Config, check_corpus_run, check_shards, check_world_size, to_dict
+from pipeline.console import Console, train_header
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
+from pipeline.data.memory import MemoryData, TensorLoader
 from pipeline.diffusion.objective import proseco_loss
-from pipeline.distributed import init_process_group
+from pipeline.distributed import init_process_group, world_from_env
 from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
-from pipeline.io import atomic_write, atomic_write_json, read_json, save_torch
-from pipeline.runlog import RunLogger, read_metrics  # noqa: F401 (read_metrics: part of this module's API)
-from pipeline.trainer import lr_at
+from pipeline.io import save_torch
+from pipeline.optim import lr_at
+from pipeline.rundir import RunDir
+from pipeline.runlog import RunLogger
+from pipeline.stopflag import StopFlag
 
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
 STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this long after each step
@@ -70,21 +75,6 @@ FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints hold th
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.dir or f"runs/{cfg.run.name}")
-
-
-def world_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank): torchrun's / submitit's RANK, WORLD_SIZE, LOCAL_RANK, else
-    SLURM's per-task variables under ``srun`` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), else (0, 1, 0)."""
-    env = os.environ
-    if "RANK" in env or "SLURM_STEP_ID" not in env:
-        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
-    rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))  # for init_process_group(env://)
-    return rank, world, local
-
-
 def world_layout(cfg: Config, nproc: int | None = None) -> str:
     """One paragraph for `--dry-run`: processes (``nproc``, else the launcher's environment),
     device, batch geometry, run folder."""
@@ -100,7 +90,7 @@ def world_layout(cfg: Config, nproc: int | None = None) -> str:
     return (f"backend {cfg.parallel.backend} ({layout}), world size {world} (this is rank {rank}), "
             f"device {device}, process group {comm}; per optimizer step {cfg.optim.batch_size} sequences x "
             f"{cfg.optim.grad_accum} micro-steps x {dp} data-parallel ranks = {cfg.optim.batch_size * cfg.optim.grad_accum * dp}; "
-            f"run folder {run_dir(cfg)}")
+            f"run folder {RunDir.of(cfg)}")
 
 
 def _seed_of(*keys: int) -> int:
@@ -120,81 +110,30 @@ def _all_reduce(values: list[float], op, device: torch.device, world: int) -> li
     return buf.tolist()
 
 
-class _StopFlag:
-    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT -> flag (the signal number, the largest if several); the
-    previous handlers come back on exit. SLURM sends SIGUSR2 before the time limit (``--signal``)
-    and SIGTERM on ``scancel``, preemption and ``scontrol requeue``; SIGUSR1 is for users
-    (``scancel -s USR1``); SIGINT is Ctrl-C. A second Ctrl-C (at least ``ABORT_AFTER_S`` after the
-    first: a launcher that forwards the terminal's SIGINT to its workers must not count twice)
-    aborts at once with KeyboardInterrupt, without saving."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-    ABORT_AFTER_S = 1.0
-
-    def __init__(self, loud: bool = True):
-        self.loud = loud  # say so on stderr (rank 0)
-
-    def __enter__(self):
-        self.seen, self._old, self._first_int = 0, {}, None
-        for sig in self.SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self._first_int is not None and now - self._first_int >= self.ABORT_AFTER_S:
-                raise KeyboardInterrupt
-            if self._first_int is None:
-                self._first_int = now
-                if self.loud:  # os.write: print() is not safe inside a signal handler (reentrant buffer)
-                    os.write(2, b"\nCtrl-C: saving at the end of this step, then stopping "
-                                b"(Ctrl-C again to abort without saving)\n")
-        self.seen = max(self.seen, int(signum))
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _open_data(cfg: Config) -> tuple[Manifest, int, int]:
-    """(manifest, vocabulary size of the model, mask id) for task ``text``."""
+def _open_data(cfg: Config, memory: MemoryData | None) -> tuple[Manifest | MemoryData, int, int]:
+    """(the data, vocabulary size of the model, mask id): ``memory`` when given, else the corpus
+    shards of ``data.shards`` (task ``text``)."""
+    if memory is not None:
+        if cfg.log.val_every > 0:
+            raise ProsecoError("validation reads the val split of corpus shards; in-memory data trains with "
+                               "log.val_every=0")
+        return memory, cfg.model.vocab_size or memory.vocab_size, memory.mask_id
     check_corpus_run(cfg, "proseco train")
     manifest = Manifest.load(cfg.data.shards)
     vocab = check_shards(cfg, manifest.seq_len, int(manifest.data["tokenizer"]["vocab_size"]))
     return manifest, vocab, int(manifest.special["mask"])
 
 
-def _start_run_folder(cfg: Config, folder: Path, ckpt: CheckpointManager) -> dict:
-    """run.json: the run id and the wandb id, created once and reused on every requeue / resume.
-
-    Written atomically. One that a crash or a full disk left unreadable is rebuilt from the
-    latest checkpoint's copy (every checkpoint keeps the run ids), else started afresh."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "logs").mkdir(exist_ok=True)
-    info_path = folder / "run.json"
-    if info_path.exists():
-        try:
-            info = read_json(info_path)
-            if isinstance(info, dict) and info.get("run_id") and info.get("logger_id"):
-                return info
-            problem = "it holds no run id"
-        except (OSError, ValueError) as exc:
-            problem = f"{type(exc).__name__}: {exc}" if info_path.stat().st_size else "it is empty"
-        latest = ckpt.latest()
-        saved = (ckpt.read_meta(latest).get("run") or {}) if latest is not None else {}
-        info = saved if saved.get("run_id") else _new_run_info(cfg)
-        source = f"the ids kept in {latest.name}" if saved.get("run_id") else "a new run id"
-        print(f"warning: {info_path} was unreadable ({problem}); rebuilt it from {source}", flush=True)
-    else:
-        info = _new_run_info(cfg)
-    atomic_write_json(info_path, info)
-    return info
+def _data_name(cfg: Config, data: Manifest | MemoryData) -> str:
+    return data.name if isinstance(data, MemoryData) else str(cfg.data.shards)
 
 
-def _new_run_info(cfg: Config) -> dict:
-    run_id = uuid.uuid4().hex[:12]
-    return {"run_id": run_id, "logger_id": run_id, "name": cfg.run.name, "created": time.time()}
+def _open_loader(cfg: Config, data: Manifest | MemoryData, rank: int, world: int) -> ShardLoader | TensorLoader:
+    """The training batches of data-parallel rank ``rank`` of ``world``, from shards or from memory."""
+    if isinstance(data, MemoryData):
+        return data.loader(cfg.optim.batch_size, rank=rank, world_size=world, seed=cfg.run.seed)
+    return ShardLoader(data, "train", cfg.optim.batch_size, rank=rank, world_size=world, num_workers=cfg.data.loader_workers,
+                       seed=cfg.run.seed)
 
 
 @torch.no_grad()
@@ -242,8 +181,10 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
 
 
 # ---------------------------------------------------------------------------------------- run
-def run(cfg: Config) -> int:
-    """Train ``cfg.optim.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early."""
+def run(cfg: Config, memory: MemoryData | None = None) -> int:
+    """Train ``cfg.optim.steps`` optimizer steps in the run folder; 0 when done, EXIT_REQUEUE when stopped early.
+
+    ``memory``: train on these in-memory sequences instead of ``data.shards``'s shards (the demo)."""
     rank, world, local_rank = world_from_env()
     check_world_size(cfg, world)
     cuda = torch.cuda.is_available()
@@ -257,7 +198,7 @@ def run(cfg: Config) -> int:
     if own_group:  # the ranks meet within cluster.startup_timeout_s, or all stop with an error
         init_process_group("nccl" if cuda else "gloo", rank, world, cfg.cluster.startup_timeout_s)
     try:
-        code = _train(cfg, rank, world, device)
+        code = _train(cfg, rank, world, device, memory)
         if own_group:
             dist.barrier()  # no rank tears gloo down while a peer is still inside a collective
         return code
@@ -266,8 +207,8 @@ def run(cfg: Config) -> int:
             dist.destroy_process_group()
 
 
-def _resume(cfg: Config, engine: Engine, loader: ShardLoader, ckpt: CheckpointManager, latest: Path,
-            rank: int, device: torch.device) -> tuple[int, int]:
+def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: ShardLoader | TensorLoader,
+            ckpt: CheckpointManager, latest: Path, rank: int) -> tuple[int, int]:
     """Restore engine, loader, RNG and counters from ``latest``; (step, local tokens).
 
     Everything is checked before anything is loaded: files against their checksums, the model
@@ -278,9 +219,9 @@ def _resume(cfg: Config, engine: Engine, loader: ShardLoader, ckpt: CheckpointMa
     if diff:
         raise ProsecoError(f"cannot resume from {latest}: it was trained with another model config ({'; '.join(diff)}). "
                            "Restore those settings, or start a new run folder (run.name=... / run.dir=...)")
-    if meta.get("manifest") != loader.manifest.fingerprint:
+    if meta.get("manifest") != data.fingerprint:
         raise ProsecoError(f"cannot resume from {latest}: it was trained on other data (manifest fingerprint "
-                           f"{meta.get('manifest')}, now {loader.manifest.fingerprint} for {cfg.data.shards}). "
+                           f"{meta.get('manifest')}, now {data.fingerprint} for {_data_name(cfg, data)}). "
                            "Point data.shards at the original shards, or start a new run folder")
     saved, now = meta.get("topology", {}), engine.topology
     if saved != now and "deepspeed" in (saved.get("backend"), now["backend"]) \
@@ -320,27 +261,27 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (KiB on Linux)
 
 
-def _train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
+def _train(cfg: Config, rank: int, world: int, device: torch.device, memory: MemoryData | None) -> int:
     start_time = time.monotonic()
-    manifest, vocab, mask_id = _open_data(cfg)
+    data, vocab, mask_id = _open_data(cfg, memory)
     engine = build_engine(cfg, vocab, device, rank, world)
     try:
-        return _loop(cfg, engine, manifest, vocab, mask_id, rank, world, device, start_time)
+        return _loop(cfg, engine, data, vocab, mask_id, rank, world, device, start_time)
     finally:
         engine.close()
 
 
-def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: int, rank: int, world: int,
-          device: torch.device, start_time: float) -> int:
+def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, mask_id: int, rank: int,
+          world: int, device: torch.device, start_time: float) -> int:
+    # ---- build: batches, checkpoints, run folder ---------------------------------------------------
     d_rank, d_world, tp = engine.data_rank, engine.data_world, world // engine.data_world
-    loader = ShardLoader(manifest, "train", cfg.optim.batch_size, rank=d_rank, world_size=d_world,
-                         num_workers=cfg.data.loader_workers, seed=cfg.run.seed)
-    folder = run_dir(cfg)
-    ckpt = CheckpointManager(folder, cfg.checkpoint.keep_last, cfg.checkpoint.permanent_every, rank=rank, world_size=world)
+    loader = _open_loader(cfg, data, d_rank, d_world)
+    folder = RunDir.of(cfg)
+    ckpt = CheckpointManager(folder.path, cfg.checkpoint.keep_last, cfg.checkpoint.permanent_every, rank=rank, world_size=world)
     info = {}
     if rank == 0:
         ckpt.cleanup_partial()
-        info = _start_run_folder(cfg, folder, ckpt)
+        info = folder.start(cfg, lambda: _saved_run_ids(ckpt))
     if world > 1:
         dist.barrier()
 
@@ -348,13 +289,17 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     step, local_tokens = 0, 0
     latest = ckpt.latest()
     if latest is not None:
-        step, local_tokens = _resume(cfg, engine, loader, ckpt, latest, rank, device)
+        step, local_tokens = _resume(cfg, engine, data, loader, ckpt, latest, rank)
     if rank == 0:  # only once the checkpoint was accepted: a refused rerun leaves the folder as it was
-        atomic_write(folder / "config.yaml", dump_yaml(cfg))
+        folder.write_config(cfg)
     console = Console(cfg.optim.steps, step, enabled=rank == 0)
-    console.header(_header(cfg, engine, loader, world, device, vocab, info, folder, latest, step))
+    console.header(train_header(cfg, engine, world, device, vocab, info.get("run_id", "?"), folder,
+                                latest.name if latest is not None else None, step,
+                                f"{_data_name(cfg, data)} ({loader.batches_per_epoch:,} batches per epoch per rank)"))
 
     save_delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    data_id = data_identity(data) if isinstance(data, Manifest) else {"fingerprint": data.fingerprint,
+                                                                       "name": data.name}
 
     def save() -> Path:
         t0 = time.perf_counter()
@@ -367,9 +312,8 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
             own = f"rank_{rank:05d}.pt"
             return {**hashed, own: save_torch(mine, tmp / own)}
 
-        meta = {"topology": engine.topology, "manifest": manifest.fingerprint, "data": data_identity(manifest),
-                "config": to_dict(cfg), "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id},
-                "run": info}
+        meta = {"topology": engine.topology, "manifest": data.fingerprint, "data": data_id, "config": to_dict(cfg),
+                "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}, "run": info}
         path = ckpt.save(step, meta, writer=writer)
         if rank == 0:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -382,9 +326,9 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     last_saved, exit_code, stop_reason = step if latest is not None else -1, 0, "finished"
     batches = iter(loader)
     engine.model.train()
-    log = RunLogger(folder, cfg, info, enabled=rank == 0)  # metrics.jsonl (+ wandb) on rank 0
+    log = RunLogger(folder.path, cfg, info, enabled=rank == 0)  # metrics.jsonl (+ wandb) on rank 0
     try:
-        with log, _StopFlag(loud=rank == 0) as stop:
+        with log, StopFlag(loud=rank == 0) as stop:
             while step < cfg.optim.steps:
                 step_start, data_wait = time.perf_counter(), 0.0
                 lr = lr_at(step, cfg.optim)
@@ -433,7 +377,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
                            "step_s": step_s, "memory_mb": _memory_mb(device)}
                     console.log_step(row)
                     if val_now:
-                        val = _validate(cfg, engine.eval_model, manifest, mask_id, d_rank, d_world, world,
+                        val = _validate(cfg, engine.eval_model, data, mask_id, d_rank, d_world, world,
                                         device, collective=engine.eval_collective)
                         console.validation(step, val)
                         row.update(val)
@@ -460,7 +404,7 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
 
     # ---- exit ----------------------------------------------------------------------------------
     if rank == 0:  # what a launcher reads to decide on a requeue (pipeline.launch)
-        write_last_exit(folder, {"step": step, "exit_code": exit_code, "reason": stop_reason, "time": time.time()})
+        folder.write_last_exit(step, exit_code, stop_reason)
         if exit_code == 0:
             console.print(f"done: {step} steps in {folder}")
         else:
@@ -469,51 +413,9 @@ def _loop(cfg: Config, engine: Engine, manifest: Manifest, vocab: int, mask_id: 
     return exit_code
 
 
-def _header(cfg: Config, engine: Engine, loader: ShardLoader, world: int, device: torch.device, vocab: int,
-            info: dict, folder: Path, latest: Path | None, step: int) -> list[str]:
-    """The start-up lines of the log: where, what, how big, on which layout."""
-    from pipeline.model import parameter_count
-
-    m = cfg.model
-    topo = engine.topology
-    dp, tp = engine.data_world, world // engine.data_world
-    seq = cfg.data.seq_len
-    per_step = cfg.optim.batch_size * cfg.optim.grad_accum * dp
-    layout = {"torch": f"torch ({cfg.parallel.distributed if world > 1 else 'single process'})",
-              "deepspeed": f"deepspeed (ZeRO stage {cfg.parallel.zero_stage})",
-              "megatron": f"megatron-core (tensor parallel {tp})"}[topo["backend"]]
-    if topo["backend"] == "deepspeed":
-        precision = "bf16 (DeepSpeed, fp32 master weights)" if cfg.parallel.bf16 else "fp32"
-    elif cfg.parallel.bf16 and device.type == "cuda":
-        precision = "bf16 autocast (fp32 weights)"
-    else:
-        precision = "fp32" + (" (parallel.bf16 applies on CUDA only)" if cfg.parallel.bf16 else "")
-    objective = (f"ProSeCo (mdm + {cfg.diffusion.corrector_weight:g} x correction)"
-                 if cfg.diffusion.corrector_weight > 0 else "MDM (no correction term)")
-    start = (f"resuming from {latest.name} (step {step})" if latest is not None else "new run")
-    return [
-        f"proseco train: {folder} (run id {info.get('run_id', '?')}): {start}",
-        (f"  model      {parameter_count(m, vocab):,} parameters ({m.layers} layers x hidden {m.hidden}, "
-        f"{m.heads} heads, vocabulary {vocab:,}), objective {objective}"),
-        (f"  layout     {layout}, world {world} = data parallel {dp} x tensor parallel {tp}, device {device.type}, "
-        f"precision {precision}"),
-        (f"  batch      {per_step:,} sequences x {seq} tokens = {per_step * seq:,} tokens per step "
-        f"({cfg.optim.batch_size} per rank x {cfg.optim.grad_accum} micro-steps x {dp} data-parallel ranks)"),
-        (f"  schedule   steps {step} -> {cfg.optim.steps}, lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, {cfg.optim.schedule}), "
-        f"log every {cfg.log.every}, validate every {cfg.log.val_every or 'never'}, checkpoint every {cfg.checkpoint.every}"),
-        f"  data       {cfg.data.shards} ({loader.batches_per_epoch:,} batches per epoch per rank)",
-        f"  logs       {folder / 'metrics.jsonl'}, wandb {cfg.log.wandb}",
-    ]
-
-
-def write_last_exit(folder: Path, info: dict) -> None:
-    atomic_write_json(folder / "logs" / "last_exit.json", info)
-
-
-def read_last_exit(folder: str | os.PathLike) -> dict | None:
-    """How the last start of the run in ``folder`` ended: step, exit_code, reason
-    (``finished``, ``time_budget`` or a signal name such as ``SIGUSR2``); None if unknown."""
-    try:
-        return json.loads((Path(folder) / "logs" / "last_exit.json").read_text())
-    except (OSError, ValueError):
-        return None
+def _saved_run_ids(ckpt: CheckpointManager) -> tuple[dict, str | None]:
+    """The run ids kept in the latest checkpoint and its name, or ({}, None)."""
+    latest = ckpt.latest()
+    if latest is None:
+        return {}, None
+    return ckpt.read_meta(latest).get("run") or {}, latest.name

@@ -58,6 +58,11 @@ def test_tiny_demo_runs_end_to_end_and_reuses_trained_models(tmp_path, capsys):
     assert {r["method"] for r in first["results"]} == set("abcd")
     assert first["trained"]["mdm"]["steps"] == 6 and first["trained"]["proseco"]["steps"] == 3
     assert all(r["clue_violations"] == 0.0 for r in first["results"])
+    # both models trained through `proseco train`'s loop: a run folder each, a checkpoint at the last step
+    runs = sorted(p.name.split("-")[0] for p in (tmp_path / "runs").iterdir())
+    assert runs == ["mdm", "proseco"]
+    assert [len(list((tmp_path / "runs").glob(f"{k}-*/checkpoints/step_{n:08d}/COMPLETE"))) for k, n in
+            (("mdm", 6), ("proseco", 3))] == [1, 1]
     page = (tmp_path / "eval" / "report.html").read_text()  # the batch evaluator's report
     pngs = list((tmp_path / "eval").glob("*.png"))
     assert len(pngs) == 2 and all(p.name in page for p in pngs)  # one plot per task, both models on it

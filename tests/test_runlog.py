@@ -1,4 +1,5 @@
-"""pipeline/runlog.py: metrics.jsonl as the source of truth, wandb as a mirror that never stops training.
+"""pipeline/runlog.py: metrics.jsonl as the source of truth, wandb as a mirror that never stops training;
+pipeline/rundir.py: the run folder's layout, run.json and last_exit.
 
 The step rule and the failure paths run against a fake ``wandb`` module (milliseconds); the real
 wandb (offline, and online without a network) runs in subprocesses whose HOME / XDG folders point
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config
+from pipeline.rundir import RunDir
 from pipeline.runlog import INIT_TIMEOUT_ENV, RunLogger, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,29 @@ def _info(logger_id: str = "abc123def456") -> dict:
 
 def _row(step: int) -> dict:
     return {"step": step, "loss": 1.0 / step, "lr": 1e-3}
+
+
+# ---------------------------------------------------------------------------------------- run folder
+def test_run_folder_layout_run_json_and_last_exit(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg()
+    run = RunDir.of(cfg)
+    assert run.path == Path("runs/unit") and run.metrics == Path("runs/unit/metrics.jsonl")
+    assert run.last_exit == Path("runs/unit/logs/last_exit.json") and run.slurm.name == "slurm"
+    assert run.read_last_exit() is None
+    info = run.start(cfg, lambda: ({}, None))
+    assert run.start(cfg, lambda: ({}, None)) == info and info["run_id"] == info["logger_id"]
+    run.run_json.write_text("{")  # torn by a crash: rebuilt from the ids a checkpoint kept
+    assert run.start(cfg, lambda: (info, "step_00000004")) == info
+    assert "rebuilt it from the ids kept in step_00000004" in capsys.readouterr().out
+    run.write_last_exit(7, 3, "SIGUSR2")
+    assert {k: run.read_last_exit()[k] for k in ("step", "exit_code", "reason")} == \
+        {"step": 7, "exit_code": 3, "reason": "SIGUSR2"}
+    run.last_exit.write_text("[")
+    assert run.read_last_exit() is None
+    (run.checkpoints / "step_00000002").mkdir(parents=True)
+    assert RunDir.holding(run.checkpoints / "step_00000002").path == run.path
+    assert RunDir.holding("runs/unit").eval == run.eval and RunDir.holding(tmp_path) is None
 
 
 # ---------------------------------------------------------------------------------------- metrics.jsonl

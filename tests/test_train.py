@@ -34,7 +34,8 @@ from train_utils import (  # noqa: F401 (re-exported helpers used below)
 
 from pipeline import cli
 from pipeline.checkpoint.manager import rewrite_meta
-from pipeline.train import EXIT_REQUEUE, read_metrics
+from pipeline.runlog import read_metrics
+from pipeline.train import EXIT_REQUEUE
 
 
 @pytest.fixture(scope="module")

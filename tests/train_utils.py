@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.train import SAVE_DELAY_ENV, STEP_DELAY_ENV, read_metrics
+from pipeline.runlog import read_metrics
+from pipeline.train import SAVE_DELAY_ENV, STEP_DELAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12

@@ -35,13 +35,11 @@ def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
-    from pipeline import spawn
+    from pipeline import distributed, spawn
 
     if args.nproc is not None:  # the launcher process: it does not import torch (the ranks start faster)
-        import os
-
         check_world_size(cfg, args.nproc)
-        if "RANK" in os.environ:
+        if distributed.started_by_launcher():
             raise ProsecoError("--nproc starts its own ranks: do not combine it with torchrun / srun "
                                "(drop --nproc, or run `proseco train --nproc N` directly)")
         return spawn.run(spawn.strip_nproc(args.argv), args.nproc)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import io
 import mmap
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.format import index_samples
 from pipeline.data.manifest import Manifest, Shard
+from pipeline.distributed import world_from_env
 from pipeline.errors import ProsecoError
 
 STATE_KEYS = ("epoch", "batches", "seed", "fingerprint", "world_size", "num_workers", "batch_size")
@@ -55,7 +55,7 @@ def default_rank_world() -> tuple[int, int]:
     """(rank, world size): torch.distributed if initialised, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return world_from_env()[:2]
 
 
 @dataclass(frozen=True)

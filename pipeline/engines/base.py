@@ -19,7 +19,6 @@ their checkpoints move freely between single process, DDP, FSDP2 and any tensor-
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ class Engine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    ema = None  # pipeline.trainer.EMA, or None when optim.ema == 0
+    ema = None  # pipeline.optim.EMA, or None when optim.ema == 0
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients by their global norm; returns the norm before clipping."""
@@ -70,6 +69,15 @@ class Engine:
         if self.ema is not None:
             self.ema.update(self.model)
         return float(norm)
+
+    def saved_ema(self, state: dict, folder: Path) -> dict:
+        """The EMA weights of a checkpoint's ``state.pt``; a run with EMA on cannot resume without them."""
+        if "ema" not in state:
+            from pipeline.errors import ProsecoError
+
+            raise ProsecoError(f"{folder} has no EMA weights but optim.ema={self.cfg.optim.ema}; "
+                               "resume with optim.ema=0 or start a new run")
+        return state["ema"]
 
     @property
     def eval_model(self) -> nn.Module:
@@ -111,11 +119,6 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
 
     for block in blocks:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-
-
-def unshared_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy (the EMA shadow)."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -1,7 +1,7 @@
 """``parallel.backend=deepspeed``: ZeRO stage 0-3 through ``deepspeed.initialize``.
 
 The DeepSpeed config is generated from ours (:func:`deepspeed_config`) - there is no JSON file to
-drift. The optimizer is our torch AdamW (:func:`pipeline.trainer.make_optimizer`, same parameter
+drift. The optimizer is our torch AdamW (:func:`pipeline.optim.make_optimizer`, same parameter
 groups as the torch backend) handed to DeepSpeed as a client optimizer, so nothing is JIT-compiled
 for it (DeepSpeed's FusedAdam / CPUAdam would build C++ ops at start-up).
 
@@ -15,9 +15,10 @@ and go in with ``scale_wrt_gas=False``, so gradients equal the torch backend's.
 bf16 (``parallel.bf16``): DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in
 the ZeRO optimizer); logits are cast to fp32 before the loss.
 
-EMA: an fp32 copy of the model made before ``deepspeed.initialize``, updated from the live
-parameters after every optimizer step; under ZeRO-3 the parameters are partitioned, so the update
-gathers them (``deepspeed.zero.GatheredParameters``: one all-gather of the model per step).
+EMA (:class:`pipeline.optim.EMA`): an fp32 shadow copied from the model before
+``deepspeed.initialize``, updated from the live (bf16 or fp32) parameters after every optimizer
+step; under ZeRO-3 the parameters are partitioned, so the update gathers them
+(``deepspeed.zero.GatheredParameters``: one all-gather of the model per step).
 
 Checkpoints: ``engine.save_checkpoint`` writes DeepSpeed's own files (model, ZeRO-partitioned
 optimizer) to ``deepspeed/`` inside the checkpoint folder; rank 0 adds the EMA to ``state.pt``.
@@ -41,11 +42,10 @@ from pipeline.engines.base import (
     build_backbone,
     checkpoint_blocks,
     load_state_file,
-    unshared_copy,
 )
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
-from pipeline.trainer import make_optimizer
+from pipeline.optim import EMA, make_optimizer
 
 DS_TAG = "deepspeed"  # DeepSpeed's files: <checkpoint>/deepspeed/
 UNIVERSAL_TAG = "deepspeed_universal"  # written by `proseco ckpt universal`
@@ -105,7 +105,7 @@ class DeepSpeedEngine(Engine):
         module = build_backbone(cfg, vocab, device)
         if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(module.blocks)
-        self.ema = unshared_copy(module).float() if cfg.optim.ema > 0 else None
+        self.ema = EMA(module, cfg.optim.ema, dtype=torch.float32) if cfg.optim.ema > 0 else None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=make_optimizer(module, cfg.optim), config=deepspeed_config(cfg))
         self.model = self.ds.module
@@ -126,27 +126,13 @@ class DeepSpeedEngine(Engine):
         if self.ds.micro_steps % self.ds.gradient_accumulation_steps():  # a train-loop bug, not user input
             raise RuntimeError(f"DeepSpeed is mid-accumulation at micro-step {self.ds.micro_steps}")
         if self.ema is not None:
-            self._update_ema()
+            self.ema.update(self.model, gather=self._deepspeed.zero.GatheredParameters if self._zero3 else None)
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.cfg.optim.ema
-        params = list(self.model.parameters())
-        gather = self._deepspeed.zero.GatheredParameters(params) if self._zero3 else None
-        if gather is not None:
-            gather.__enter__()
-        try:
-            for s, p in zip(self.ema.parameters(), params):
-                s.lerp_(p.detach().float(), 1.0 - decay)
-        finally:
-            if gather is not None:
-                gather.__exit__(None, None, None)
-
     @property
     def eval_model(self) -> nn.Module:
-        return self.ema if self.ema is not None else _Float32Logits(self.ds)
+        return self.ema.shadow if self.ema is not None else _Float32Logits(self.ds)
 
     @property
     def eval_collective(self) -> bool:
@@ -169,7 +155,7 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(folder), tag=DS_TAG, client_state=info, save_latest=False)
         if rank != 0:
             return {}  # DeepSpeed's own files are hashed by the checkpoint manager
-        return {STATE_FILE: save_torch({"ema": self.ema.state_dict()} if self.ema is not None else {},
+        return {STATE_FILE: save_torch({"ema": self.ema.shadow.state_dict()} if self.ema is not None else {},
                                        folder / STATE_FILE)}
 
     def load(self, folder: Path, saved_topology: dict) -> None:
@@ -189,7 +175,4 @@ class DeepSpeedEngine(Engine):
             raise ProsecoError(f"DeepSpeed found no checkpoint under {folder / tag}")
         if self.ema is not None:
             state = load_state_file(folder, self.device)
-            if "ema" not in state:
-                raise ProsecoError(f"{folder} has no EMA weights but optim.ema={self.cfg.optim.ema}; "
-                                   "resume with optim.ema=0 or start a new run")
-            self.ema.load_state_dict(state["ema"])
+            self.ema.shadow.load_state_dict(self.saved_ema(state, folder))

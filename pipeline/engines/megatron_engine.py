@@ -32,7 +32,7 @@ from pipeline.config import Config
 from pipeline.engines.base import STATE_FILE, Engine, checkpoint_blocks, load_state_file, param_names
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
-from pipeline.trainer import EMA, make_optimizer
+from pipeline.optim import EMA, make_optimizer
 
 
 def _import_tp():

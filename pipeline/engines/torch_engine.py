@@ -36,7 +36,7 @@ from pipeline.engines.base import (
     param_names,
 )
 from pipeline.io import save_torch
-from pipeline.trainer import EMA, make_optimizer
+from pipeline.optim import EMA, make_optimizer
 
 
 class TorchEngine(Engine):
@@ -102,11 +102,6 @@ class TorchEngine(Engine):
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            if "ema" not in state:
-                from pipeline.errors import ProsecoError
-
-                raise ProsecoError(f"{folder} has no EMA weights but optim.ema={self.cfg.optim.ema}; "
-                                   "resume with optim.ema=0 or start a new run")
-            self.ema.shadow.load_state_dict(state["ema"])
+            self.ema.shadow.load_state_dict(self.saved_ema(state, folder))
         if dist.is_initialized():
             dist.barrier()

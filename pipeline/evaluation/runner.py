@@ -49,6 +49,7 @@ from pipeline.config import Config, parse_part, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write, atomic_write_json, sha256_file
+from pipeline.rundir import RunDir
 from pipeline.tasks import task_class
 
 RESULT_FORMAT = "proseco-eval/1"
@@ -343,12 +344,8 @@ def _num(v) -> str:
 def default_out(spec: str, cfg: Config) -> Path:
     if cfg.eval.out:
         return Path(cfg.eval.out)
-    p = Path(spec)
-    if (p / "checkpoints").is_dir():
-        return p / "eval"
-    if p.is_dir() and p.name.startswith("step_"):
-        return p.parent.parent / "eval"
-    return p / "eval"
+    run = RunDir.holding(spec)
+    return run.eval if run is not None else Path(spec) / "eval"
 
 
 def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | None = None,

@@ -27,6 +27,7 @@ from pipeline.launch.slurm import (
     train_parameters,
 )
 from pipeline.launch.tasks import EvalShardTask, PrepMergeTask, PrepPartTask, TrainTask
+from pipeline.rundir import RunDir
 
 
 def _check_parts(parts: int) -> None:
@@ -41,15 +42,13 @@ def _one_process(cfg: Config, name: str) -> dict:
 
 def launch_train(cfg: Config, dry_run: bool = False) -> int:
     """``proseco launch train``: one job of cluster.nodes x cluster.tasks_per_node training ranks."""
-    from pipeline.train import run_dir
-
     check_corpus_run(cfg, "proseco launch train", need_shards=False)
-    run = run_dir(cfg).resolve()
+    run = RunDir.of(cfg).path.resolve()
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
     cfg.data.shards = str(Path(cfg.data.shards).resolve())
     name = cfg.cluster.job_name or f"proseco-train-{cfg.run.name}"
     params = train_parameters(cfg, run, name)
-    script = job_script(cfg, run / "slurm", params)
+    script = job_script(cfg, RunDir(run).slurm, params)
     warning = render.gpu_warning(cfg)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -139,28 +138,27 @@ def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> in
 def status(run: str | os.PathLike) -> int:
     from pipeline.checkpoint.manager import CheckpointManager
     from pipeline.runlog import read_metrics
-    from pipeline.train import read_last_exit
 
     run = Path(run)
+    folder = RunDir(run)
     job = read_job(run)
     jid = str(job["job_id"])
     print(f"run {run}")
     print(f"  job {jid} ({job.get('stage')}): {slurm.job_state(jid)}"
           + (f"; array {job['array_job_id']}: {slurm.job_state(job['array_job_id'])}" if "array_job_id" in job else ""))
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        rows = read_metrics(metrics)
+    if folder.metrics.is_file():
+        rows = read_metrics(folder.metrics)
         if rows:
             last = rows[-1]
             print(f"  step {last['step']}: loss {last.get('loss', float('nan')):.4f}, "
                   f"{last.get('tokens_per_s', 0):,.0f} tokens/s")
-    if (run / "checkpoints").is_dir():
+    if folder.checkpoints.is_dir():
         latest = CheckpointManager(run).latest()
         print(f"  latest checkpoint: {latest if latest else 'none'}")
-    last_exit = read_last_exit(run)
+    last_exit = folder.read_last_exit()
     if last_exit:
         print(f"  last start ended: step {last_exit['step']}, {last_exit['reason']} (exit {last_exit['exit_code']})")
-    logs = sorted((run / "slurm").glob("*_0_log.out"), key=lambda p: p.stat().st_mtime)
+    logs = sorted(folder.slurm.glob("*_0_log.out"), key=lambda p: p.stat().st_mtime)
     if logs:
         tail = logs[-1].read_text(errors="replace").splitlines()[-8:]
         print(f"  {logs[-1]} (last lines):")

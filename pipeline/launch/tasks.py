@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config, config_from_dict
+from pipeline.rundir import RunDir
 
 REQUEUE_REASONS = {"SIGUSR1", "SIGUSR2", "time_budget"}  # a stop the job asked for; SIGTERM is SLURM's
 KILL_AT_START_ENV = "PROSECO_KILL_RANK_AT_START"  # fault-injection tests: this rank SIGKILLs itself at start
@@ -28,7 +29,7 @@ class TrainTask:
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = config_from_dict(self.cfg)
-        folder = train.run_dir(cfg)
+        folder = RunDir.of(cfg).path
         print(f"proseco: rank {env.rank}/{env.world_size} (local {env.local_rank}) on {os.uname().nodename}, "
               f"master {env.master_addr}:{env.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
               flush=True)
@@ -50,9 +51,7 @@ class TrainTask:
 
 
 def _requeue_after_stop(cfg: Config, folder: Path) -> None:
-    from pipeline.train import read_last_exit
-
-    last = read_last_exit(folder) or {}
+    last = RunDir(folder).read_last_exit() or {}
     job = os.environ.get("SLURM_JOB_ID")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     reason = last.get("reason")

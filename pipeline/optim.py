@@ -1,0 +1,75 @@
+"""Optimizer, learning-rate schedule and the weight EMA: the pieces every engine shares.
+
+Every backend (:mod:`pipeline.engines`: torch, DeepSpeed, megatron-core) builds its optimizer with
+:func:`make_optimizer`, takes its learning rate from :func:`lr_at` (set by the train loop before
+each step) and keeps its evaluation weights in one :class:`EMA`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from pipeline.config import OptimConfig
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D or embedding tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warmup to ``lr``, then constant or cosine decay to ``min_lr_ratio * lr``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's weights, held in a frozen ``shadow`` module (the
+    weights that are validated and exported when ``optim.ema > 0``)."""
+
+    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None,
+                 dtype: torch.dtype | None = None):
+        """``shadow``: a module of ``model``'s structure to hold the average (default: a deep copy;
+        modules that hold process groups cannot be deep-copied and pass a fresh instance).
+        ``dtype``: keep the average in this dtype (DeepSpeed bf16 keeps an fp32 shadow)."""
+        self.decay = decay
+        if shadow is None:
+            shadow = copy.deepcopy(model)
+        else:
+            shadow.load_state_dict(model.state_dict())
+        if dtype is not None:
+            shadow = shadow.to(dtype)
+        self.shadow = shadow.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, gather: Callable[[list], contextlib.AbstractContextManager] | None = None
+               ) -> None:
+        """``shadow <- decay * shadow + (1 - decay) * model``, parameter by parameter.
+
+        FSDP2 parameters are DTensor shards: their full tensor is gathered (a collective - every
+        rank calls update) into the unsharded shadow, built from the model before it was sharded.
+        ``gather``: a context manager factory that makes partitioned parameters whole while the
+        update reads them (DeepSpeed ZeRO-3's ``GatheredParameters``)."""
+        params = list(model.parameters())
+        with gather(params) if gather is not None else contextlib.nullcontext():
+            for s, p in zip(self.shadow.parameters(), params):
+                src = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+                s.lerp_(src.to(s.dtype), 1.0 - self.decay)
