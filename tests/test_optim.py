@@ -96,7 +96,8 @@ def test_tensor_loader_splits_ranks_and_refuses_other_data_or_layout():
 
 def test_rank_discovery_reads_torchrun_then_srun_variables(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "0")  # recorded, so that what world_from_env exports is undone afterwards
+        monkeypatch.delenv(key)
     assert world_from_env() == (0, 1, 0) and not started_by_launcher()
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_PROCID", "3")
