@@ -76,14 +76,17 @@ def peak_bytes(run, device) -> int:
     return peak
 
 
+def add_model_args(p: argparse.ArgumentParser, vocab: int, vocab_help: str | None = None) -> None:
+    """The model-size options the benchmarks share: --hidden --layers --heads --seq --vocab --batch."""
+    for name, default in (("hidden", 256), ("layers", 4), ("heads", 4), ("seq", 256)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--vocab", type=int, default=vocab, help=vocab_help)
+    p.add_argument("--batch", type=int, default=8)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8)
+    add_model_args(p, 4096)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -49,8 +49,10 @@ from pipeline.optim import make_optimizer
 
 try:  # run as a script (benchmarks/ is on sys.path) or as `python -m benchmarks.bench_train`
     from bench_loader import write_shards
+    from bench_objective import add_model_args
 except ImportError:
     from benchmarks.bench_loader import write_shards
+    from benchmarks.bench_objective import add_model_args
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "text.yaml"
 
@@ -129,12 +131,7 @@ def bare_round(args, cfg, vocab: int, mask_id: int, batches: list[dict]) -> list
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=8192, help="the tokenizer vocabulary written to the manifest")
-    p.add_argument("--batch", type=int, default=8)
+    add_model_args(p, 8192, "the tokenizer vocabulary written to the manifest")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per round (warm-up included)")
     p.add_argument("--warmup", type=int, default=2, help="steps of each round not counted")
     p.add_argument("--rounds", type=int, default=3)
