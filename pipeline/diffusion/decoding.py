@@ -3,6 +3,8 @@
 Pure functions on a batch: ``logits`` [B, L, V] (mask logit -inf), the current tokens ``z`` [B, L],
 per-sample uniform draws from :class:`Noise`. Tokens are drawn only where a position changes, and
 only those rows of ``logits`` are touched, so a step costs O(changed rows x V), not O(B x L x V).
+The vocabulary-wide work (float64 softmax, nucleus sort, CDF) runs on blocks of rows small enough
+to stay in cache (:func:`over_rows`); every row is computed alone, so the blocks change no result.
 
 Nucleus rules (``rule``): ``official`` - the official ProSeCo/ReMDM code: keep the sorted tokens
 whose cumulative mass is <= p, the most likely token always kept; ``minimal`` - the smallest top
@@ -14,6 +16,23 @@ from __future__ import annotations
 import torch
 
 NUCLEUS_RULES = ("official", "minimal")
+BLOCK_ELEMENTS = 1 << 17  # rows x V per block of vocabulary-wide work: 1 MiB in float64
+
+
+def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor) -> torch.Tensor:
+    """``fn(rows [n, V], *values [n])`` (a tensor or a tuple of them) on the rows of ``logits`` [..., V] at ``where`` [...], in
+    ``where``'s row-major order (as ``logits[where]``), block by block of about BLOCK_ELEMENTS:
+    neither the [n, V] gather nor its float64 copies are ever materialised whole."""
+    vocab = logits.shape[-1]
+    flat, idx = logits.reshape(-1, vocab), where.reshape(-1).nonzero().squeeze(1)
+    values = [v.reshape(-1)[idx] for v in per_position]
+    step = max(1, BLOCK_ELEMENTS // vocab)
+    parts = [fn(flat[idx[i:i + step]], *(v[i:i + step] for v in values)) for i in range(0, len(idx), step)]
+    if not parts:
+        return fn(flat[idx], *values)
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
 
 
 class Noise:
@@ -77,16 +96,18 @@ def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: to
     """z with a token drawn from ``logits`` at the positions ``where`` (only those are computed)."""
     if not bool(where.any()):
         return z
-    drawn = categorical(logits[where], u[where][:, None], p, float64, rule)
+    drawn = over_rows(lambda rows, u_: categorical(rows, u_[:, None], p, float64, rule), logits, where, u)
     return z.masked_scatter(where, drawn)
 
 
 def chosen_prob(logits: torch.Tensor, where: torch.Tensor, token: torch.Tensor, p: float, float64: bool,
                 rule: str) -> torch.Tensor:
     """Probability of ``token`` [B, L] under nucleus-renormalised softmax(logits), at ``where`` only ([n])."""
-    rows = logits[where]
-    logp = nucleus_log_probs(rows, p, float64, rule) if p < 1.0 else torch.log_softmax(rows.double(), -1)
-    return logp.gather(-1, token[where][:, None]).squeeze(-1).exp()
+    def prob(rows, tok):
+        logp = nucleus_log_probs(rows, p, float64, rule) if p < 1.0 else torch.log_softmax(rows.double(), -1)
+        return logp.gather(-1, tok[:, None]).squeeze(-1).exp()
+
+    return over_rows(prob, logits, where, token)
 
 
 # ----------------------------------------------------------------------------- MDLM / ReMDM
@@ -176,13 +197,19 @@ def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, c
     confidence is its probability under softmax(logits), as in LLaDA's ``low_confidence``."""
     u = noise.uniform(z.shape[1])
     open_ = candidates & (z == mask_id)
-    rows = logits[open_]  # only masked candidates are scored: [n, V]
-    if temperature == 0:
-        token = rows.argmax(-1)
-    else:
-        token = categorical(rows / temperature, u[open_][:, None], p, float64, rule)
-    # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
-    score = rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows.double(), dim=-1)
+
+    def draw_and_score(rows, u_):  # only masked candidates are drawn and scored: rows [n, V]
+        rows64 = rows.double()
+        if temperature == 0:
+            token = rows.argmax(-1)
+        else:  # at temperature 1 the float64 copy is shared: rows / 1 == rows exactly
+            scaled = rows64 if temperature == 1 and float64 else rows / temperature
+            token = categorical(scaled, u_[:, None], p, float64, rule)
+        # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
+        score = rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows64, dim=-1)
+        return token, score
+
+    token, score = over_rows(draw_and_score, logits, open_, u)
     confidence = torch.full(z.shape, float("-inf"), dtype=score.dtype, device=z.device).masked_scatter(open_, score)
     token = z.masked_scatter(open_, token)
     if threshold > 0:

@@ -130,22 +130,24 @@ def _corrector_update(logits, y, update, stale, cfg: SamplerConfig, u):
     p, f64, rule = cfg.nucleus_p, cfg.float64, cfg.nucleus_rule
     if cfg.corrector_mode == "sample":
         return draw_where(update, logits, u, y, p, f64, rule)
-    y_new = y.clone()
     if not bool(stale.any()):
-        return y_new
-    rows = stale.nonzero().squeeze(1)
-    top = logits[rows].argmax(-1)
-    upd = update[rows]
+        return y.clone()
+    every = bool(stale.all())  # then the rows are used as they are: no [n, L, V] copy of the logits
+    rows = None if every else stale.nonzero().squeeze(1)
+    logits_r, y_r, upd = (logits, y, update) if every else (logits[rows], y[rows], update[rows])
+    top = logits_r.argmax(-1)
     if cfg.corrector_mode == "argmax":
-        y_new[rows] = torch.where(upd, top, y[rows])
-        return y_new
-    differs = upd & (top != y[rows])  # select_top_k: among positions whose argmax differs, the k surest
-    score = torch.full(top.shape, float("-inf"), dtype=torch.float64, device=y.device)
-    if bool(differs.any()):
-        score[differs] = chosen_prob(logits[rows], differs, top, p, f64, rule).double()
-    rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-    y_new[rows] = torch.where(differs & (rank < cfg.corrector_top_k), top, y[rows])
-    return y_new
+        new = torch.where(upd, top, y_r)
+    else:  # select_top_k: among positions whose argmax differs, the k surest
+        differs = upd & (top != y_r)
+        score = torch.full(top.shape, float("-inf"), dtype=torch.float64, device=y.device)
+        if bool(differs.any()):
+            score[differs] = chosen_prob(logits_r, differs, top, p, f64, rule).double()
+        rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+        new = torch.where(differs & (rank < cfg.corrector_top_k), top, y_r)
+    if every:
+        return new
+    return y.index_put((rows,), new)
 
 
 def corrector_loop(denoise: Denoiser, logits, z, t, rows, update, guess, mask_id, cfg: SamplerConfig,
