@@ -17,6 +17,7 @@ import torch
 
 NUCLEUS_RULES = ("official", "minimal")
 BLOCK_ELEMENTS = 1 << 17  # rows x V per block of vocabulary-wide work: 1 MiB in float64
+NUCLEUS_TOPK = 128  # a nucleus this small is drawn from a top-k instead of a full sort
 
 
 def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor) -> torch.Tensor:
@@ -81,14 +82,47 @@ def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: 
     temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). With a nucleus the CDF
     is built in sorted order: no scatter back, no second softmax."""
     probs = torch.softmax(logits.double() if float64 else logits.float(), dim=-1)
-    order = None
-    if p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * _nucleus_keep(probs, p, rule)
+    if p >= 1.0:
+        return _invert_cdf(probs, u).clamp_(max=logits.shape[-1] - 1).squeeze(-1)  # never a p=0 token
+    return _nucleus_draw(probs, u, p, rule)
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Position [N, 1] of the first entry of cumsum(``probs``) above ``u`` x total mass."""
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1:]).contiguous()
-    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[-1] - 1)  # never a p=0 token
-    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+    return torch.searchsorted(cdf, target, right=True)
+
+
+def _nucleus_draw(probs: torch.Tensor, u: torch.Tensor, p: float, rule: str) -> torch.Tensor:
+    """``categorical`` with a nucleus: the CDF of the kept tokens in descending order of probability.
+
+    Only the head of the sorted row matters: a row whose nucleus fits in its top NUCLEUS_TOPK
+    entries (possible only when NUCLEUS_TOPK x max prob > p) is drawn from ``topk`` instead of a
+    full sort. That is the same draw when the head is unambiguous: its values strictly decrease
+    (so any sort orders it alike; ties would leave the order to the sort), its mass exceeds p (so
+    no later token is kept under either rule; the margin covers rounding) and the drawn position
+    lies inside it. Every other row is sorted whole, as before."""
+    n, vocab = probs.shape
+    token = torch.empty(n, dtype=torch.long, device=probs.device)
+    left = torch.ones(n, dtype=torch.bool, device=probs.device)
+    k = NUCLEUS_TOPK
+    if vocab > 2 * k:
+        head = (probs.amax(-1) * k > p).nonzero().squeeze(1)
+        if len(head):
+            values, order = probs[head].topk(k + 1, dim=-1)
+            kept = values[:, :k]
+            pos = _invert_cdf(kept * _nucleus_keep(kept, p, rule), u[head])
+            ok = ((values[:, :-1] > values[:, 1:]).all(-1) & (kept.cumsum(-1)[:, -1] > p + 1e-9)
+                  & (pos.squeeze(-1) < k))
+            token[head[ok]] = order[ok].gather(-1, pos[ok]).squeeze(-1)
+            left[head[ok]] = False
+    rest = left.nonzero().squeeze(1)
+    if len(rest):
+        sorted_probs, order = probs[rest].sort(dim=-1, descending=True)
+        pos = _invert_cdf(sorted_probs * _nucleus_keep(sorted_probs, p, rule), u[rest]).clamp_(max=vocab - 1)
+        token[rest] = order.gather(-1, pos).squeeze(-1)
+    return token
 
 
 def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
