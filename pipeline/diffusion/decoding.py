@@ -20,17 +20,23 @@ BLOCK_ELEMENTS = 1 << 17  # rows x V per block of vocabulary-wide work: 1 MiB in
 NUCLEUS_TOPK = 128  # a nucleus this small is drawn from a top-k instead of a full sort
 
 
-def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor) -> torch.Tensor:
-    """``fn(rows [n, V], *values [n])`` (a tensor or a tuple of them) on the rows of ``logits`` [..., V] at ``where`` [...], in
-    ``where``'s row-major order (as ``logits[where]``), block by block of about BLOCK_ELEMENTS:
-    neither the [n, V] gather nor its float64 copies are ever materialised whole."""
+def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor):
+    """``fn(rows [n, V], *values [n])`` (a tensor or a tuple of them) on the rows of ``logits``
+    [..., V] at ``where`` [...], in ``where``'s row-major order (as ``logits[where]``), block by
+    block of about BLOCK_ELEMENTS: neither the [n, V] gather nor its float64 copies are ever
+    materialised whole."""
     vocab = logits.shape[-1]
-    flat, idx = logits.reshape(-1, vocab), where.reshape(-1).nonzero().squeeze(1)
-    values = [v.reshape(-1)[idx] for v in per_position]
-    step = max(1, BLOCK_ELEMENTS // vocab)
-    parts = [fn(flat[idx[i:i + step]], *(v[i:i + step] for v in values)) for i in range(0, len(idx), step)]
-    if not parts:
-        return fn(flat[idx], *values)
+    step, flat = max(1, BLOCK_ELEMENTS // vocab), logits.reshape(-1, vocab)
+    if bool(where.all()):  # every row: the blocks are views, nothing is gathered
+        n, values = flat.shape[0], [v.reshape(-1) for v in per_position]
+        def block(i): return flat[i:i + step]
+    else:
+        idx = where.reshape(-1).nonzero().squeeze(1)
+        n, values = len(idx), [v.reshape(-1)[idx] for v in per_position]
+        def block(i): return flat[idx[i:i + step]]
+    parts = [fn(block(i), *(v[i:i + step] for v in values)) for i in range(0, n, step)]
+    if not parts:  # no row: fn's own empty output
+        return fn(flat[:0], *(v[:0] for v in values))
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(column) for column in zip(*parts))
     return torch.cat(parts)
