@@ -425,6 +425,32 @@ def test_categorical_with_nucleus_samples_only_the_top_set():
     assert categorical(logits, u, p=0.6).tolist() == [1, 1, 1, 1]  # official: 0.5 + 0.3 > 0.6
 
 
+@pytest.mark.parametrize("rule", ["official", "minimal"])
+def test_categorical_nucleus_from_topk_draws_what_the_full_sort_draws(monkeypatch, rule):
+    """Peaked rows take the top-k path; flat rows, tied heads, nuclei wider than the top-k and
+    u at the CDF's end the full sort: the tokens equal those of sorting every row (the top-k path
+    disabled) and of the plain reference."""
+    from pipeline.diffusion import decoding
+    from tests.official_reference import draw
+
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.cat([torch.full((120,), 8.0), torch.full((40,), 0.3), torch.full((40,), 3.0)])
+    logits = torch.randn(200, 1000, generator=gen) * scale[:, None]
+    logits[120:160, 7] = logits[120:160, 9] = 40.0  # a tied head: left to the sort
+    logits[-1] = logits[-1].clamp(max=0.0)  # many tied top values
+    logits[160:170] = torch.randn(10, 1000, generator=gen) * 0.01
+    logits[160:170, 0] += 2.3  # max prob 0.01 (top-k tried), but a nucleus of ~900 tokens
+    u = torch.rand(200, 1, generator=gen, dtype=torch.float64)
+    u[::17] = 1.0 - 1e-16
+    u[1::23] = 1.0  # the CDF's far end: the full sort's last token
+    fast = categorical(logits, u, p=0.9, rule=rule)
+    monkeypatch.setattr(decoding, "NUCLEUS_TOPK", 10**6)  # every row sorted whole
+    assert torch.equal(fast, categorical(logits, u, p=0.9, rule=rule))
+    assert fast[::3].tolist() == [draw(logits[i], float(u[i]), 0.9, rule) for i in range(0, 200, 3)]
+    head = decoding.torch.softmax(logits.double(), -1).amax(-1) * 128 > 0.9
+    assert 100 <= int(head.sum()) < 200  # both paths ran
+
+
 def test_ancestral_step_unmasking_probability():
     n = 20_000
     logits = torch.zeros(1, n, V)

@@ -3,6 +3,8 @@
 Pure functions on a batch: ``logits`` [B, L, V] (mask logit -inf), the current tokens ``z`` [B, L],
 per-sample uniform draws from :class:`Noise`. Tokens are drawn only where a position changes, and
 only those rows of ``logits`` are touched, so a step costs O(changed rows x V), not O(B x L x V).
+The vocabulary-wide work (float64 softmax, nucleus sort, CDF) runs on blocks of rows small enough
+to stay in cache (:func:`over_rows`); every row is computed alone, so the blocks change no result.
 
 Nucleus rules (``rule``): ``official`` - the official ProSeCo/ReMDM code: keep the sorted tokens
 whose cumulative mass is <= p, the most likely token always kept; ``minimal`` - the smallest top
@@ -14,6 +16,30 @@ from __future__ import annotations
 import torch
 
 NUCLEUS_RULES = ("official", "minimal")
+BLOCK_ELEMENTS = 1 << 17  # rows x V per block of vocabulary-wide work: 1 MiB in float64
+NUCLEUS_TOPK = 128  # a nucleus this small is drawn from a top-k instead of a full sort
+
+
+def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor):
+    """``fn(rows [n, V], *values [n])`` (a tensor or a tuple of them) on the rows of ``logits``
+    [..., V] at ``where`` [...], in ``where``'s row-major order (as ``logits[where]``), block by
+    block of about BLOCK_ELEMENTS: neither the [n, V] gather nor its float64 copies are ever
+    materialised whole."""
+    vocab = logits.shape[-1]
+    step, flat = max(1, BLOCK_ELEMENTS // vocab), logits.reshape(-1, vocab)
+    if bool(where.all()):  # every row: the blocks are views, nothing is gathered
+        n, values = flat.shape[0], [v.reshape(-1) for v in per_position]
+        def block(i): return flat[i:i + step]
+    else:
+        idx = where.reshape(-1).nonzero().squeeze(1)
+        n, values = len(idx), [v.reshape(-1)[idx] for v in per_position]
+        def block(i): return flat[idx[i:i + step]]
+    parts = [fn(block(i), *(v[i:i + step] for v in values)) for i in range(0, n, step)]
+    if not parts:  # no row: fn's own empty output
+        return fn(flat[:0], *(v[:0] for v in values))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))
+    return torch.cat(parts)
 
 
 class Noise:
@@ -62,14 +88,47 @@ def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: 
     temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). With a nucleus the CDF
     is built in sorted order: no scatter back, no second softmax."""
     probs = torch.softmax(logits.double() if float64 else logits.float(), dim=-1)
-    order = None
-    if p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * _nucleus_keep(probs, p, rule)
+    if p >= 1.0:
+        return _invert_cdf(probs, u).clamp_(max=logits.shape[-1] - 1).squeeze(-1)  # never a p=0 token
+    return _nucleus_draw(probs, u, p, rule)
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Position [N, 1] of the first entry of cumsum(``probs``) above ``u`` x total mass."""
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1:]).contiguous()
-    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[-1] - 1)  # never a p=0 token
-    return (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+    return torch.searchsorted(cdf, target, right=True)
+
+
+def _nucleus_draw(probs: torch.Tensor, u: torch.Tensor, p: float, rule: str) -> torch.Tensor:
+    """``categorical`` with a nucleus: the CDF of the kept tokens in descending order of probability.
+
+    Only the head of the sorted row matters: a row whose nucleus fits in its top NUCLEUS_TOPK
+    entries (possible only when NUCLEUS_TOPK x max prob > p) is drawn from ``topk`` instead of a
+    full sort. That is the same draw when the head is unambiguous: its values strictly decrease
+    (so any sort orders it alike; ties would leave the order to the sort), its mass exceeds p (so
+    no later token is kept under either rule; the margin covers rounding) and the drawn position
+    lies inside it. Every other row is sorted whole, as before."""
+    n, vocab = probs.shape
+    token = torch.empty(n, dtype=torch.long, device=probs.device)
+    left = torch.ones(n, dtype=torch.bool, device=probs.device)
+    k = NUCLEUS_TOPK
+    if vocab > 2 * k:
+        head = (probs.amax(-1) * k > p).nonzero().squeeze(1)
+        if len(head):
+            values, order = probs[head].topk(k + 1, dim=-1)
+            kept = values[:, :k]
+            pos = _invert_cdf(kept * _nucleus_keep(kept, p, rule), u[head])
+            ok = ((values[:, :-1] > values[:, 1:]).all(-1) & (kept.cumsum(-1)[:, -1] > p + 1e-9)
+                  & (pos.squeeze(-1) < k))
+            token[head[ok]] = order[ok].gather(-1, pos[ok]).squeeze(-1)
+            left[head[ok]] = False
+    rest = left.nonzero().squeeze(1)
+    if len(rest):
+        sorted_probs, order = probs[rest].sort(dim=-1, descending=True)
+        pos = _invert_cdf(sorted_probs * _nucleus_keep(sorted_probs, p, rule), u[rest]).clamp_(max=vocab - 1)
+        token[rest] = order.gather(-1, pos).squeeze(-1)
+    return token
 
 
 def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
@@ -77,16 +136,18 @@ def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: to
     """z with a token drawn from ``logits`` at the positions ``where`` (only those are computed)."""
     if not bool(where.any()):
         return z
-    drawn = categorical(logits[where], u[where][:, None], p, float64, rule)
+    drawn = over_rows(lambda rows, u_: categorical(rows, u_[:, None], p, float64, rule), logits, where, u)
     return z.masked_scatter(where, drawn)
 
 
 def chosen_prob(logits: torch.Tensor, where: torch.Tensor, token: torch.Tensor, p: float, float64: bool,
                 rule: str) -> torch.Tensor:
     """Probability of ``token`` [B, L] under nucleus-renormalised softmax(logits), at ``where`` only ([n])."""
-    rows = logits[where]
-    logp = nucleus_log_probs(rows, p, float64, rule) if p < 1.0 else torch.log_softmax(rows.double(), -1)
-    return logp.gather(-1, token[where][:, None]).squeeze(-1).exp()
+    def prob(rows, tok):
+        logp = nucleus_log_probs(rows, p, float64, rule) if p < 1.0 else torch.log_softmax(rows.double(), -1)
+        return logp.gather(-1, tok[:, None]).squeeze(-1).exp()
+
+    return over_rows(prob, logits, where, token)
 
 
 # ----------------------------------------------------------------------------- MDLM / ReMDM
@@ -176,13 +237,19 @@ def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, c
     confidence is its probability under softmax(logits), as in LLaDA's ``low_confidence``."""
     u = noise.uniform(z.shape[1])
     open_ = candidates & (z == mask_id)
-    rows = logits[open_]  # only masked candidates are scored: [n, V]
-    if temperature == 0:
-        token = rows.argmax(-1)
-    else:
-        token = categorical(rows / temperature, u[open_][:, None], p, float64, rule)
-    # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
-    score = rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows.double(), dim=-1)
+
+    def draw_and_score(rows, u_):  # only masked candidates are drawn and scored: rows [n, V]
+        rows64 = rows.double()
+        if temperature == 0:
+            token = rows.argmax(-1)
+        else:  # at temperature 1 the float64 copy is shared: rows / 1 == rows exactly
+            scaled = rows64 if temperature == 1 and float64 else rows / temperature
+            token = categorical(scaled, u_[:, None], p, float64, rule)
+        # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
+        score = rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows64, dim=-1)
+        return token, score
+
+    token, score = over_rows(draw_and_score, logits, open_, u)
     confidence = torch.full(z.shape, float("-inf"), dtype=score.dtype, device=z.device).masked_scatter(open_, score)
     token = z.masked_scatter(open_, token)
     if threshold > 0:

@@ -50,6 +50,7 @@ from pipeline.diffusion.decoding import (  # noqa: F401  (re-exported: the sampl
     confidence_step,
     draw_where,
     nucleus_log_probs,
+    over_rows,
     remdm_step,
 )
 from pipeline.diffusion.objective import denoiser_logits
@@ -126,26 +127,23 @@ class Denoiser:
 def _corrector_update(logits, y, update, stale, cfg: SamplerConfig, u):
     """One corrector pass's new y from its logits: changes only ``update`` positions. Rows that are
     not ``stale`` (same logits as the pass before) are at their fixed point in the deterministic
-    modes and are left alone, so only changed rows pay the vocabulary-wide work."""
+    modes and are left alone, so only the update positions of changed rows pay the vocabulary-wide
+    work."""
     p, f64, rule = cfg.nucleus_p, cfg.float64, cfg.nucleus_rule
     if cfg.corrector_mode == "sample":
         return draw_where(update, logits, u, y, p, f64, rule)
-    y_new = y.clone()
-    if not bool(stale.any()):
-        return y_new
-    rows = stale.nonzero().squeeze(1)
-    top = logits[rows].argmax(-1)
-    upd = update[rows]
+    where = stale[:, None] & update
+    if not bool(where.any()):
+        return y.clone()
+    top = y.masked_scatter(where, over_rows(lambda rows: rows.argmax(-1), logits, where))
     if cfg.corrector_mode == "argmax":
-        y_new[rows] = torch.where(upd, top, y[rows])
-        return y_new
-    differs = upd & (top != y[rows])  # select_top_k: among positions whose argmax differs, the k surest
-    score = torch.full(top.shape, float("-inf"), dtype=torch.float64, device=y.device)
+        return top
+    differs = where & (top != y)  # select_top_k: among positions whose argmax differs, the k surest
+    score = torch.full(y.shape, float("-inf"), dtype=torch.float64, device=y.device)
     if bool(differs.any()):
-        score[differs] = chosen_prob(logits[rows], differs, top, p, f64, rule).double()
+        score[differs] = chosen_prob(logits, differs, top, p, f64, rule).double()
     rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-    y_new[rows] = torch.where(differs & (rank < cfg.corrector_top_k), top, y[rows])
-    return y_new
+    return torch.where(differs & (rank < cfg.corrector_top_k), top, y)
 
 
 def corrector_loop(denoise: Denoiser, logits, z, t, rows, update, guess, mask_id, cfg: SamplerConfig,
@@ -156,7 +154,7 @@ def corrector_loop(denoise: Denoiser, logits, z, t, rows, update, guess, mask_id
     y <- update(f(y)) on ``update`` [B, L], a row stopping at its fixed point (the pass that finds it
     is counted; a pass whose input is unchanged is free); the committed (non-mask) positions of
     ``update`` take y. Returns (z, the corrector's logits; ``logits`` for the other rows)."""
-    y = torch.where(guess, logits.argmax(-1), z)
+    y = z.masked_scatter(guess, over_rows(lambda rows: rows.argmax(-1), logits, guess))
     u = noise.uniform(cfg.corrector_steps, z.shape[1]) if cfg.corrector_mode == "sample" else None
     stale, out = rows.clone(), logits
     for j in range(cfg.corrector_steps):
