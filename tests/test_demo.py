@@ -66,7 +66,8 @@ def test_tiny_demo_runs_end_to_end_and_reuses_trained_models(tmp_path, capsys):
     page = (tmp_path / "eval" / "report.html").read_text()  # the batch evaluator's report
     pngs = list((tmp_path / "eval").glob("*.png"))
     assert len(pngs) == 2 and all(p.name in page for p in pngs)  # one plot per task, both models on it
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert "\r" not in printed.err and "eval: [" in printed.out  # not a terminal: plain lines, no progress bars
     assert demo.run(cfg) == 0  # second run: same config and data, so the models are loaded
     second_out = capsys.readouterr().out
     assert second_out.count("loaded") == 2

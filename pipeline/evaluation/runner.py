@@ -267,10 +267,14 @@ def plan(items: list[Item], cfg: Config, out: Path, force: bool = False) -> list
     return todo
 
 
-def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool = True, force: bool = False,
+def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool | None = None, force: bool = False,
               log=print) -> dict[str, int]:
-    """Run every item without a finished result of the same key; returns counts of ok / failed / skipped."""
-    from pipeline.tasks import ModelInfo, task_class
+    """Run every item without a finished result of the same key; returns counts of ok / failed / skipped.
+    ``progress``: a progress bar (default: when stderr is a terminal), else one plain line per item."""
+    from pipeline.tasks import ModelInfo
+
+    if progress is None:
+        progress = sys.stderr.isatty()
 
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     loaded_key, loaded, load_error = None, None, None
@@ -378,7 +382,7 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
     print(f"eval: {summary}")
-    counts = run_items(items, cfg, folder, force=force, progress=sys.stderr.isatty())
+    counts = run_items(items, cfg, folder, force=force)
     print(f"eval: {counts['ok']} done, {counts['skipped']} already done, {counts['failed']} failed; "
           f"`proseco report {folder}` renders the table and plots")
     if counts["failed"]:
