@@ -87,10 +87,11 @@ def file_write(f: Any, data: bytes) -> None:
     f.write(data)
 
 
-def write_atomic(path: Path, data: bytes, out: Path) -> None:
-    """Write ``path`` through :class:`pipeline.io.AtomicFile`; a full disk or read-only folder is one line."""
+def write_atomic(path: Path, data: bytes, out: Path, *, unique: bool = False) -> None:
+    """Write ``path`` through :class:`pipeline.io.AtomicFile`; a full disk or read-only folder is one line.
+    ``unique``: a temporary name of its own, for files that several prep processes write at once."""
     try:
-        with AtomicFile(path, unique=False) as f:
+        with AtomicFile(path, unique=unique) as f:
             file_write(f, data)
     except OSError as exc:
         err = io_error(exc, path, out)
@@ -161,11 +162,12 @@ def clean_partition(out: Path, partition: int, keep: dict[str, int]) -> None:
 
 
 def copy_tokenizer(tok: Any, out: Path) -> None:
-    """Put the run's tokenizer files into the shard folder (rewritten only when they differ)."""
+    """Put the run's tokenizer files into the shard folder (rewritten only when they differ). The
+    partitions of an array job all do this at once, so each writes under a temporary name of its own."""
     for name, data in ((MODEL_FILE, tok.model_proto), (SIDECAR, sidecar_bytes(tok.sidecar))):
         path = out / name
         if not (path.is_file() and path.read_bytes() == data):
-            write_atomic(path, data, out)
+            write_atomic(path, data, out, unique=True)
 
 
 # ------------------------------------------------------------------ merge

@@ -109,3 +109,25 @@ def test_an_empty_val_split_is_a_warning(prepared, tmp_path, capsys):
     assert main(["prep", "shards", "--config", "text", f"prep.tokenizer_dir={base / 'tok'}", "prep.workers=0",
                  f"data.shards={tmp_path / 'out'}", f"prep.inputs=[{tmp_path / 'one.txt'}]", "prep.val_fraction=0.01"]) == 0
     assert "warning: the val split holds no sample (0 document(s) at val_fraction 0.01)" in capsys.readouterr().err
+
+
+def test_array_partitions_copy_the_tokenizer_into_one_folder_at_once(tmp_path, monkeypatch):
+    """Every partition of a prep array job copies the tokenizer into the shard folder; a writer that
+    is half-way through must not lose its temporary file to another's rename (seen on SLURM)."""
+    from types import SimpleNamespace
+
+    from data_prep import manifest as mf
+
+    tok = SimpleNamespace(model_proto=b"model bytes", sidecar={"format": "x", "vocab_size": 3})
+    real, interleaved = mf.file_write, []
+
+    def write_then_let_another_partition_run(f, data):
+        real(f, data)
+        if not interleaved:  # another partition copies the same files to the end meanwhile
+            interleaved.append(True)
+            mf.copy_tokenizer(tok, tmp_path)
+
+    monkeypatch.setattr(mf, "file_write", write_then_let_another_partition_run)
+    mf.copy_tokenizer(tok, tmp_path)  # raised FileNotFoundError when both used .tokenizer.model.tmp
+    assert interleaved and (tmp_path / mf.MODEL_FILE).read_bytes() == b"model bytes"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
