@@ -54,8 +54,8 @@ def test_task_info_and_registry():
     assert S.NAME == "sudoku4"
     assert task_class("sudoku4") is S.GenerateTask and task_class("sudoku4-solve") is S.SolveTask
     assert S.GenerateTask.vocab_size == S.SolveTask.vocab_size == S.VOCAB_SIZE
-    with pytest.raises(ProsecoError, match="unknown task 'sudoku9'"):
-        task_class("sudoku9")
+    with pytest.raises(ProsecoError, match="unknown task 'sudoku16'"):
+        task_class("sudoku16")
 
 
 def test_valid_hand_grids():

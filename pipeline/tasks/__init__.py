@@ -1,6 +1,7 @@
 """Tasks: one module per task, each owning its data, layout, scoring and decoding; one registry.
 
 * :mod:`pipeline.tasks.sudoku`: the 4x4 Sudoku demo task (``sudoku4``, ``sudoku4-solve``);
+* :mod:`pipeline.tasks.sudoku9`: 9x9 Sudoku for the science suite (``sudoku9``, ``sudoku9-solve``);
 * :mod:`pipeline.tasks.text`: unconditional text generation (``text``);
 * :mod:`pipeline.tasks.qm9`: QM9 molecules as SMILES (``qm9``);
 * :mod:`pipeline.tasks.gsm8k`: GSM8K-style maths word problems (``gsm8k``).
@@ -20,6 +21,8 @@ from pipeline.tasks.base import EvalTask, ModelInfo
 TASKS = {
     "sudoku4": "pipeline.tasks.sudoku:GenerateTask",
     "sudoku4-solve": "pipeline.tasks.sudoku:SolveTask",
+    "sudoku9": "pipeline.tasks.sudoku9:GenerateTask",
+    "sudoku9-solve": "pipeline.tasks.sudoku9:SolveTask",
     "text": "pipeline.tasks.text:Task",
     "qm9": "pipeline.tasks.qm9:Task",
     "gsm8k": "pipeline.tasks.gsm8k:Task",
