@@ -258,8 +258,8 @@ def heldout_grids(split_seed: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _heldout_puzzles(split_seed: int, clues: int) -> tuple[torch.Tensor, torch.Tensor]:
-    grids = heldout_grids(split_seed)
+def _heldout_puzzles(split_seed: int, clues: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    grids = generate_grids(count, _seed(split_seed, 1))
     puzzles = torch.stack([dig_puzzle(g, clues, _seed(split_seed, 2, i)) for i, g in enumerate(grids)])
     return puzzles, puzzles != MASK_ID
 
@@ -267,7 +267,7 @@ def _heldout_puzzles(split_seed: int, clues: int) -> tuple[torch.Tensor, torch.T
 def heldout_puzzles(split_seed: int, clues: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(puzzles, given)`` of the held-out grids: LongTensor [NUM_HELDOUT, 81] with MASK_ID in the
     cells to fill, and the bool mask of the givens. Cached, returned as copies."""
-    puzzles, given = _heldout_puzzles(int(split_seed), int(clues))
+    puzzles, given = _heldout_puzzles(int(split_seed), int(clues), NUM_HELDOUT)
     return puzzles.clone(), given.clone()
 
 
