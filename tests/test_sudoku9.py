@@ -52,12 +52,13 @@ def naive_valid(cells: list[int]) -> bool:
     """Every row, column and box holds the tokens 0..8 once (independent of the code under test)."""
     rows = [cells[9 * r: 9 * r + 9] for r in range(9)]
     cols = [[cells[9 * r + c] for r in range(9)] for c in range(9)]
-    boxes = [[cells[9 * (3 * b + r) + 3 * s + c] for r in range(3) for c in range(3)] for b in range(3) for s in range(3)]
+    boxes = [[cells[9 * (3 * b + r) + 3 * s + c] for r in range(3) for c in range(3)]
+             for b in range(3) for s in range(3)]
     return all(sorted(g) == list(range(9)) for g in rows + cols + boxes)
 
 
 def naive_count(cells: list[int], limit: int = 2) -> int:
-    """Solutions of a puzzle (MASK_ID = empty) by plain backtracking over the first empty cell, up to ``limit``."""
+    """Solutions of a puzzle (MASK_ID = empty), up to ``limit``: plain backtracking, first empty cell first."""
     if S.MASK_ID not in cells:
         return 1
     i = cells.index(S.MASK_ID)
