@@ -58,7 +58,7 @@ def naive_valid(cells: list[int]) -> bool:
 
 
 def naive_count(cells: list[int], limit: int = 2) -> int:
-    """Solutions of a puzzle (MASK_ID = empty), up to ``limit``: plain backtracking, first empty cell first."""
+    """Solutions of a puzzle (MASK_ID = empty), up to ``limit``: plain backtracking, first empty cell on."""
     if S.MASK_ID not in cells:
         return 1
     i = cells.index(S.MASK_ID)
@@ -97,9 +97,12 @@ def test_hand_grid_is_valid_and_broken_grids_are_not():
     masked[40] = S.MASK_ID
     out_of_range[80] = 12
     negative[0] = -1
-    batch = torch.stack([good, swapped, masked, out_of_range, negative])
-    assert [naive_valid(row) for row in batch.tolist()] == [True, False, False, False, False]
-    assert S.is_valid(batch).tolist() == [True, False, False, False, False]
+    latin = torch.tensor([(r + c) % 9 for r in range(9) for c in range(9)])  # rows, columns fine; boxes not
+    bands = good.view(9, 9)[[0, 3, 2, 1, 4, 5, 6, 7, 8]].reshape(-1)  # rows 2 and 4 swapped: boxes break
+    batch = torch.stack([good, swapped, masked, out_of_range, negative, latin, bands])
+    expected = [True] + [False] * 6
+    assert [naive_valid(row) for row in batch.tolist()] == expected
+    assert S.is_valid(batch).tolist() == expected
     scores = S.score_generated(torch.stack([good, good, swapped, masked]))
     assert scores == {"valid": 0.5, "distinct_valid": 1, "distinct": 3, "n": 4}
 
