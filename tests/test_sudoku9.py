@@ -175,6 +175,8 @@ def test_puzzles_are_unique_and_reach_their_clue_count():
     # 6 clues cannot be unique (17 is the minimum): the closest unique puzzle is kept.
     minimal = S.dig_puzzle(grids[0], 6, seed=0)
     assert 17 <= int((minimal != S.MASK_ID).sum()) < 32 and S.count_solutions(minimal)[0] == 1
+    with pytest.raises(ValueError, match="complete valid grid"):
+        S.dig_puzzle(grid(HAND_PUZZLE), 30, seed=0)
 
 
 @pytest.mark.slow

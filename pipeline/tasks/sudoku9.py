@@ -238,10 +238,14 @@ def dig_puzzle(grid: torch.Tensor, clues: int, seed: np.random.SeedSequence | in
     """A puzzle with a unique solution (``grid``) and ``clues`` givens where reachable -> LongTensor [81].
 
     Cells are tried in a seeded random order; a cell is emptied only if the puzzle keeps its
-    unique solution, until ``clues`` givens are left. When no such order reaches ``clues`` (fewer
-    than 17 clues never suffice), the result is the closest unique puzzle found: count its givens.
+    unique solution, until ``clues`` givens are left. When the order runs out first (every further
+    removal would admit a second solution; below 17 clues this always happens), the result is the
+    closest unique puzzle, with more givens than ``clues``: count them.
     """
-    cells = [int(t) for t in torch.as_tensor(grid).reshape(-1).tolist()]
+    grid = torch.as_tensor(grid).reshape(-1)
+    if grid.shape != (SEQ_LEN,) or not bool(is_valid(grid[None])):
+        raise ValueError("dig_puzzle needs a complete valid grid of 81 tokens")
+    cells = [int(t) for t in grid.tolist()]
     left = SEQ_LEN
     for c in np.random.default_rng(seed).permutation(SEQ_LEN).tolist():
         if left <= clues:
@@ -252,14 +256,15 @@ def dig_puzzle(grid: torch.Tensor, clues: int, seed: np.random.SeedSequence | in
     return torch.tensor(cells, dtype=torch.long)
 
 
-def heldout_grids(split_seed: int) -> torch.Tensor:
-    """The NUM_HELDOUT held-out grids of a dataset: a random stream of their own (never trained on)."""
-    return generate_grids(NUM_HELDOUT, _seed(split_seed, 1))
+def heldout_grids(split_seed: int, count: int | None = None) -> torch.Tensor:
+    """The held-out grids of a dataset (NUM_HELDOUT unless ``count``): a random stream of their own,
+    never trained on (:func:`build_data` checks it)."""
+    return generate_grids(NUM_HELDOUT if count is None else count, _seed(split_seed, 1))
 
 
 @functools.lru_cache(maxsize=4)
 def _heldout_puzzles(split_seed: int, clues: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    grids = generate_grids(count, _seed(split_seed, 1))
+    grids = heldout_grids(split_seed, count)
     puzzles = torch.stack([dig_puzzle(g, clues, _seed(split_seed, 2, i)) for i, g in enumerate(grids)])
     return puzzles, puzzles != MASK_ID
 
