@@ -3,7 +3,8 @@
 * :mod:`pipeline.tasks.sudoku`: the 4x4 Sudoku demo task (``sudoku4``, ``sudoku4-solve``);
 * :mod:`pipeline.tasks.text`: unconditional text generation (``text``);
 * :mod:`pipeline.tasks.qm9`: QM9 molecules as SMILES (``qm9``);
-* :mod:`pipeline.tasks.gsm8k`: GSM8K-style maths word problems (``gsm8k``).
+* :mod:`pipeline.tasks.gsm8k`: GSM8K-style maths word problems (``gsm8k``);
+* :mod:`pipeline.tasks.markov`: a sparse second-order Markov chain with exact likelihood (``markov``).
 
 The task API is :mod:`pipeline.tasks.base` (:class:`EvalTask`, :class:`ModelInfo`). The registry
 maps a name (``data.task``, ``eval.tasks``) to ``module:Class``; modules are imported on first use,
@@ -23,6 +24,7 @@ TASKS = {
     "text": "pipeline.tasks.text:Task",
     "qm9": "pipeline.tasks.qm9:Task",
     "gsm8k": "pipeline.tasks.gsm8k:Task",
+    "markov": "pipeline.tasks.markov:Task",
 }
 
 
