@@ -209,3 +209,16 @@ def test_eval_task_registration_and_layout():
     assert metrics["impossible"] == pytest.approx(1 / 8) and {"loglik", "distinct"} <= set(metrics)
     texts = task.decode(x)
     assert texts[0][0] == "_" and len(texts[1]) == M.SEQ_LEN and set(texts[1]) <= set(M.SYMBOLS)
+
+
+def test_fully_parallel_decoding_from_exact_marginals_is_almost_always_impossible():
+    """One step for all 64 tokens, each drawn from its exact marginal P(X_t): what the scorer must
+    punish (and the reason the task exists)."""
+    c = M.default_chain()
+    marg = [c.start] + [m.sum(dim=0) for m in M.pair_marginals(c)]  # P(X_t), t = 1..L
+    assert all(float(p.sum()) == pytest.approx(1.0, abs=1e-12) for p in marg)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.stack([torch.multinomial(p, 500, replacement=True, generator=gen) for p in marg], dim=1)
+    s = M.score(x)
+    assert s["impossible"] > 0.99 and s["loglik"] < M.IMPOSSIBLE_LOGLIK + 0.2
+    assert M.score(M.sample(c, 500, seed=4))["loglik"] > -1.1  # the process itself: -H ~ -0.985

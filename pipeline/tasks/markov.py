@@ -11,9 +11,9 @@ Why independent parallel unmasking provably hurts. A masked diffusion model unma
 one step independently, each from its own marginal. Take two adjacent positions t, t+1 decoded in
 the same step after a context (a, b), with even *perfect* marginals p(c) = trans[a, b, c] and
 q(d) = sum_c' p(c') trans[b, c', d]. The pair is possible only if d is a successor of (b, c), so
-it is impossible with probability ``1 - sum_c p(c) q(succ(b, c)) >= 1 - sum_c p(c)^2 - (overlap
-of the other contexts' successor sets)``: whenever p is not a point mass and the successor sets of
-(b, c) and (b, c') differ, this is strictly positive. With k = 3 of A = 24 it is about one half
+it is impossible with probability ``1 - sum_c p(c) q(succ(b, c)) >= 1 - sum_c p(c)^2 - sum_{c' != c}
+p(c) p(c') trans[b, c', succ(b, c)]``: whenever two successors c != c' of (a, b) have different
+successor sets (each of size k, so neither contains the other), this is strictly positive. With k = 3 of A = 24 it is about one half
 (:func:`independent_pair_error` computes it exactly over the process: 0.50 for the default chain).
 A sampler with T < L steps decodes on the order of L/T adjacent pairs together, so plain MDM
 needs about L steps for possible sequences, and a corrector that revisits decoded tokens
@@ -31,7 +31,7 @@ Metrics of n samples (:func:`score`, float64): ``loglik`` (primary, higher is be
 samples of the per-token log-likelihood, an impossible sample counting ``IMPOSSIBLE_LOGLIK`` per
 token. Why this way: a sample either could have been generated or not, and partial credit would
 reward locally plausible garbage; the floor, log(1e-6), lies below the log-probability of every
-allowed transition (min >= log(FLOOR_MIX / k)), so turning an impossible sample into any possible
+allowed transition (each is >= FLOOR_MIX / A, about 0.01), so turning an impossible sample into any possible
 one always raises ``loglik``, and among possible samples it is the exact likelihood. A sampler that
 collapses onto the likeliest sequences also scores a high ``loglik``; the other metrics show it:
 ``impossible`` (fraction with probability 0: a disallowed transition, a mask id, an id out of
