@@ -208,6 +208,60 @@ def independent_pair_error(chain: Chain) -> float:
     return float(sum((m * (1.0 - possible)).sum() for m in marg) / len(marg))
 
 
+def posterior_marginals(chain: Chain, observed: torch.Tensor) -> torch.Tensor:
+    """Exact P(X_t = s | the observed tokens) [n, L, A] (float64) for ``observed`` [n, L] with
+    ``MASK_ID`` (any id outside the alphabet) at hidden positions: forward-backward over the
+    context pairs. This is the perfect denoiser of a masked diffusion model, the upper bound of
+    what any trained network can predict; a row whose observed tokens are impossible is all NaN."""
+    observed = torch.as_tensor(observed).long()
+    n, L, A = observed.shape[0], chain.seq_len, chain.alphabet
+    if observed.dim() != 2 or observed.shape[1] != L:
+        raise ValueError(f"expected observed of shape [n, {L}], got {tuple(observed.shape)}")
+    known = (observed >= 0) & (observed < A)
+    ok = torch.ones(n, L, A, dtype=torch.float64)  # evidence: 1 where a symbol agrees with the observation
+    ok[known] = torch.nn.functional.one_hot(observed[known], A).double()
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # rescale per row (the posterior is a ratio)
+        return x / x.sum(dim=(1, 2), keepdim=True)
+
+    fwd = [norm(chain.start[None, :, None] * chain.first[None] * ok[:, 0, :, None] * ok[:, 1, None, :])]
+    for t in range(2, L):  # fwd[i]: pair (X_i, X_{i+1}) (0-based) with the evidence up to i + 1
+        fwd.append(norm(torch.einsum("nab,abc->nbc", fwd[-1], chain.trans) * ok[:, t, None, :]))
+    out = torch.empty(n, L, A, dtype=torch.float64)
+    back = torch.ones(n, A, A, dtype=torch.float64)  # the evidence after i + 1, given the pair
+    for i in range(L - 2, -1, -1):
+        post = norm(fwd[i] * back)
+        out[:, i + 1] = post.sum(dim=1)
+        if i == 0:
+            out[:, 0] = post.sum(dim=2)
+        back = norm(torch.einsum("abc,nc,nbc->nab", chain.trans, ok[:, i + 1], back))
+    return out
+
+
+def oracle_decode(chain: Chain, n: int, steps: int, seed: int) -> torch.Tensor:
+    """``n`` sequences decoded like a masked diffusion model with the perfect denoiser
+    (:func:`posterior_marginals`): a random order per sequence cut into ``steps`` equal groups, each
+    group's tokens drawn independently from their exact posteriors in one step. With ``steps = L``
+    this samples the process exactly; fewer steps show the cost of parallel unmasking that no
+    network can avoid without correction. Once a row is impossible its posterior is undefined and
+    its remaining tokens are drawn uniformly (it stays impossible). Measured on the default chain
+    (100 sequences each, +-0.05): impossible fraction 1.0 at 8 steps, 0.87 at 16, 0.57 at 24, 0.47
+    at 32, 0.39 at 40, 0.33 at 48, 0.0 at 64."""
+    L, A = chain.seq_len, chain.alphabet
+    if not 1 <= steps <= L:
+        raise ValueError(f"steps must be in 1..{L}, got {steps}")
+    gen = torch.Generator().manual_seed(int(seed))
+    order = torch.rand(n, L, generator=gen).argsort(dim=1)
+    x = torch.full((n, L), A, dtype=torch.long)  # A: hidden
+    for k in range(steps):
+        probs = torch.nan_to_num(posterior_marginals(chain, x), nan=1.0 / A)
+        draw = torch.multinomial(probs.reshape(-1, A), 1, generator=gen).reshape(n, L)
+        group = torch.zeros(n, L, dtype=torch.bool)
+        group.scatter_(1, order[:, L * k // steps : L * (k + 1) // steps], True)
+        x = torch.where(group, draw, x)
+    return x
+
+
 def mixing_check(chain: Chain) -> dict:
     """How well the chain mixes over context pairs: ``strongly_connected`` (every pair reaches
     every pair) and ``steps_to_all_pairs`` (first position t whose pair marginal (X_{t-1}, X_t) is
