@@ -281,7 +281,7 @@ def mixing_check(chain: Chain) -> dict:
 def _process_stats() -> dict:
     chain = default_chain()
     ref = sample(chain, REFERENCE_SAMPLES, seed=PROCESS_SEED + 1)
-    return {"entropy": entropy_per_token(chain), "process_unigram_entropy": unigram_entropy(ref, ALPHABET),
+    return {"entropy": entropy_per_token(chain), "process_unigram_entropy": unigram_entropy(ref),
             "independent_pair_error": independent_pair_error(chain), **mixing_check(chain)}
 
 
