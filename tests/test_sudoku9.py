@@ -220,7 +220,7 @@ def test_eval_tasks_refuse_another_layout():
 
 
 def test_config_and_prepare_refuse_bad_settings(tmp_path):
-    with pytest.raises(ProsecoError, match="data.task=sudoku9 needs data.seq_len=81"):
+    with pytest.raises(ProsecoError, match="data.seq_len must be 81 for data.task=sudoku9"):
         load_config(overrides=["data.task=sudoku9", "data.seq_len=64", "model.max_seq_len=81"])
     with pytest.raises(ProsecoError, match="data.puzzle_clues must be < 81"):
         cfg("data.puzzle_clues=81")

@@ -56,13 +56,14 @@ _CHOICES = {
     "log.wandb": ("offline", "online", "disabled"),
     "cluster.executor": ("slurm", "local"),
     "eval.weights": ("auto", "ema", "raw"),
-    "data.task": ("sudoku4", "sudoku9", "text"),
+    "data.task": ("sudoku4", "sudoku9", "markov", "text"),
     "prep.fmt": ("auto", "text", "jsonl", "parquet"),
     "prep.doc_split": ("line", "paragraph", "file"),
     "prep.model_type": ("bpe", "unigram"),
     "prep.mode": ("wrap", "pad"),
 }
 _TASK_CELLS = {"sudoku4": 16, "sudoku9": 81}  # tasks whose puzzles have a fixed number of cells
+_TASK_SEQ_LEN = {"sudoku9": 81, "markov": 64}  # tasks whose sequences have a fixed length (data.seq_len must match)
 MIN_TOKENIZER_VOCAB = 16  # the special ids plus a few pieces
 
 
@@ -102,8 +103,8 @@ def _cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
         (s.remdm_strategy != "cap" or eta <= 1, f"sampler.remdm_eta must be <= 1 with cap, got {eta}"),
         (cells is None or clues < cells, f"data.puzzle_clues must be < {cells} (cells of {data.task}), got {clues}"),
         (n <= n_max, f"data.seq_len ({n}) exceeds model.max_seq_len ({n_max})"),
-        (data.task != "sudoku9" or n == cells,
-         f"data.task=sudoku9 needs data.seq_len={cells} (one token per cell), got {n}"),
+        (_TASK_SEQ_LEN.get(data.task, n) == n,
+         f"data.seq_len must be {_TASK_SEQ_LEN.get(data.task)} for data.task={data.task}, got {n}"),
         *((bool(v) and min(v) >= low, f"{k} must be a non-empty list of ints >= {low}: {v}")
           for k, v, low in _int_lists(cfg)),
         (bool(cfg.demo.out_dir.strip()), "demo.out_dir must not be empty"),

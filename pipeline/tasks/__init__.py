@@ -4,7 +4,8 @@
 * :mod:`pipeline.tasks.sudoku9`: 9x9 Sudoku for the science suite (``sudoku9``, ``sudoku9-solve``);
 * :mod:`pipeline.tasks.text`: unconditional text generation (``text``);
 * :mod:`pipeline.tasks.qm9`: QM9 molecules as SMILES (``qm9``);
-* :mod:`pipeline.tasks.gsm8k`: GSM8K-style maths word problems (``gsm8k``).
+* :mod:`pipeline.tasks.gsm8k`: GSM8K-style maths word problems (``gsm8k``);
+* :mod:`pipeline.tasks.markov`: a sparse second-order Markov chain with exact likelihood (``markov``).
 
 The task API is :mod:`pipeline.tasks.base` (:class:`EvalTask`, :class:`ModelInfo`). The registry
 maps a name (``data.task``, ``eval.tasks``) to ``module:Class``; modules are imported on first use,
@@ -26,6 +27,7 @@ TASKS = {
     "text": "pipeline.tasks.text:Task",
     "qm9": "pipeline.tasks.qm9:Task",
     "gsm8k": "pipeline.tasks.gsm8k:Task",
+    "markov": "pipeline.tasks.markov:Task",
 }
 
 
