@@ -18,7 +18,9 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -51,12 +53,15 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[torch.nn.Module, dict]:
+def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log,
+                  task: ModuleType = sudoku) -> tuple[torch.nn.Module, dict]:
     """Train one model (or load it when this exact config + data was trained before).
 
-    Training is `proseco train`'s loop in this process (:func:`pipeline.train.run` on the grids
-    held in memory, single process, torch backend), in the run folder ``<out>/runs/<kind>-<key>``:
-    an interrupted demo resumes from its checkpoint when rerun."""
+    Training is `proseco train`'s loop in this process (:func:`pipeline.train.run` on the
+    sequences held in memory, single process, torch backend), in the run folder
+    ``<out>/runs/<kind>-<key>``: an interrupted demo resumes from its checkpoint when rerun.
+    ``task``: the task module (the suite interface of :mod:`pipeline.science`) whose token layout
+    (VOCAB_SIZE, MASK_ID) the training data ``data`` (its ``load``) is in."""
     diffusion = dataclasses.replace(cfg.diffusion, corrector_weight=0.0 if kind == "mdm" else
                                     (cfg.diffusion.corrector_weight or 1.0))
     steps = cfg.demo.proseco_steps if kind == "proseco" else round(cfg.demo.proseco_steps * cfg.demo.mdm_step_ratio)
@@ -78,8 +83,9 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
         checkpoint=dataclasses.replace(cfg.checkpoint, every=steps),
         log=dataclasses.replace(cfg.log, val_every=0, wandb="disabled"),
         run=dataclasses.replace(cfg.run, name=f"demo-{kind}", dir=str(folder)))
-    grids = MemoryData(data["train"], sudoku.VOCAB_SIZE, sudoku.MASK_ID, data["manifest"]["fingerprint"],
-                       f"{len(data['train'])} 4x4 Sudoku grids in memory")
+    noun = getattr(task, "DATA_NAME", f"{task.NAME} sequences")  # optional: how the training log names the rows
+    grids = MemoryData(data["train"], task.VOCAB_SIZE, task.MASK_ID, data["manifest"]["fingerprint"],
+                       f"{len(data['train'])} {noun} in memory")
     start = time.perf_counter()
     if train.run(trained_cfg, memory=grids) != 0:
         raise ProsecoError(f"training of the {kind} model stopped early; its checkpoint is in {folder.checkpoints}: "
@@ -89,19 +95,22 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log) -> tuple[t
     last = read_metrics(folder.metrics)[-1]
     log(f"  {kind:8s} {steps} steps in {seconds:.0f} s ({1e3 * seconds / steps:.1f} ms/step); "
         f"final mdm loss {last['mdm']:.3f}, correction loss {last['correction']:.3f}")
-    write_export(path, {info.weights: model.state_dict()}, trained_cfg, sudoku.VOCAB_SIZE, sudoku.MASK_ID,
+    write_export(path, {info.weights: model.state_dict()}, trained_cfg, task.VOCAB_SIZE, task.MASK_ID,
                  step=steps, extra={"key": key, "steps": steps, "seconds": seconds}, force=True)
     return model, {"steps": steps, "seconds": seconds, "cached": False, "key": key}
 
 
-def nfe_ratio(results: list[dict], metric: str, nfe_key: str) -> dict | None:
-    """NFE MDM needs for its best quality / NFE ProSeCo (d) needs to reach that quality."""
+def nfe_ratio(results: list[dict], metric: str, nfe_key: str, higher: bool = True) -> dict | None:
+    """NFE MDM (a) needs for its best quality / NFE ProSeCo (d) needs to reach that quality (the
+    paper's headline: the same quality with 2-3x fewer network evaluations). ``higher``: whether a
+    larger ``metric`` is better (False for e.g. a fraction of impossible sequences)."""
+    sign = 1 if higher else -1
     base = [r for r in results if r["method"] == "a"]
     ours = [r for r in results if r["method"] == "d"]
     if not base or not ours:
         return None
-    best = max(base, key=lambda r: (r[metric], -r[nfe_key]))
-    reach = [r for r in ours if r[metric] >= best[metric]]
+    best = max(base, key=lambda r: (sign * r[metric], -r[nfe_key]))
+    reach = [r for r in ours if sign * r[metric] >= sign * best[metric]]
     if not reach:
         return {"mdm_best": best[metric], "mdm_nfe": best[nfe_key], "proseco_nfe": None, "ratio": None}
     cheapest = min(reach, key=lambda r: r[nfe_key])
@@ -136,6 +145,28 @@ def format_report(results: list[dict], budgets: list[int], trained: dict) -> str
     return "\n".join(lines)
 
 
+def budgets_for(nfes: Iterable[float]) -> list[int]:
+    """The NFE budgets of a table: the powers of two from 2 up to twice the largest mean NFE."""
+    top = 2 * max(nfes)
+    return [2 ** i for i in range(1, 12) if 2 ** i <= top]
+
+
+def run_and_collect(items: list, ecfg: Config, folder: Path, log) -> dict:
+    """Run the evaluator's work ``items`` into ``folder`` (finished items are skipped, as `proseco
+    eval` does) -> (model key, setting, task) -> the result JSON of every item that succeeded."""
+    from pipeline.evaluation import runner
+
+    counts = runner.run_items(items, ecfg, folder, log=log)
+    if counts["failed"]:
+        log(f"  {counts['failed']} evaluation items failed; see {folder / 'report.md'}")
+    by_key = {}
+    for item in items:
+        r = json.loads(runner.result_path(folder, item).read_text())
+        if r.get("status") == "ok":
+            by_key[(item.model.key, item.setting, item.task)] = r
+    return by_key
+
+
 def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[list[dict], Path]:
     """Step 3 through the batch evaluator (``proseco eval``): both model files x {sudoku4,
     sudoku4-solve} x T in demo.steps_grid x S in [0] + demo.corrector_grid, then ``proseco report``.
@@ -159,15 +190,7 @@ def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[li
     (folder / "commands.txt").write_text("proseco demo  # trains both models, then evaluates each like:\n" + "".join(
         f"proseco eval {m.path} eval.tasks=[sudoku4,sudoku4-solve] eval.samplers=[ancestral] eval.steps=[{grid}] "
         f"eval.corrector_steps=[{corr}] eval.num_samples={cfg.demo.eval_samples} --out {folder}\n" for m in models))
-    counts = runner.run_items(items, ecfg, folder, log=log)
-    if counts["failed"]:
-        log(f"  {counts['failed']} evaluation items failed; see {folder / 'report.md'}")
-    by_key = {}
-    for item in items:
-        path = runner.result_path(folder, item)
-        r = json.loads(path.read_text())
-        if r.get("status") == "ok":
-            by_key[(item.model.key, item.setting, item.task)] = r
+    by_key = run_and_collect(items, ecfg, folder, log)
     rows = []
     for model, kind in zip(models, ("mdm", "proseco")):
         for st in runner.settings(ecfg):
@@ -196,8 +219,7 @@ def run(cfg: Config) -> int:
         print(msg, flush=True)
 
     log(f"proseco demo -> {out}/  (4x4 Sudoku; torch threads: {torch.get_num_threads()})")
-    sudoku.prepare(out / "data", holdout_fraction=cfg.data.holdout_fraction, clues=cfg.data.puzzle_clues,
-                        split_seed=cfg.data.split_seed)
+    sudoku.prepare_data(cfg, out / "data")
     data = sudoku.load(out / "data")
     log(f"1/3 data: {len(data['train'])} training grids, {len(data['puzzles'])} held-out puzzles "
         f"with {cfg.data.puzzle_clues} clues (fingerprint {data['manifest']['fingerprint'][:12]})")
@@ -208,7 +230,7 @@ def run(cfg: Config) -> int:
         models[kind], trained[kind] = train_or_load(kind, cfg, data, out, log)
 
     results, report_page = evaluate_with_runner(cfg, out, trained, log)
-    budgets = sorted({2 ** i for i in range(1, 12) if 2 ** i <= 2 * max(r["nfe"] for r in results)})
+    budgets = budgets_for(r["nfe"] for r in results)
     report = format_report(results, budgets, trained)
     log(report)
     (out / "results.json").write_text(json.dumps({"config": to_dict(cfg), "trained": trained, "results": results,

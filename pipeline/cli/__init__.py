@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.cli.parser import PRESET_DIR, build_parser
+from pipeline.cli.parser import PRESET_DIR, SUITES, build_parser
 from pipeline.cli.verbs import VERBS, model_size_line
 from pipeline.config import Config, dump_yaml, load_config
 from pipeline.errors import ProsecoError
@@ -26,12 +26,16 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "PRESET_DIR", "build_parser", 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 TEXT_PRESET, SUDOKU_PRESET = PRESET_DIR / "text.yaml", PRESET_DIR / "tiny.yaml"
+SCIENCE_PRESET = PRESET_DIR / "science.yaml"
 
 
 def default_preset(args: argparse.Namespace) -> Path | None:
     """The preset a verb runs with when no --config is given: the Sudoku demo's for `demo` and
-    `prep sudoku`, the text preset for the corpus pipeline (prep, train, launch train / prep,
-    config), and none for the verbs that read a trained model (its own config comes with it)."""
+    `prep sudoku`, the science suite's for `demo --suite science`, the text preset for the corpus
+    pipeline (prep, train, launch train / prep, config), and none for the verbs that read a
+    trained model (its own config comes with it)."""
+    if args.verb == "demo" and getattr(args, "suite", "demo") == "science":
+        return SCIENCE_PRESET
     if args.verb == "demo" or (args.verb == "prep" and args.target == "sudoku"):
         return SUDOKU_PRESET
     if args.verb in ("prep", "train", "config") or (args.verb == "launch" and args.stage != "eval"):
@@ -48,6 +52,8 @@ def _resolve(args: argparse.Namespace) -> Config:
 
         base = config_from_dict(saved_config(args.model))
         return load_config(_preset_paths(args.config), args.overrides, base=base)
+    if args.verb == "demo" and args.suite not in SUITES:
+        raise ProsecoError(f"--suite must be one of {', '.join(SUITES)}; got {args.suite!r}")
     default = default_preset(args)
     names = args.config or ([str(default)] if default is not None and default.is_file() else [])
     return load_config(_preset_paths(names), args.overrides)

@@ -37,6 +37,10 @@ DEMO_EXAMPLES = (
     "proseco demo optim.steps=200 optim.lr=1e-3 model.time_conditioning=true",
     "proseco demo demo.steps_grid=[2,4,8] sampler.corrector_steps=2 --dry-run",
 )
+SUITE_EXAMPLES = (
+    "proseco demo --suite science demo.tasks=[sudoku9] demo.out_dir=runs/science",
+)
+SUITES = ("demo", "science")  # --suite values
 
 
 def _epilog(*examples: str) -> str:
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
 
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help="train MDM and ProSeCo on 4x4 Sudoku and compare them (CPU, minutes)",
         description=_describe(
@@ -102,11 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
             budget (demo.proseco_steps; MDM gets demo.mdm_step_ratio times as many steps) on 4x4
             Sudoku, then sweep sampling steps (demo.steps_grid) and corrector passes
             (demo.corrector_grid) and report puzzle accuracy against the number of function
-            evaluations. Results go to demo.out_dir."""
+            evaluations. Results go to demo.out_dir. With --suite science: the same for every task
+            of demo.tasks (preset configs/science.yaml), adding ReMDM and a sweep of the corrector
+            frequency (demo.corrector_every_grid); tables, plots and science.md in demo.out_dir."""
         ),
-        epilog=_epilog(*DEMO_EXAMPLES),
+        epilog=_epilog(*DEMO_EXAMPLES, *SUITE_EXAMPLES),
         formatter_class=fmt,
     )
+    demo.add_argument("--suite", default="demo", metavar="{demo,science}",
+                      help="demo: 4x4 Sudoku (default); science: the tasks of demo.tasks with (a)-(e), "
+                      "see pipeline/science.py")
 
     prep = sub.add_parser(
         "prep",

@@ -30,8 +30,13 @@ def _exit_code(result: int | None) -> int:
     return 0 if result is None else int(result)
 
 
+def _demo_stage(args: argparse.Namespace) -> str:
+    """`proseco demo` runs the 4x4 demo (pipeline.demo); `--suite science` the suite (pipeline.science)."""
+    return "pipeline.science" if getattr(args, "suite", "demo") == "science" else "pipeline.demo"
+
+
 def _run_demo(args: argparse.Namespace, cfg: Config) -> int:
-    return _exit_code(import_stage("pipeline.demo").run(cfg))
+    return _exit_code(import_stage(_demo_stage(args)).run(cfg))
 
 
 def _run_train(args: argparse.Namespace, cfg: Config) -> int:
@@ -140,7 +145,7 @@ def _prep_out(target: str, cfg: Config) -> str:
 
 # verb -> (runner, description of what it runs, for --dry-run)
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[argparse.Namespace, Config], str]]] = {
-    "demo": (_run_demo, lambda a, c: "pipeline.demo.run(cfg)"),
+    "demo": (_run_demo, lambda a, c: f"{_demo_stage(a)}.run(cfg)"),
     "prep": (_run_prep, lambda a, c: f"proseco prep {a.target} (output: {a.out or _prep_out(a.target, c)})"),
     "train": (_run_train, _describe_train),
     "sample": (_run_sample, lambda a, c: f"pipeline.generate.run(cfg, {a.model!r}, num={a.num})"),

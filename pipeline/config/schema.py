@@ -176,6 +176,9 @@ class DemoConfig:
     steps_grid: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     corrector_grid: list[int] = field(default_factory=lambda: [1, 2, 4])
     out_dir: str = "runs/demo"
+    # `proseco demo --suite science` only (pipeline/science.py):
+    tasks: list[str] = field(default_factory=lambda: ["sudoku9", "markov"])  # the suite's tasks, in order
+    corrector_every_grid: list[int] = field(default_factory=lambda: [1])  # omega swept with each S > 0
 
 
 @dataclass

@@ -64,6 +64,8 @@ _CHOICES = {
 }
 _TASK_CELLS = {"sudoku4": 16, "sudoku9": 81}  # tasks whose puzzles have a fixed number of cells
 _TASK_SEQ_LEN = {"sudoku9": 81, "markov": 64}  # tasks whose sequences have a fixed length (data.seq_len must match)
+# demo.tasks entry (`proseco demo --suite science`) -> its task module, pipeline.tasks.<module>
+SUITE_MODULES = {"sudoku4": "sudoku", "sudoku9": "sudoku9", "markov": "markov"}
 MIN_TOKENIZER_VOCAB = 16  # the special ids plus a few pieces
 
 
@@ -85,8 +87,8 @@ def _check_range(key: str, value: float, spec: str) -> None:
 def _int_lists(cfg: Config) -> list[tuple[str, list[int], int]]:
     """(key, value, lowest allowed entry) of the keys holding non-empty lists of ints."""
     return [("demo.steps_grid", cfg.demo.steps_grid, 1), ("demo.corrector_grid", cfg.demo.corrector_grid, 1),
-            ("eval.steps", cfg.eval.steps, 1), ("eval.corrector_steps", cfg.eval.corrector_steps, 0),
-            ("eval.corrector_every", cfg.eval.corrector_every, 1)]
+            ("demo.corrector_every_grid", cfg.demo.corrector_every_grid, 1), ("eval.steps", cfg.eval.steps, 1),
+            ("eval.corrector_steps", cfg.eval.corrector_steps, 0), ("eval.corrector_every", cfg.eval.corrector_every, 1)]
 
 
 def _cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
@@ -108,6 +110,9 @@ def _cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
         *((bool(v) and min(v) >= low, f"{k} must be a non-empty list of ints >= {low}: {v}")
           for k, v, low in _int_lists(cfg)),
         (bool(cfg.demo.out_dir.strip()), "demo.out_dir must not be empty"),
+        (bool(cfg.demo.tasks) and set(cfg.demo.tasks) <= set(SUITE_MODULES) and
+         len(set(cfg.demo.tasks)) == len(cfg.demo.tasks),
+         f"demo.tasks must be a non-empty list of distinct suite tasks ({', '.join(SUITE_MODULES)}): {cfg.demo.tasks}"),
         (bool(name.strip()) and "/" not in name, f"run.name must be a name without '/', got {name!r}"),
         (bool(data.shards.strip()), "data.shards must not be empty"),
         (par.backend == "megatron" or tp == 1, f"parallel.tp_size={tp} needs parallel.backend=megatron"),

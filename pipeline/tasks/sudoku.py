@@ -43,6 +43,10 @@ MASK_ID = 4
 SEQ_LEN = 16
 NUM_DIGITS = 4
 NUM_GRIDS = 288
+# The science suite's interface (pipeline/science.py): the evaluation tasks it sweeps (the first one's
+# primary metric is the headline NFE ratio), and how the training log names the rows of the data.
+SUITE_TASKS = ("sudoku4", "sudoku4-solve")
+DATA_NAME = "4x4 Sudoku grids"
 
 
 def _groups() -> torch.Tensor:
@@ -278,6 +282,13 @@ def prepare(out_dir: str | os.PathLike, *, holdout_fraction: float, clues: int, 
     prepared data, or unknown files, raises :class:`ProsecoError` rather than being overwritten.
     """
     return _prepare(out_dir, holdout_fraction, clues, split_seed)[0]
+
+
+def prepare_data(cfg: Any, out_dir: str | os.PathLike) -> dict:
+    """:func:`prepare` with the settings of ``cfg.data`` (holdout_fraction, puzzle_clues,
+    split_seed): the science suite's entry point (pipeline/science.py); returns the manifest."""
+    d = cfg.data
+    return prepare(out_dir, holdout_fraction=d.holdout_fraction, clues=d.puzzle_clues, split_seed=d.split_seed)
 
 
 def load(out_dir: str | os.PathLike) -> dict:
