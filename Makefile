@@ -46,13 +46,14 @@ demo: venv
 
 # One thread per process by default (2-core machines run tests next to other work);
 # tests that need more threads set them themselves.
+# Two pytest-xdist workers, one thread each: one per core (one file, or all SLURM tests, per worker).
 test: venv
 	@echo "==> test: full suite (slow tests included)"
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: venv
 	@echo "==> test-fast: tests not marked slow"
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: venv
 	@echo "==> bench: running benchmarks/bench_*.py"

@@ -14,6 +14,16 @@ from pipeline.model import Backbone
 
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): each test file runs in one worker, so
+    its module fixtures (reference runs) are built once; every SLURM test runs in one worker, so two
+    jobs never wait for each other's nodes on the 2-node test cluster. Without pytest-xdist the marks
+    are inert."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
 # The tiny model used across the model / objective / sampling tests: tokens 0..4 are "real",
 # 5 is the mask id (the last row of the embedding).
 TINY = {"vocab_size": 6, "hidden": 32, "layers": 2, "heads": 2, "max_seq_len": 12, "learned_positions": True}
