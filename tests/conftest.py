@@ -23,6 +23,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.path.stem
         item.add_marker(pytest.mark.xdist_group(group))
+    # The longest groups first, so that neither worker is left with one of them at the end: the SLURM
+    # tests (mostly waiting on the cluster) and the science test (a few minutes of training).
+    first = ("slurm", "test_science")
+    items.sort(key=lambda item: next((i for i, g in enumerate(first)
+                                      if item.get_closest_marker("xdist_group").args[0] == g), len(first)))
 
 # The tiny model used across the model / objective / sampling tests: tokens 0..4 are "real",
 # 5 is the mask id (the last row of the embedding).

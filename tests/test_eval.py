@@ -97,8 +97,8 @@ def test_eval_writes_results_skips_done_items_and_records_failures(model_export,
 
 
 def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_export, tmp_path, capsys):
-    assert cli.main(["eval", str(model_export), "eval.tasks=[sudoku9]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
-    assert "unknown evaluation task(s) sudoku9" in capsys.readouterr().err
+    assert cli.main(["eval", str(model_export), "eval.tasks=[sudoku16]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
+    assert "unknown evaluation task(s) sudoku16" in capsys.readouterr().err
     partial = tmp_path / "run" / "checkpoints" / "step_00000010"
     partial.mkdir(parents=True)
     assert cli.main(["eval", str(partial)]) == cli.EXIT_USER_ERROR
