@@ -87,6 +87,29 @@ def test_retries_on_failure_add_the_requeue_lines_and_kill_on_bad_exit_can_be_tu
         assert bad.split("=")[0] in capsys.readouterr().err
 
 
+def test_a_time_limit_signal_after_the_loop_ended_does_not_kill_the_task(tmp_path):
+    """Seen on the SLURM cluster: a run finished just as SLURM's time-limit warning (SIGUSR2) came;
+    the task was tearing down, the signal killed it and the finished job was marked FAILED. After
+    the loop, a task ignores the warning signals for good (a signal during teardown exits 0)."""
+    code = f"""
+import os, signal, types, submitit
+from pipeline import train
+from pipeline.config import Config, to_dict
+from pipeline.launch.tasks import TrainTask
+env = types.SimpleNamespace(rank=0, world_size=1, local_rank=0, master_addr="x", master_port=0)
+submitit.helpers.TorchDistributedEnvironment = lambda: types.SimpleNamespace(export=lambda **kw: env)
+train.run = lambda cfg: 0
+cfg = to_dict(Config())
+cfg["run"]["dir"] = {str(tmp_path / "run")!r}
+assert TrainTask(cfg)() == 0
+os.kill(os.getpid(), signal.SIGUSR2)
+os.kill(os.getpid(), signal.SIGUSR1)
+print("survived")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "survived" in done.stdout, done.stderr[-2000:]
+
+
 def test_the_job_environment_drops_a_rank_layout_of_the_submitting_shell():
     """sbatch exports the submitting shell's environment; RANK & co. from it (a shell inside torchrun,
     an in-process DeepSpeed run) made submitit refuse to start the task."""

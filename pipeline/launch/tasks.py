@@ -38,6 +38,11 @@ class TrainTask:
                   f"forms, at {time.time():.3f}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         code = train.run(cfg)
+        # The loop is over (done, or saved for a requeue): a time-limit warning that arrives now, while
+        # the interpreter tears down (CPython then resets handlers to the default, which terminates),
+        # would mark a finished job FAILED. Ignored handlers survive teardown.
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
         if code == train.EXIT_REQUEUE and env.rank == 0:
             _requeue_after_stop(cfg, folder)
         return code
