@@ -208,16 +208,23 @@ def evaluate_with_runner(cfg: Config, out: Path, trained: dict, log) -> tuple[li
     return rows, page
 
 
-def run(cfg: Config) -> int:
-    start = time.perf_counter()
+def log(msg: str) -> None:
+    """The demo's and the suite's progress line (flushed: their logs are often redirected)."""
+    print(msg, flush=True)
+
+
+def output_folder(cfg: Config) -> Path:
+    """``demo.out_dir``, created, with ``parallel.threads`` applied: what every demo run starts with."""
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
     out = Path(cfg.demo.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
 
+def run(cfg: Config) -> int:
+    start = time.perf_counter()
+    out = output_folder(cfg)
     log(f"proseco demo -> {out}/  (4x4 Sudoku; torch threads: {torch.get_num_threads()})")
     sudoku.prepare_data(cfg, out / "data")
     data = sudoku.load(out / "data")

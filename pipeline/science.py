@@ -282,15 +282,8 @@ def summary(tasks: list[dict], seconds: float) -> str:
 def run(cfg: Config) -> int:
     """The suite over ``demo.tasks``, in order; 0 when done."""
     start = time.perf_counter()
-    if cfg.parallel.threads:
-        torch.set_num_threads(cfg.parallel.threads)
-    out = Path(cfg.demo.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     modules = [task_module(name) for name in cfg.demo.tasks]  # every entry is checked before any work
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
+    out, log = demo.output_folder(cfg), demo.log
     log(f"proseco demo --suite science -> {out}/  ({', '.join(m.NAME for m in modules)}; "
         f"torch threads: {torch.get_num_threads()})")
     done = [run_task(cfg, name, out, log) for name in cfg.demo.tasks]

@@ -80,6 +80,15 @@ class EvalTask:
                                f"the model only {self.model.vocab_size}")
         return tok
 
+    def check_layout(self, what: str) -> None:
+        """Refuse (task error) a model whose token layout is not this synthetic task's:
+        ``vocab_size``, ``mask_id`` (the last id) and ``seq_len`` must equal the task's."""
+        want = (self.vocab_size, self.vocab_size - 1, getattr(self, "seq_len", None))
+        have = (self.model.vocab_size, self.model.mask_id, self.model.seq_len)
+        if have != want:
+            raise ProsecoError(f"task {self.name} needs {what} (vocabulary, mask id, length = "
+                               f"{', '.join(map(str, want))}); this one has {', '.join(map(str, have))}")
+
     def conditioning(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 

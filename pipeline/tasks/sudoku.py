@@ -326,22 +326,23 @@ class GenerateTask(EvalTask):
 
     name = NAME
     vocab_size = VOCAB_SIZE
+    seq_len = SEQ_LEN
     primary = "valid"
     diversity = "distinct_valid"
+    layout = "a 4x4 Sudoku model"  # what a model of another layout is told it needs
+    score_grids = staticmethod(score_generated)  # a grid size's own scorer and text form
+    grid_text = staticmethod(to_text)
 
     def __init__(self, cfg, options: dict, model: ModelInfo):
         super().__init__(cfg, options, model)
-        if model.vocab_size != VOCAB_SIZE or model.mask_id != MASK_ID or model.seq_len != SEQ_LEN:
-            raise ProsecoError(f"task {self.name} needs a 4x4 Sudoku model (vocabulary {VOCAB_SIZE}, mask id "
-                               f"{MASK_ID}, 16 cells); this one has vocabulary {model.vocab_size}, mask id "
-                               f"{model.mask_id}, {model.seq_len} tokens")
+        self.check_layout(self.layout)
 
     def score(self, tokens, conditioning):
-        g = score_generated(tokens)
+        g = self.score_grids(tokens)
         return {"valid": g["valid"], "distinct_valid": float(g["distinct_valid"])}
 
     def decode(self, tokens):
-        return [to_text(row).replace("\n", "/") for row in tokens]
+        return [self.grid_text(row).replace("\n", "/") for row in tokens]
 
 
 class SolveTask(GenerateTask):

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ProsecoError
-from pipeline.tasks import arrays
-from pipeline.tasks.base import EvalTask, ModelInfo
+from pipeline.tasks import arrays, sudoku
 
 NAME = "sudoku9"
 VOCAB_SIZE = 10
@@ -386,28 +385,16 @@ def load(out_dir: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-class GenerateTask(EvalTask):
-    """``sudoku9``: grids generated from scratch, scored by validity and distinct valid grids."""
+class GenerateTask(sudoku.GenerateTask):
+    """``sudoku9``: grids generated from scratch, scored by validity and distinct valid grids (the
+    4x4 task's evaluation with this module's layout, scorer and text form)."""
 
     name = NAME
     vocab_size = VOCAB_SIZE
-    primary = "valid"
-    diversity = "distinct_valid"
-
-    def __init__(self, cfg, options: dict, model: ModelInfo):
-        super().__init__(cfg, options, model)
-        layout = (model.vocab_size, model.mask_id, model.seq_len)
-        if layout != (VOCAB_SIZE, MASK_ID, SEQ_LEN):
-            raise ProsecoError(f"task {self.name} needs a 9x9 Sudoku model (vocabulary, mask id, length = "
-                               f"{VOCAB_SIZE}, {MASK_ID}, {SEQ_LEN}); this one has "
-                               f"{', '.join(map(str, layout))}")
-
-    def score(self, tokens, conditioning):
-        s = score_generated(tokens)
-        return {"valid": s["valid"], "distinct_valid": float(s["distinct_valid"])}
-
-    def decode(self, tokens):
-        return [to_text(row).replace("\n", "/") for row in tokens]
+    seq_len = SEQ_LEN
+    layout = "a 9x9 Sudoku model"
+    score_grids = staticmethod(score_generated)
+    grid_text = staticmethod(to_text)
 
 
 class SolveTask(GenerateTask):
