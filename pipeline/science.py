@@ -179,8 +179,8 @@ def table(rows: list[dict], task: str) -> list[str]:
     best = nfe_matched(mine, demo.budgets_for(r["nfe"] for r in mine), lambda r: r["quality"], hib,
                        label="method", labels=METHOD_NAMES)
     div = first["diversity_metric"] or "no diversity metric"
-    lines = [f"{task}: {first['primary']} ({'higher' if hib else 'lower'} is better) / {div}, best setting "
-             "with mean NFE <= budget (T steps, S corrector passes, ω corrector every ω steps)", "",
+    lines = [(f"{task}: {first['primary']} ({'higher' if hib else 'lower'} is better) / {div}, best setting "
+              "with mean NFE <= budget (T steps, S corrector passes, ω corrector every ω steps)"), "",
              "| NFE <= | " + " | ".join(f"({k}) {n}" for k, n in METHOD_NAMES.items()) + " |",
              "|---:|" + "---|" * len(METHOD_NAMES)]
     for budget in next(iter(best.values())):
@@ -269,8 +269,8 @@ def summary(tasks: list[dict], seconds: float) -> str:
     """``science.md``: per task the headline table (its first SUITE_TASK), every NFE ratio and the
     wall times, ready to paste into docs/science.md."""
     lines = ["# Science suite: MDM vs ProSeCo at matched NFE", "",
-             f"Tasks: {', '.join(t['name'] for t in tasks)}; total wall time {seconds:.0f} s. "
-             "Each cell: quality / diversity (best setting within the NFE budget)."]
+             (f"Tasks: {', '.join(t['name'] for t in tasks)}; total wall time {seconds:.0f} s. "
+              "Each cell: quality / diversity (best setting within the NFE budget).")]
     for t in tasks:
         suite = t["module"].SUITE_TASKS
         lines += ["", f"## {t['name']}", "", *table(t["rows"], suite[0]), "",

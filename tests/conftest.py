@@ -22,10 +22,12 @@ def pytest_collection_modifyitems(config, items):
     are inert."""
     for item in items:
         group = "slurm" if item.get_closest_marker("slurm") else item.path.stem
+        if group == "test_train" and ("deepspeed" in item.name or "megatron" in item.name):
+            group = "test_train_engines"  # the longest file in two (both build the DDP reference)
         item.add_marker(pytest.mark.xdist_group(group))
     # The longest groups first, so that neither worker is left with one of them at the end: the SLURM
     # tests (mostly waiting on the cluster) and the science test (a few minutes of training).
-    first = ("slurm", "test_science")
+    first = ("slurm", "test_science", "test_train_engines", "test_train")
     items.sort(key=lambda item: next((i for i, g in enumerate(first)
                                       if item.get_closest_marker("xdist_group").args[0] == g), len(first)))
 
