@@ -389,6 +389,7 @@ class Task(EvalTask):
 
     name = NAME
     vocab_size = VOCAB_SIZE
+    seq_len = SEQ_LEN
     version = f"1-a{ALPHABET}-o{ORDER}-k{SUCCESSORS}-s{PROCESS_SEED}-f{FLOOR_MIX}-L{SEQ_LEN}"
     primary = "loglik"
     higher_is_better = True
@@ -398,10 +399,7 @@ class Task(EvalTask):
         super().__init__(cfg, options, model)
         if self.options:
             raise ProsecoError(f"task {NAME} takes no options, got {', '.join(sorted(self.options))}")
-        if model.vocab_size != VOCAB_SIZE or model.mask_id != MASK_ID or model.seq_len != SEQ_LEN:
-            raise ProsecoError(f"task {NAME} needs a model of its layout (vocabulary {VOCAB_SIZE}, mask id "
-                               f"{MASK_ID}, {SEQ_LEN} tokens); this one has vocabulary {model.vocab_size}, "
-                               f"mask id {model.mask_id}, {model.seq_len} tokens")
+        self.check_layout("a model of its layout")
 
     def score(self, tokens, conditioning):
         return score(tokens)
