@@ -15,6 +15,7 @@ from pipeline.model import Backbone
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks into node ids
 def pytest_collection_modifyitems(config, items):
     """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): each test file runs in one worker, so
     its module fixtures (reference runs) are built once; every SLURM test runs in one worker, so two
@@ -30,6 +31,16 @@ def pytest_collection_modifyitems(config, items):
     first = ("slurm", "test_science", "test_train_engines", "test_train")
     items.sort(key=lambda item: next((i for i, g in enumerate(first)
                                       if item.get_closest_marker("xdist_group").args[0] == g), len(first)))
+
+
+def pytest_collection_finish(session):
+    """Refuse to run when ``--dist loadgroup`` did not group: pytest-xdist 3.8 writes the group into a
+    private node-id field that pytest 9.2 no longer reads, so the tests would silently spread over
+    both workers (SLURM jobs then wait on each other's nodes and time out)."""
+    if getattr(session.config.option, "loadgroup", False) and session.items and "@" not in session.items[0].nodeid:
+        raise pytest.UsageError("pytest-xdist's --dist loadgroup did not group the tests on this pytest "
+                                f"({pytest.__version__}); install the versions pinned in pyproject.toml's dev extra")
+
 
 # The tiny model used across the model / objective / sampling tests: tokens 0..4 are "real",
 # 5 is the mask id (the last row of the embedding).
