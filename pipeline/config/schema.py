@@ -208,6 +208,12 @@ class EvalConfig:
     mauve_reference: str = ""  # text: reference features (.npy) for MAUVE; "" = skip MAUVE
     gsm8k_questions: str = ""  # gsm8k (required): the questions, a JSONL file
     qm9_train_smiles: str = ""  # qm9: the training SMILES, for novelty; "" = the bundled list
+    # lm_eval:NAME tasks (pipeline/lmeval, docs/lm_eval.md)
+    lm_eval_include: str = ""  # folder(s) of lm-eval task YAML (os.pathsep-separated); "" = built-in tasks only
+    lm_eval_limit: int = 0  # documents per task; 0 = all
+    lm_eval_fewshot: int = -1  # few-shot examples; -1 = the task's own default
+    lm_eval_gen_length: int = 0  # generated tokens per request; 0 = the task's max_gen_toks
+    lm_eval_mc_samples: int = 128  # Monte Carlo samples of the loglikelihood bound (LLaDA's mc_num)
 
 
 @dataclass

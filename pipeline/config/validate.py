@@ -27,7 +27,7 @@ _RANGES: dict[str, str] = {
     "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed optim.weight_decay "
     "optim.warmup_steps optim.grad_clip parallel.threads run.seed data.split_seed data.puzzle_clues "
     "prep.workers prep.seed prep.input_sentence_size checkpoint.permanent_every run.max_time_s log.val_every "
-    "data.loader_workers cluster.retries_on_failure",
+    "data.loader_workers cluster.retries_on_failure eval.lm_eval_limit eval.lm_eval_gen_length",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
     "[0, 1)": "model.dropout optim.beta1 optim.beta2 optim.ema prep.val_fraction",
     "(0, 1]": "sampler.nucleus_p prep.character_coverage",
@@ -35,7 +35,8 @@ _RANGES: dict[str, str] = {
     "[0, 3]": "parallel.zero_stage",
     "[1, inf)": "sampler.corrector_every parallel.tp_size cluster.nodes cluster.tasks_per_node "
     "cluster.cpus_per_task cluster.time_min cluster.array_parallelism cluster.startup_timeout_s "
-    "eval.num_samples eval.batch_size",
+    "eval.num_samples eval.batch_size eval.lm_eval_mc_samples",
+    "[-1, inf)": "eval.lm_eval_fewshot",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means
     "sampler.corrector_steps": ("sampler.corrector_steps (S)", " (0 turns the corrector off)"),

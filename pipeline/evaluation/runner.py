@@ -6,7 +6,7 @@ The work list is the product of
   an export folder (``proseco ckpt export``), each loaded by :func:`pipeline.artifact.load_model`
   with its EMA weights by default (``eval.weights``);
 * **tasks**: ``eval.tasks`` (default: the model's own ``data.task``), plug-ins of
-  :mod:`pipeline.tasks`;
+  :mod:`pipeline.tasks`, or lm-eval tasks ``lm_eval:NAME`` (:mod:`pipeline.lmeval.items`);
 * **sampler settings**: ``eval.samplers`` x unmasking steps ``eval.steps`` (T) x corrector budget
   ``eval.corrector_steps`` (S; 0 = plain MDM sampling) x corrector frequency
   ``eval.corrector_every`` (omega, only with S > 0). ReMDM is its own remasking baseline and runs
@@ -49,6 +49,7 @@ from pipeline.config import Config, parse_part, to_dict
 from pipeline.diffusion.sampling import check_sampler, sample, sample_seeds
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write, atomic_write_json, sha256_file
+from pipeline.lmeval import items as lm_items
 from pipeline.rundir import RunDir
 from pipeline.tasks import task_class
 
@@ -94,7 +95,7 @@ class Item:
 
     @property
     def relpath(self) -> str:
-        return f"{self.model.key}/{self.task}/{self.setting.slug}"
+        return f"{self.model.key}/{self.task.replace(':', '/')}/{self.setting.slug}"
 
 
 def resolve_models(spec: str, weights_of: dict | None = None) -> list[ModelRef]:
@@ -175,6 +176,8 @@ def determinants(item: Item, cfg: Config) -> dict:
     weights, the task with its options and scorer version, the complete sampler settings (seed
     included) and the number of samples. Not the batch size of generation: per-sample
     generators make results independent of it."""
+    if lm_items.is_lm_eval(item.task):
+        return lm_items.determinants(item, cfg, _sampler(cfg, item.setting))
     options = task_options(cfg, item.task)
     files = {k: sha256_file(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
     return {"model": {"identity": item.model.identity, "weights": cfg.eval.weights},
@@ -271,8 +274,6 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool | Non
               log=print) -> dict[str, int]:
     """Run every item without a finished result of the same key; returns counts of ok / failed / skipped.
     ``progress``: a progress bar (default: when stderr is a terminal), else one plain line per item."""
-    from pipeline.tasks import ModelInfo
-
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -302,34 +303,14 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool | Non
                     load_error = str(exc)
             if load_error is not None:
                 raise ProsecoError(load_error)
-            key = (item.model.key, item.task)
-            if key not in tasks:
-                try:
-                    info = ModelInfo(loaded.info.vocab_size, loaded.info.mask_id, loaded.cfg.data.seq_len,
-                                     loaded.info.tokenizer)
-                    tasks[key] = task_class(item.task)(loaded.cfg, task_options(cfg, item.task), info)
-                except ProsecoError as exc:
-                    tasks[key] = exc
-            task = tasks[key]
-            if isinstance(task, Exception):
-                raise task
-            gen = generate(loaded, task, item.setting, cfg, cfg.eval.num_samples, cfg.eval.batch_size)
-            metrics = {k: (float(v) if v is not None and math.isfinite(float(v)) else None)
-                       for k, v in task.score(gen["tokens"], gen["conditioning"]).items()}  # NaN -> null
-            samples_file = result_path(out, item).with_suffix(".samples.jsonl")
-            samples_file.parent.mkdir(parents=True, exist_ok=True)
-            texts = task.decode(gen["tokens"])
-            atomic_write(samples_file, "".join(json.dumps({"i": i, "nfe": int(gen["nfe"][i]), "text": t}) + "\n"
-                                               for i, t in enumerate(texts)), fsync=False)
-            result = {**base, "status": "ok", "weights": loaded.info.weights, "primary": task.primary,
-                      "higher_is_better": task.higher_is_better, "diversity": task.diversity,
-                      "metrics": metrics, "nfe": float(gen["nfe"].mean()),
-                      "nfe_predictor": float(gen["nfe_predictor"].mean()),
-                      "nfe_corrector": float(gen["nfe_corrector"].mean()),
-                      "seconds": time.perf_counter() - t0, "samples_file": samples_file.name}
+            if lm_items.is_lm_eval(item.task):
+                result = _lm_eval_item(loaded, item, cfg, out, base, t0)
+            else:
+                result = _native_item(loaded, item, cfg, out, base, t0, tasks)
             counts["ok"] += 1
             if not progress:  # plain lines in logs (a SLURM .out file gets no progress bar)
-                log(f"eval: [{n}/{len(todo)}] {item.relpath}: {task.primary} {_num(metrics.get(task.primary))}, "
+                primary = result["primary"]
+                log(f"eval: [{n}/{len(todo)}] {item.relpath}: {primary} {_num(result['metrics'].get(primary))}, "
                     f"NFE {result['nfe']:.1f} ({result['seconds']:.1f} s)")
         except ProsecoError as exc:
             result = {**base, "status": "failed", "error": str(exc), "seconds": time.perf_counter() - t0}
@@ -339,6 +320,51 @@ def run_items(items: list[Item], cfg: Config, out: Path, *, progress: bool | Non
         atomic_write_json(result_path(out, item), result, fsync=False)
     bar.close()
     return counts
+
+
+def _native_item(loaded: Loaded, item: Item, cfg: Config, out: Path, base: dict, t0: float, tasks: dict) -> dict:
+    """Generate and score one item of a :mod:`pipeline.tasks` task; its samples file; the result.
+    ``tasks`` caches each (model, task) plug-in, or the error it raised, across items."""
+    from pipeline.tasks import ModelInfo
+
+    key = (item.model.key, item.task)
+    if key not in tasks:
+        try:
+            info = ModelInfo(loaded.info.vocab_size, loaded.info.mask_id, loaded.cfg.data.seq_len,
+                             loaded.info.tokenizer)
+            tasks[key] = task_class(item.task)(loaded.cfg, task_options(cfg, item.task), info)
+        except ProsecoError as exc:
+            tasks[key] = exc
+    task = tasks[key]
+    if isinstance(task, Exception):
+        raise task
+    gen = generate(loaded, task, item.setting, cfg, cfg.eval.num_samples, cfg.eval.batch_size)
+    metrics = {k: (float(v) if v is not None and math.isfinite(float(v)) else None)
+               for k, v in task.score(gen["tokens"], gen["conditioning"]).items()}  # NaN -> null
+    texts = task.decode(gen["tokens"])
+    samples_file = _write_samples(out, item, [{"i": i, "nfe": int(gen["nfe"][i]), "text": t}
+                                              for i, t in enumerate(texts)])
+    return {**base, "status": "ok", "weights": loaded.info.weights, "primary": task.primary,
+            "higher_is_better": task.higher_is_better, "diversity": task.diversity,
+            "metrics": metrics, "nfe": float(gen["nfe"].mean()),
+            "nfe_predictor": float(gen["nfe_predictor"].mean()),
+            "nfe_corrector": float(gen["nfe_corrector"].mean()),
+            "seconds": time.perf_counter() - t0, "samples_file": samples_file.name}
+
+
+def _lm_eval_item(loaded: Loaded, item: Item, cfg: Config, out: Path, base: dict, t0: float) -> dict:
+    """Run one ``lm_eval:NAME`` item (:mod:`pipeline.lmeval.items`); its samples file; the result."""
+    fields, rows = lm_items.run_item(loaded, item, _sampler(cfg, item.setting), cfg)
+    samples_file = _write_samples(out, item, rows)
+    return {**base, "status": "ok", "weights": loaded.info.weights, **fields, "num_samples": len(rows),
+            "seconds": time.perf_counter() - t0, "samples_file": samples_file.name}
+
+
+def _write_samples(out: Path, item: Item, rows: list[dict]) -> Path:
+    samples_file = result_path(out, item).with_suffix(".samples.jsonl")
+    samples_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(samples_file, "".join(json.dumps(r) + "\n" for r in rows), fsync=False)
+    return samples_file
 
 
 def _num(v) -> str:
@@ -361,7 +387,9 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
         tasks = list(cfg.eval.tasks)
         from pipeline.tasks import check_names
 
-        check_names(tasks)  # a typo fails the whole command before any work (an item-level failure would hide it)
+        # a typo fails the whole command before any work (an item-level failure would hide it)
+        check_names([t for t in tasks if not lm_items.is_lm_eval(t)])
+        lm_items.check_names(tasks, cfg)
     else:
         tasks = sorted({_own_task(m) for m in models})
     folder = Path(out) if out else default_out(spec, cfg)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -145,7 +146,7 @@ class ProsecoLM(LM):
         self.gen_length = _cast("gen_length", gen_length, int)
         self.greedy_check = _cast("greedy_check", greedy_check, bool)
         self.add_bos = _cast("add_bos", add_bos, bool)
-        self._device = torch.device(device or "cpu")
+        self._device = _device(device)
         self.model = self.model.to(self._device).eval()
         self.max_len = int(self.train_cfg.model.max_seq_len)
         self.ids = self.info.sampling_ids(self.train_cfg)
@@ -309,7 +310,7 @@ class ProsecoLM(LM):
                     agg[k] += s[k]
         out = {}
         for kind, agg in sums.items():
-            agg = dict(agg)
+            agg = {k: (v if k == "seconds" else int(v)) for k, v in agg.items()}
             agg["tokens_per_s"] = agg["tokens"] / agg["seconds"] if agg["seconds"] > 0 else None
             agg["nfe_per_token"] = agg["nfe"] / agg["tokens"] if agg["tokens"] else None
             out[kind] = agg
@@ -333,6 +334,16 @@ class ProsecoLM(LM):
     @property
     def tokenizer_name(self) -> str:
         return f"proseco-{self.info.identity}"
+
+
+def _device(name: str | None) -> torch.device:
+    """The torch device; lm-eval's CLI asks for ``cuda`` by default, so on a machine without CUDA
+    the model runs on the CPU (with a warning), as lm-eval's own Hugging Face model does."""
+    device = torch.device(name or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"proseco: device {name!r} is not available; running on the CPU", stacklevel=3)
+        return torch.device("cpu")
+    return device
 
 
 def _positive(key: str, value) -> int:
