@@ -120,7 +120,7 @@ _Lenient.add_multi_constructor("!", lambda loader, suffix, node: None)
 def _data_files(config: Path) -> list[Path]:
     """The existing local files a task YAML names in ``dataset_kwargs.data_files``."""
     try:
-        doc = yaml.load(config.read_text(), Loader=_Lenient)  # noqa: S506 (a SafeLoader subclass)
+        doc = yaml.load(config.read_text(), Loader=_Lenient)  # a SafeLoader subclass
     except (OSError, yaml.YAMLError):
         return []
     spec = ((doc or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(doc, dict) else None
