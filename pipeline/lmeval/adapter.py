@@ -119,12 +119,12 @@ OWN_ARGS = ("path", "weights", "batch_size", "device", "seed", "gen_length", "mc
 @register_model("proseco")
 class ProsecoLM(LM):
     """lm-eval's ``LM`` over a ProSeCo model (module docstring). ``loaded``: an already loaded
-    ``(model, training config, ArtifactInfo)`` instead of ``path``; ``sampler``: a complete
-    :class:`SamplerConfig` instead of sampler keys."""
+    ``(model, training config, ArtifactInfo)`` instead of ``path``; ``sampler_config``: a complete
+    :class:`SamplerConfig` instead of sampler keys (``sampler`` is the sampler's name, as on the CLI)."""
 
     def __init__(self, path: str | None = None, weights: str = "auto", batch_size=1, max_batch_size=None,
                  device: str | None = None, seed: int | None = None, gen_length: int = 0, mc_samples: int = 128,
-                 greedy_check: bool = True, add_bos: bool = True, sampler: SamplerConfig | None = None,
+                 greedy_check: bool = True, add_bos: bool = True, sampler_config: SamplerConfig | None = None,
                  loaded=None, **sampler_args):
         super().__init__()
         if loaded is None:
@@ -140,7 +140,7 @@ class ProsecoLM(LM):
         self.tok = self.info.tokenizer
         if seed is not None:
             sampler_args["seed"] = seed
-        self.sampler = sampler_from_args(sampler_args, sampler)
+        self.sampler = sampler_from_args(sampler_args, sampler_config)
         self.batch_size = _positive("batch_size", batch_size)
         self.mc_samples = _positive("mc_samples", mc_samples)
         self.gen_length = _cast("gen_length", gen_length, int)

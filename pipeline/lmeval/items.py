@@ -160,7 +160,7 @@ def run_item(loaded, item, sampler: SamplerConfig, cfg: Config) -> tuple[dict, l
     name = task_name(item.task)
     manager = task_manager(cfg, [name])
     e = cfg.eval
-    lm = ProsecoLM(loaded=(loaded.model, loaded.cfg, loaded.info), sampler=sampler, batch_size=e.batch_size,
+    lm = ProsecoLM(loaded=(loaded.model, loaded.cfg, loaded.info), sampler_config=sampler, batch_size=e.batch_size,
                    gen_length=e.lm_eval_gen_length, mc_samples=e.lm_eval_mc_samples)
     out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=e.lm_eval_limit or None,
                                   num_fewshot=None if e.lm_eval_fewshot < 0 else e.lm_eval_fewshot,

@@ -1,0 +1,323 @@
+"""The lm-eval adapter ``proseco`` (pipeline/lmeval): a tiny random text model on a local generation
+task and a local multiple-choice task, through lm-eval's Python API and its CLI, and as
+``lm_eval:NAME`` items of ``proseco eval`` (shards, resume, report)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("sentencepiece")
+
+import lm_eval
+from lm_eval.api.instance import Instance
+
+import pipeline.lmeval  # noqa: F401  (registers the model "proseco")
+from pipeline import cli
+from pipeline.artifact import load_model, write_export
+from pipeline.config import load_config
+from pipeline.errors import ProsecoError
+from pipeline.evaluation import report
+from pipeline.lmeval import items as lm_items
+from pipeline.lmeval.adapter import ProsecoLM
+from pipeline.lmeval.likelihood import mc_masks
+from pipeline.lmeval.requests import batches, cut_at_stops, encode_pair, occurrences, request_seed
+from pipeline.model import Backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K_SAMPLE = ROOT / "tests" / "data" / "gsm8k_sample.jsonl"
+MC_ROWS = [{"question": "What is two plus two?", "choices": [" 4", " 5", " 22"], "label": 0},
+           {"question": "Which is a colour?", "choices": [" red", " seven"], "label": 0},
+           {"question": "How many legs has a cat?", "choices": [" three", " four", " ten"], "label": 1},
+           {"question": "What comes after one?", "choices": [" two", " zero"], "label": 0}]
+GEN_TASK = """task: local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer.split('####')[-1].strip()}}}}"
+generation_kwargs:
+  until: ["Question:"]
+  max_gen_toks: 16
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+MC_TASK = """task: local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+ARGS = {"block_length": 8, "mc_samples": 4, "corrector_steps": 1, "corrector_every": 2}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """A random tiny text model exported with its tokenizer, and a folder of two local task YAMLs."""
+    from data_prep.tokenizer import Tokenizer, train_tokenizer
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # nothing may come from the hub
+    root = tmp_path_factory.mktemp("lmeval")
+    texts = [f"Question: {p['question']}\nAnswer: {p['answer']}"
+             for p in map(json.loads, GSM8K_SAMPLE.read_text().splitlines())]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train_tokenizer([str(root / "corpus.jsonl")], root / "tok", vocab_size=400, num_threads=1)
+    tok = Tokenizer.load(root / "tok")
+    cfg = load_config(str(ROOT / "configs" / "text.yaml"), ["model.hidden=32", "model.layers=2", "model.heads=2",
+                                                           "model.max_seq_len=64", "data.seq_len=64"])
+    torch.manual_seed(0)
+    state = Backbone(cfg.model, vocab_size=tok.vocab_size).state_dict()
+    model = write_export(root / "model", {"raw": state}, cfg, tok.vocab_size, tok.mask_id, tokenizer_dir=root / "tok",
+                         data={"tokenizer_sha256": tok.sidecar["sha256"]})
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "local_gen.yaml").write_text(GEN_TASK.format(data=GSM8K_SAMPLE))
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    (tasks / "local_mc.yaml").write_text(MC_TASK.replace("mc.jsonl", str(tasks / "mc.jsonl")))
+    return {"model": model, "tasks": tasks, "tok": tok, "loaded": load_model(model)}
+
+
+class Counting(torch.nn.Module):
+    """The model, counting the rows it is called on (one row = one NFE)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, tokens, t=None, valid=None):
+        self.rows += tokens.shape[0]
+        return self.inner(tokens, t, valid)
+
+
+def _evaluate(env, batch_size: int, **args):
+    model, cfg, info = env["loaded"]
+    counting = Counting(model)
+    lm = ProsecoLM(loaded=(counting, cfg, info), batch_size=batch_size, **{**ARGS, **args})
+    manager = lm_items.task_manager(load_config(str(ROOT / "configs" / "tiny.yaml"),
+                                                [f"eval.lm_eval_include={env['tasks']}"]), ["local_gen", "local_mc"])
+    out = lm_eval.simple_evaluate(model=lm, tasks=["local_gen", "local_mc"], task_manager=manager,
+                                  bootstrap_iters=0, log_samples=True)
+    return out, lm, counting.rows
+
+
+def _responses(out) -> dict:
+    return {task: [(s["doc_id"], s["resps"]) for s in rows] for task, rows in out["samples"].items()}
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_request_seeds_depend_only_on_the_request():
+    assert request_seed(0, "a", "b") == request_seed(0, "a", "b")
+    assert len({request_seed(0, "a", "b"), request_seed(1, "a", "b"), request_seed(0, "a", "c")}) == 3
+    assert 0 <= request_seed(7, "x") < 2 ** 63
+    assert occurrences(["a", "b", "a", "a"]) == [0, 0, 1, 2]
+    assert batches([3, 1, 3, 3, 1], 2) == [[1, 4], [0, 2], [3]]  # one length per batch, sorted, stable
+    assert cut_at_stops("12\nQuestion: next", ["Question:", "\n"]) == "12"
+    assert cut_at_stops("no stop", []) == "no stop"
+
+
+def test_encode_pair_splits_where_the_context_ends(env):
+    tok = env["tok"]
+    ctx, cont = encode_pair(tok, "Question: how many muffins? Answer: ", "18 muffins", bos=True)
+    assert ctx[0] == tok.bos_id
+    assert ctx[1:] + cont == tok.encode("Question: how many muffins? Answer: 18 muffins")  # the trailing space moved
+    assert tok.decode(cont).strip() == "18 muffins"
+    assert encode_pair(tok, "", "muffins", bos=True)[0] == [tok.bos_id]
+
+
+def test_mc_masks_are_stratified_and_reproducible():
+    n, per = 5, 3
+    masks = mc_masks(n, n * per, torch.Generator().manual_seed(1))
+    counts = masks.sum(-1).tolist()
+    assert sorted(counts) == sorted(list(range(1, n + 1)) * per)  # every l in 1..n equally often
+    assert torch.equal(masks, mc_masks(n, n * per, torch.Generator().manual_seed(1)))
+
+
+class Factorised(torch.nn.Module):
+    """Logits that do not depend on the input: the bound is then exact in expectation, and exact
+    for every sample when the continuation repeats one token."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, tokens, t=None, valid=None):
+        return self.logits.expand(*tokens.shape, -1).clone()
+
+
+def _request(kind: str, *args, doc: int = 0) -> Instance:
+    return Instance(kind, {}, args, 0, ("t", doc, 1))
+
+
+def test_loglikelihood_is_the_masked_diffusion_bound_of_a_hand_computable_model(env):
+    _, cfg, info = env["loaded"]
+    tok = env["tok"]
+    _, aaaa = encode_pair(tok, "Question:", "aaaa", bos=True)
+    assert len(aaaa) == 4 and len(set(aaaa)) == 1  # one repeated piece
+    torch.manual_seed(3)
+    logits = torch.randn(info.vocab_size)
+    logits[aaaa[0]] = 6.0  # the model's argmax
+    hidden = [info.mask_id] + ([] if cfg.diffusion.loss_on_pad else [tok.pad_id])  # ids the model never emits
+    logp = torch.log_softmax(logits.double().index_fill(0, torch.tensor(hidden), -math.inf), -1)
+    # every Monte Carlo term of a repeated token is exact: (n / l) * l * log p(a); greedy decoding finds it
+    lm = ProsecoLM(loaded=(Factorised(logits), cfg, info), mc_samples=3)
+    (ll, greedy), = lm.loglikelihood([_request("loglikelihood", "Question:", "aaaa")])
+    assert ll == pytest.approx(4 * float(logp[aaaa[0]]), abs=1e-5) and greedy is True
+    # mixed tokens: the estimate's expectation is the exact log-likelihood (many samples), not greedy
+    _, cont = encode_pair(tok, "Question:", " 18 muffins", bos=True)
+    exact = float(sum(logp[t] for t in cont))
+    lm = ProsecoLM(loaded=(Factorised(logits), cfg, info), mc_samples=len(cont) * 50)
+    (ll, greedy), = lm.loglikelihood([_request("loglikelihood", "Question:", " 18 muffins")])
+    assert ll == pytest.approx(exact, rel=0.03) and greedy is False
+    # rolling: the windows' bounds add up to the whole text's (exact for a factorised model in expectation)
+    text = "aaaa" * 20
+    (rolled,) = ProsecoLM(loaded=(Factorised(logits), cfg, info), mc_samples=64).loglikelihood_rolling(
+        [_request("loglikelihood_rolling", text)])
+    ids = tok.encode(text)
+    assert len(ids) > cfg.model.max_seq_len  # several windows
+    assert rolled == pytest.approx(float(sum(logp[t] for t in ids)), rel=0.02)
+
+
+def test_user_errors_are_one_line(env):
+    model, cfg, info = env["loaded"]
+    with pytest.raises(ProsecoError, match="unknown key 'stepz'"):
+        ProsecoLM(loaded=env["loaded"], stepz=3)
+    with pytest.raises(ProsecoError, match="batch_size must be a positive integer.*auto"):
+        ProsecoLM(loaded=env["loaded"], batch_size="auto")
+    with pytest.raises(ProsecoError, match="corrector_steps must be a int"):
+        ProsecoLM(loaded=env["loaded"], corrector_steps="two")
+    with pytest.raises(ProsecoError, match="unknown sampler 'greedy'"):
+        ProsecoLM(loaded=env["loaded"], sampler="greedy")
+    with pytest.raises(ProsecoError, match="give path="):
+        ProsecoLM()
+    info_no_tok = type(info)(**{**info.__dict__, "tokenizer": None})
+    with pytest.raises(ProsecoError, match="has no tokenizer"):
+        ProsecoLM(loaded=(model, cfg, info_no_tok))
+    lm = ProsecoLM(loaded=env["loaded"], gen_length=64)
+    with pytest.raises(ProsecoError, match="leaves no room for a prompt"):
+        lm.generate_until([_request("generate_until", "Question:", {"until": ["\n"]})])
+    lm = ProsecoLM(loaded=env["loaded"], gen_length=12, steps=5, block_length=4)
+    with pytest.raises(ProsecoError, match="multiple of the number of blocks"):
+        lm.generate_until([_request("generate_until", "Question:", {"until": ["\n"]})])
+
+
+# ------------------------------------------------------------------ through lm-eval
+
+
+def test_python_api_batch_size_does_not_change_outputs_and_nfe_counts_model_calls(env):
+    one, lm1, rows1 = _evaluate(env, 1)
+    eight, lm8, rows8 = _evaluate(env, 8)
+    assert _responses(one) == _responses(eight)
+    for out in (one, eight):
+        assert 0.0 <= out["results"]["local_mc"]["acc,none"] <= 1.0
+        assert 0.0 <= out["results"]["local_gen"]["exact_match,none"] <= 1.0
+    # NFE: every row through the network, summed per request, equals the rows the model saw
+    for lm, rows in ((lm1, rows1), (lm8, rows8)):
+        totals = lm.totals()
+        assert totals["all"]["nfe"] == rows == sum(s["nfe"] for s in lm.request_stats)
+        gen = totals["generate_until"]
+        assert gen["requests"] == 5 and gen["nfe_corrector"] > 0 and gen["nfe_predictor"] == 5 * 16
+        assert totals["loglikelihood"]["nfe"] == sum(len(r["choices"]) for r in MC_ROWS) * ARGS["mc_samples"]
+        assert gen["tokens_per_s"] > 0 and gen["nfe_per_token"] == gen["nfe"] / gen["tokens"]
+    assert rows8 == rows1
+    info = eight["config"]["proseco"]
+    assert info["lm_eval_version"] == lm_eval_version() and info["sampler"]["block_size"] == 8
+    assert info["sampler"]["corrector_steps"] == 1 and info["model"]["identity"] == env["loaded"][2].identity
+    # another seed draws other Monte Carlo masks: the scores of the choices change
+    other, _, _ = _evaluate(env, 8, seed=5)
+    assert _responses(other)["local_mc"] != _responses(eight)["local_mc"]
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def test_lm_eval_cli_runs_the_proseco_model(env, tmp_path):
+    """lm-eval's own CLI (through ``python -m pipeline.lmeval``, which registers the model)."""
+    args = ",".join(f"{k}={v}" for k, v in {"path": env["model"], **ARGS}.items())
+    cmd = [sys.executable, "-m", "pipeline.lmeval", "run", "--model", "proseco", "--model_args", args,
+           "--tasks", "local_mc", "local_gen", "--include_path", str(env["tasks"]), "--batch_size", "8",
+           "--device", "cpu", "--output_path", str(tmp_path / "out"), "--log_samples"]
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(cmd, check=False, cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    cli_out = json.loads(results_file.read_text())
+    api_out, _, _ = _evaluate(env, 8)
+    for task, metric in (("local_mc", "acc,none"), ("local_gen", "exact_match,none")):
+        assert cli_out["results"][task][metric] == api_out["results"][task][metric]
+    info = cli_out["config"]["proseco"]
+    assert info["totals"]["all"]["nfe"] == api_out["config"]["proseco"]["totals"]["all"]["nfe"]
+    assert info["lm_eval_version"] == lm_eval_version() and info["sampler"]["name"] == "confidence"
+    # an adapter error is one line, not a traceback
+    bad = subprocess.run([*cmd[:5], "path=/nonexistent/model", *cmd[6:]], check=False, cwd=tmp_path, env=env_vars,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "error: no model at /nonexistent/model" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ inside proseco eval
+
+
+def test_proseco_eval_runs_lm_eval_items_sharded_resumable_and_reported(env, tmp_path, capsys):
+    common = ["parallel.threads=1", "eval.tasks=[lm_eval:local_mc,lm_eval:local_gen]",
+              f"eval.lm_eval_include={env['tasks']}", "eval.samplers=[confidence]", "eval.steps=[16]",
+              "eval.corrector_steps=[0,1]", "eval.corrector_every=[2]", "sampler.block_size=8",
+              "sampler.temperature=0", "eval.lm_eval_mc_samples=4", "eval.batch_size=8"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(["eval", str(env["model"]), "--out", str(whole), *common]) == 0
+    assert "4 done, 0 already done, 0 failed" in capsys.readouterr().out
+    for i in (1, 0):
+        assert cli.main(["eval", str(env["model"]), "--out", str(parts), "--shard", f"{i}/2", *common]) == 0
+    a, b = report.load_results(whole), report.load_results(parts)
+    assert len(a) == 4 and all(r["status"] == "ok" for r in a)
+    keys = ("key", "metrics", "nfe", "nfe_predictor", "nfe_corrector", "primary")
+    assert {r["_path"]: [r[k] for k in keys] for r in a} == {r["_path"]: [r[k] for k in keys] for r in b}
+    for r in a:
+        samples = (whole / r["_path"]).with_suffix("").with_suffix(".samples.jsonl")
+        assert samples.read_text() == (parts / r["_path"]).with_suffix("").with_suffix(".samples.jsonl").read_text()
+        assert r["lm_eval"]["lm_eval_version"] == lm_eval_version()
+        assert r["determinants"]["sampler"]["corrector_steps"] == r["setting"]["corrector_steps"]
+        assert (r["nfe_corrector"] > 0) == (r["setting"]["corrector_steps"] > 0)
+    mc = next(r for r in a if r["task"] == "lm_eval:local_mc")
+    assert mc["primary"] == "acc" and 0 <= mc["metrics"]["acc"] <= 1 and mc["num_samples"] == len(MC_ROWS)
+    assert cli.main(["eval", str(env["model"]), "--out", str(whole), *common]) == 0  # resumable: all done
+    assert "0 done, 4 already done" in capsys.readouterr().out
+    md, _ = report.build(whole)
+    text = md.read_text()
+    assert "lm_eval:local_mc" in text and "lm_eval:local_gen" in text and "confidence + corrector" in text
+    # a typo in an lm-eval task name fails before any work, in one line
+    assert cli.main(["eval", str(env["model"]), "--out", str(tmp_path / "x"), *common,
+                     "eval.tasks=[lm_eval:local_mcq]"]) == cli.EXIT_USER_ERROR
+    assert "unknown lm-eval task(s) local_mcq" in capsys.readouterr().err
+
+
+def test_item_key_follows_the_local_task_files(env, tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"eval.lm_eval_include={env['tasks']}"])
+    files = lm_items.task_files(cfg)
+    assert str(env["tasks"] / "mc.jsonl") in files and str(GSM8K_SAMPLE.resolve()) in files
