@@ -70,7 +70,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-ARGS = {"block_length": 8, "mc_samples": 4, "corrector_steps": 1, "corrector_every": 2}
+ARGS = {"block_length": 8, "mc_samples": 4, "corrector_steps": 1, "corrector_every": 2, "pad_to": 16}
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,15 @@ def test_loglikelihood_is_the_masked_diffusion_bound_of_a_hand_computable_model(
     assert rolled == pytest.approx(float(sum(logp[t] for t in ids)), rel=0.02)
 
 
+def test_pad_to_left_pads_a_prompt_by_its_own_length(env):
+    lm = ProsecoLM(loaded=env["loaded"], pad_to=8)
+    pad = env["tok"].pad_id
+    assert lm._pad_left([1, 2, 3, 4, 5], gen=16) == [pad] * 3 + [1, 2, 3, 4, 5]
+    assert lm._pad_left(list(range(8)), gen=16) == list(range(8))
+    assert lm._pad_left(list(range(45)), gen=16) == [pad] * 3 + list(range(45))  # capped at 64 - 16
+    assert ProsecoLM(loaded=env["loaded"])._pad_left([1, 2], gen=16) == [1, 2]
+
+
 def test_user_errors_are_one_line(env):
     model, cfg, info = env["loaded"]
     with pytest.raises(ProsecoError, match="unknown key 'stepz'"):
@@ -301,7 +310,7 @@ def test_proseco_eval_runs_lm_eval_items_sharded_resumable_and_reported(env, tmp
     common = ["parallel.threads=1", "eval.tasks=[lm_eval:local_mc,lm_eval:local_gen]",
               f"eval.lm_eval_include={env['tasks']}", "eval.samplers=[confidence]", "eval.steps=[16]",
               "eval.corrector_steps=[0,1]", "eval.corrector_every=[2]", "sampler.block_size=8",
-              "sampler.temperature=0", "eval.lm_eval_mc_samples=4", "eval.batch_size=8"]
+              "sampler.temperature=0", "eval.lm_eval_mc_samples=4", "eval.batch_size=8", "eval.lm_eval_pad_to=16"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert cli.main(["eval", str(env["model"]), "--out", str(whole), *common]) == 0
     assert "4 done, 0 already done, 0 failed" in capsys.readouterr().out

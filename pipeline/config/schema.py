@@ -214,6 +214,7 @@ class EvalConfig:
     lm_eval_fewshot: int = -1  # few-shot examples; -1 = the task's own default
     lm_eval_gen_length: int = 0  # generated tokens per request; 0 = the task's max_gen_toks
     lm_eval_mc_samples: int = 128  # Monte Carlo samples of the loglikelihood bound (LLaDA's mc_num)
+    lm_eval_pad_to: int = 1  # left-pad prompts to a multiple of this, so more share a batch; 1 = no padding
 
 
 @dataclass

@@ -35,7 +35,7 @@ _RANGES: dict[str, str] = {
     "[0, 3]": "parallel.zero_stage",
     "[1, inf)": "sampler.corrector_every parallel.tp_size cluster.nodes cluster.tasks_per_node "
     "cluster.cpus_per_task cluster.time_min cluster.array_parallelism cluster.startup_timeout_s "
-    "eval.num_samples eval.batch_size eval.lm_eval_mc_samples",
+    "eval.num_samples eval.batch_size eval.lm_eval_mc_samples eval.lm_eval_pad_to",
     "[-1, inf)": "eval.lm_eval_fewshot",
 }
 _LABELS = {  # the paper's symbols, and what the edge value means

@@ -14,7 +14,11 @@ it knows, with the tokenizer stored beside it); requests run through the project
   ``corrector_steps`` = S, ``eos_stop`` for early EOS; any ``sampler.*`` key). The text is cut
   at the first EOS and at the first of the request's ``until`` stop sequences. The request's
   ``do_sample`` / ``temperature`` are ignored: the sampler settings are the adapter's, recorded
-  in the results.
+  in the results. Requests are batched with requests of the same prompt length; ``pad_to`` = k > 1
+  left-pads each prompt with the pad id to a multiple of k (hidden from attention for models
+  trained without loss on pads), so more requests share a batch (its outputs differ from
+  ``pad_to=1`` for models with learned positions or visible pads, and are again independent of the
+  batch size).
 * ``loglikelihood``: the Monte Carlo masked-diffusion bound of :mod:`pipeline.lmeval.likelihood`
   with ``mc_samples`` draws; ``is_greedy`` by decoding the continuation greedily (confidence
   sampler, temperature 0, one token per step, no corrector; ``greedy_check=false`` skips it
@@ -113,7 +117,7 @@ def _cast(key: str, value, kind: type):
 
 
 OWN_ARGS = ("path", "weights", "batch_size", "device", "seed", "gen_length", "mc_samples", "greedy_check",
-            "add_bos")
+            "add_bos", "pad_to")
 
 
 @register_model("proseco")
@@ -124,7 +128,7 @@ class ProsecoLM(LM):
 
     def __init__(self, path: str | None = None, weights: str = "auto", batch_size=1, max_batch_size=None,
                  device: str | None = None, seed: int | None = None, gen_length: int = 0, mc_samples: int = 128,
-                 greedy_check: bool = True, add_bos: bool = True, sampler_config: SamplerConfig | None = None,
+                 greedy_check: bool = True, add_bos: bool = True, pad_to: int = 1, sampler_config: SamplerConfig | None = None,
                  loaded=None, **sampler_args):
         super().__init__()
         if loaded is None:
@@ -146,6 +150,9 @@ class ProsecoLM(LM):
         self.gen_length = _cast("gen_length", gen_length, int)
         self.greedy_check = _cast("greedy_check", greedy_check, bool)
         self.add_bos = _cast("add_bos", add_bos, bool)
+        self.pad_to = _positive("pad_to", pad_to)
+        if self.pad_to > 1 and (self.tok.pad_id is None or self.tok.pad_id < 0):
+            raise ProsecoError("proseco: pad_to > 1 needs a tokenizer with a pad id; this one has none")
         self._device = _device(device)
         self.model = self.model.to(self._device).eval()
         self.max_len = int(self.train_cfg.model.max_seq_len)
@@ -162,7 +169,7 @@ class ProsecoLM(LM):
             if gen >= self.max_len:
                 raise ProsecoError(f"generation length {gen} leaves no room for a prompt in the model's "
                                    f"max_seq_len {self.max_len}; set gen_length smaller")
-            prompt = fit_left(self._head() + self.tok.encode(ctx), self.max_len - gen)
+            prompt = self._pad_left(fit_left(self._head() + self.tok.encode(ctx), self.max_len - gen), gen)
             jobs.append((prompt, gen, request_seed(self.sampler.seed, "generate_until", *key, rep),
                          stop_sequences(kw.get("until"))))
         out: list[str | None] = [None] * len(jobs)
@@ -286,6 +293,15 @@ class ProsecoLM(LM):
         bos = self.tok.bos_id
         return [bos] if self.add_bos and bos is not None and bos >= 0 else []
 
+    def _pad_left(self, prompt: list[int], gen: int) -> list[int]:
+        """With ``pad_to`` > 1: the prompt left-padded with the pad id to the next multiple of
+        ``pad_to`` (at most the room left by ``gen``), so prompts of different lengths share batches.
+        The padding depends only on the prompt itself, so a request's row is the same in any batch."""
+        if self.pad_to == 1:
+            return prompt
+        width = min(-(-len(prompt) // self.pad_to) * self.pad_to, self.max_len - gen)
+        return [self.tok.pad_id] * (width - len(prompt)) + prompt
+
     def _fit(self, ctx: list[int], cont: list[int]) -> list[int]:
         """The context, cut from the left so that context + continuation fit the model."""
         if len(cont) > self.max_len - (1 if ctx else 0):
@@ -320,7 +336,8 @@ class ProsecoLM(LM):
         """Everything besides the model that determines the adapter's outputs."""
         return {"adapter_version": ADAPTER_VERSION, "lm_eval_version": lm_eval_version(),
                 "sampler": dataclasses.asdict(self.sampler), "gen_length": self.gen_length,
-                "mc_samples": self.mc_samples, "greedy_check": self.greedy_check, "add_bos": self.add_bos}
+                "mc_samples": self.mc_samples, "greedy_check": self.greedy_check, "add_bos": self.add_bos,
+                "pad_to": self.pad_to}
 
     def get_model_info(self) -> dict:
         """What lm-eval stores under ``config`` in its results: the model's identity, the full

@@ -9,7 +9,8 @@ lm-eval and of the adapter), same ``--shard i/n``, same result JSON, read by ``p
 
 Options (``eval.*``): ``lm_eval_include`` (folders of task YAML; the tasks are looked up there
 first, lm-eval's built-in tasks are indexed only for names not found there), ``lm_eval_limit``,
-``lm_eval_fewshot``, ``lm_eval_gen_length``, ``lm_eval_mc_samples``.
+``lm_eval_fewshot``, ``lm_eval_gen_length``, ``lm_eval_mc_samples``, ``lm_eval_pad_to`` (the
+adapter's ``pad_to``).
 
 The result's ``metrics`` are lm-eval's metrics of the task (``acc``, ``exact_match/strict-match``:
 the filter follows a slash unless it is ``none``); ``primary`` is the first metric of the task's
@@ -45,7 +46,7 @@ def task_name(task: str) -> str:
 def options(cfg: Config) -> dict:
     e = cfg.eval
     return {"include": e.lm_eval_include, "limit": e.lm_eval_limit, "fewshot": e.lm_eval_fewshot,
-            "gen_length": e.lm_eval_gen_length, "mc_samples": e.lm_eval_mc_samples}
+            "gen_length": e.lm_eval_gen_length, "mc_samples": e.lm_eval_mc_samples, "pad_to": e.lm_eval_pad_to}
 
 
 def include_paths(cfg: Config) -> list[str]:
@@ -161,7 +162,7 @@ def run_item(loaded, item, sampler: SamplerConfig, cfg: Config) -> tuple[dict, l
     manager = task_manager(cfg, [name])
     e = cfg.eval
     lm = ProsecoLM(loaded=(loaded.model, loaded.cfg, loaded.info), sampler_config=sampler, batch_size=e.batch_size,
-                   gen_length=e.lm_eval_gen_length, mc_samples=e.lm_eval_mc_samples)
+                   gen_length=e.lm_eval_gen_length, mc_samples=e.lm_eval_mc_samples, pad_to=e.lm_eval_pad_to)
     out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=e.lm_eval_limit or None,
                                   num_fewshot=None if e.lm_eval_fewshot < 0 else e.lm_eval_fewshot,
                                   bootstrap_iters=0, log_samples=True)
