@@ -334,10 +334,32 @@ def test_proseco_eval_runs_lm_eval_items_sharded_resumable_and_reported(env, tmp
     md, _ = report.build(whole)
     text = md.read_text()
     assert "lm_eval:local_mc" in text and "lm_eval:local_gen" in text and "confidence + corrector" in text
-    # a typo in an lm-eval task name fails before any work, in one line
+    # a bad lm-eval task name fails before any work, in one line
     assert cli.main(["eval", str(env["model"]), "--out", str(tmp_path / "x"), *common,
-                     "eval.tasks=[lm_eval:local_mcq]"]) == cli.EXIT_USER_ERROR
-    assert "unknown lm-eval task(s) local_mcq" in capsys.readouterr().err
+                     'eval.tasks=["lm_eval:"]']) == cli.EXIT_USER_ERROR
+    assert "'lm_eval:' needs a task name" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_task_names_are_looked_up_in_the_include_folders_first_then_in_lm_evals_own(env, monkeypatch):
+    """(lm-eval's ~15 000 built-in task configs take seconds to index: a stand-in index here.)"""
+    built = []
+
+    class Index:
+        def __init__(self, include, defaults):
+            built.append(defaults)
+            self.all_tasks = ["local_gen", "local_mc"] + (["gsm8k"] if defaults else [])
+
+    monkeypatch.setattr(lm_items, "_manager", Index)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"eval.lm_eval_include={env['tasks']}"])
+    lm_items.check_names(["lm_eval:local_mc", "sudoku4"], cfg)
+    assert built == [False]  # the local folder has it: the built-in tasks are not indexed
+    lm_items.check_names(["lm_eval:local_mc", "lm_eval:gsm8k"], cfg)
+    assert built == [False, False, True]
+    with pytest.raises(ProsecoError, match=r"unknown lm-eval task\(s\) local_mcq \(looked in .*tasks and lm-eval's"):
+        lm_items.check_names(["lm_eval:local_mcq"], cfg)
+    missing = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"eval.lm_eval_include={env['tasks'] / 'none'}"])
+    with pytest.raises(ProsecoError, match="is not a folder of lm-eval task YAML"):
+        lm_items.check_names(["lm_eval:local_mc"], missing)
 
 
 def test_item_key_follows_the_local_task_files(env, tmp_path):
