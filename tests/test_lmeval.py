@@ -366,3 +366,17 @@ def test_item_key_follows_the_local_task_files(env, tmp_path):
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"eval.lm_eval_include={env['tasks']}"])
     files = lm_items.task_files(cfg)
     assert str(env["tasks"] / "mc.jsonl") in files and str(GSM8K_SAMPLE.resolve()) in files
+
+
+def test_an_lm_eval_task_that_fails_is_a_failed_item_with_its_reason(env, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text(MC_TASK.replace("local_mc", "broken").replace("mc.jsonl",
+                                                                                     str(tmp_path / "missing.jsonl")))
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(env["model"]), "--out", str(out), "parallel.threads=1", "eval.tasks=[lm_eval:broken]",
+                     f"eval.lm_eval_include={tasks}", "eval.samplers=[confidence]", "eval.steps=[16]",
+                     "eval.corrector_steps=[0]", "sampler.block_size=8"]) == 1
+    (result,) = report.load_results(out)
+    assert result["status"] == "failed" and result["error"].startswith("lm-eval task broken failed: ")
+    assert "missing.jsonl" in result["error"] and "failed: lm-eval task broken" in capsys.readouterr().out

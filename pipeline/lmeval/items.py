@@ -163,9 +163,14 @@ def run_item(loaded, item, sampler: SamplerConfig, cfg: Config) -> tuple[dict, l
     e = cfg.eval
     lm = ProsecoLM(loaded=(loaded.model, loaded.cfg, loaded.info), sampler_config=sampler, batch_size=e.batch_size,
                    gen_length=e.lm_eval_gen_length, mc_samples=e.lm_eval_mc_samples, pad_to=e.lm_eval_pad_to)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=e.lm_eval_limit or None,
-                                  num_fewshot=None if e.lm_eval_fewshot < 0 else e.lm_eval_fewshot,
-                                  bootstrap_iters=0, log_samples=True)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=e.lm_eval_limit or None,
+                                      num_fewshot=None if e.lm_eval_fewshot < 0 else e.lm_eval_fewshot,
+                                      bootstrap_iters=0, log_samples=True)
+    except ProsecoError:
+        raise
+    except Exception as exc:  # lm-eval's own failures (data not found offline, unsafe code refused): the item fails
+        raise ProsecoError(f"lm-eval task {name} failed: {type(exc).__name__}: {exc}") from exc
     if out is None or name not in out.get("results", {}):
         raise ProsecoError(f"lm-eval returned no results for task {name}")
     raw = out["results"][name]
