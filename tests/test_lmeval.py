@@ -73,12 +73,20 @@ metric_list:
 ARGS = {"block_length": 8, "mc_samples": 4, "corrector_steps": 1, "corrector_every": 2, "pad_to": 16}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Nothing may come from the hub."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     """A random tiny text model exported with its tokenizer, and a folder of two local task YAMLs."""
     from data_prep.tokenizer import Tokenizer, train_tokenizer
 
-    os.environ["HF_DATASETS_OFFLINE"] = "1"  # nothing may come from the hub
     root = tmp_path_factory.mktemp("lmeval")
     texts = [f"Question: {p['question']}\nAnswer: {p['answer']}"
              for p in map(json.loads, GSM8K_SAMPLE.read_text().splitlines())]
@@ -277,7 +285,7 @@ def test_lm_eval_cli_runs_the_proseco_model(env, api_runs, tmp_path):
     cmd = [sys.executable, "-m", "pipeline.lmeval", "run", "--model", "proseco", "--model_args", args,
            "--tasks", "local_mc", "local_gen", "--include_path", str(env["tasks"]), "--batch_size", "8",
            "--device", "cpu", "--output_path", str(tmp_path / "out"), "--log_samples"]
-    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    env_vars = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, check=False, cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
