@@ -371,9 +371,21 @@ def test_task_names_are_looked_up_in_the_include_folders_first_then_in_lm_evals_
 
 
 def test_item_key_follows_the_local_task_files(env, tmp_path):
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"eval.lm_eval_include={env['tasks']}"])
+    import shutil
+
+    from pipeline.evaluation import runner
+
+    tasks = shutil.copytree(env["tasks"], tmp_path / "tasks")
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"eval.lm_eval_include={tasks}"])
     files = lm_items.task_files(cfg)
-    assert str(env["tasks"] / "mc.jsonl") in files and str(GSM8K_SAMPLE.resolve()) in files
+    assert {str(tasks / "mc.jsonl"), str(env["tasks"] / "mc.jsonl"), str(GSM8K_SAMPLE.resolve())} <= set(files)
+    item = runner.Item(runner.ModelRef("m", str(env["model"]), identity="abc"), "lm_eval:local_mc",
+                       runner.Setting("confidence", 16, 0, 1))
+    key = runner.item_key(runner.determinants(item, cfg))
+    assert item.relpath == "m/lm_eval/local_mc/confidence_T16"
+    assert runner.item_key(runner.determinants(item, cfg)) == key
+    (tasks / "mc.jsonl").write_text((tasks / "mc.jsonl").read_text() + json.dumps(MC_ROWS[0]) + "\n")
+    assert runner.item_key(runner.determinants(item, cfg)) != key  # a changed data file is a new item
 
 
 def test_an_lm_eval_task_that_fails_is_a_failed_item_with_its_reason(env, tmp_path, capsys):

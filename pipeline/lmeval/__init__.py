@@ -18,6 +18,17 @@ ENTRY_POINT_GROUP = "lm_eval.models"
 ADAPTER = "pipeline.lmeval.adapter:ProsecoLM"
 NAME = "proseco"
 PREFIX = "lm_eval:"  # eval.tasks items that are lm-eval tasks
+ADAPTER_VERSION = 1  # part of every result's key: bump when what the adapter computes for a request changes
+
+
+def lm_eval_version() -> str:
+    """The installed lm-eval's version ("not installed" without it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def register() -> list[str]:

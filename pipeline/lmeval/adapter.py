@@ -49,6 +49,7 @@ from lm_eval.api.registry import register_model
 from pipeline.config import SamplerConfig
 from pipeline.diffusion.sampling import Denoiser, check_sampler, sample
 from pipeline.errors import ProsecoError
+from pipeline.lmeval import ADAPTER_VERSION, lm_eval_version
 from pipeline.lmeval.likelihood import masked_rows, mc_masks, row_terms
 from pipeline.lmeval.requests import (
     batches,
@@ -61,21 +62,11 @@ from pipeline.lmeval.requests import (
     until_eos,
 )
 
-ADAPTER_VERSION = 1  # bump when what the adapter computes for a request changes
 DEFAULT_GEN_TOKENS = 256  # lm-eval's default max_gen_toks
 ALIASES = {"sampler": "name", "block_length": "block_size", "omega": "corrector_every"}
 # the adapter's defaults where they differ from SamplerConfig's: LLaDA's benchmark setting
 DEFAULTS = {"name": "confidence", "temperature": 0.0, "block_size": 32, "steps": 0}
 SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
-
-
-def lm_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def sampler_from_args(args: dict, base: SamplerConfig | None = None) -> SamplerConfig:

@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.config import Config, SamplerConfig
 from pipeline.errors import ProsecoError
-from pipeline.lmeval import PREFIX
+from pipeline.lmeval import ADAPTER_VERSION, PREFIX, lm_eval_version
 
 SKIP_KEYS = ("alias", "name", "sample_len", "samples")
 
@@ -106,6 +106,14 @@ def task_files(cfg: Config) -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
+    """A file's sha256, computed once per (path, size, modification time) in this process: the work
+    list asks for the same task files once per item."""
+    st = path.stat()
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     from pipeline.io import sha256_file
 
     return sha256_file(path)
@@ -138,8 +146,6 @@ def _data_files(config: Path) -> list[Path]:
 
 def determinants(item, cfg: Config, sampler: SamplerConfig) -> dict:
     """Everything an lm-eval item's result depends on (its key is a hash of this)."""
-    from pipeline.lmeval.adapter import ADAPTER_VERSION, lm_eval_version
-
     return {"model": {"identity": item.model.identity, "weights": cfg.eval.weights},
             "task": {"name": item.task, "options": options(cfg), "option_files": task_files(cfg),
                      "scorer_version": f"lm_eval {lm_eval_version()}, adapter {ADAPTER_VERSION}"},
