@@ -215,6 +215,20 @@ def test_loglikelihood_is_the_masked_diffusion_bound_of_a_hand_computable_model(
     assert rolled == pytest.approx(float(sum(logp[t] for t in ids)), rel=0.02)
 
 
+def test_generation_stops_early_at_eos_and_counts_the_nfe_it_spent(env):
+    """A model whose argmax is always EOS: with eos_stop the first block (8 steps, one token each)
+    ends with EOS and the request stops there; without it every block runs. The text ends at EOS."""
+    _, cfg, info = env["loaded"]
+    logits = torch.zeros(info.vocab_size)
+    logits[env["tok"].eos_id] = 5.0
+    request = _request("generate_until", "Question:", {"until": ["Question:"], "max_gen_toks": 24})
+    for eos_stop, nfe in ((True, 8), (False, 24)):
+        lm = ProsecoLM(loaded=(Factorised(logits), cfg, info), block_length=8, eos_stop=eos_stop)
+        assert lm.generate_until([request]) == [""]
+        (stats,) = lm.request_stats
+        assert stats["nfe"] == stats["nfe_predictor"] == nfe and stats["tokens"] == 0
+
+
 def test_pad_to_left_pads_a_prompt_by_its_own_length(env):
     lm = ProsecoLM(loaded=env["loaded"], pad_to=8)
     pad = env["tok"].pad_id
