@@ -1,10 +1,12 @@
 """The lm-evaluation-harness model ``proseco``: a checkpoint, run or export folder as an lm-eval ``LM``.
 
-    lm_eval --model proseco --model_args path=RUN_OR_EXPORT,sampler=confidence,steps=256,block_length=32,\
-corrector_every=4,corrector_steps=2 --tasks ...        (see docs/lm_eval.md for the launcher)
+    proseco-lm-eval --model proseco --model_args path=RUN_OR_EXPORT,sampler=confidence,steps=256,\
+block_length=32,corrector_every=4,corrector_steps=2 --tasks ...          (docs/lm_eval.md)
 
 The model is loaded by :func:`pipeline.artifact.load_model`, the project's one loader (any backbone
-it knows, with the tokenizer stored beside it); requests run through the project's samplers.
+it knows, with the tokenizer stored beside it); requests run through the project's samplers. The
+tokenizer (``ArtifactInfo.tokenizer``) must offer ``encode(str) -> list[int]``, ``decode(ids) -> str``
+and ``bos_id`` / ``eos_id`` / ``pad_id``; the model must be callable as ``model(tokens, t, valid)``.
 
 * ``generate_until``: each request's prompt (the tokenizer's BOS first, ``add_bos``) followed by
   ``gen_length`` masks (default: the request's ``max_gen_toks``) is decoded by
@@ -223,38 +225,51 @@ class ProsecoLM(LM):
     def _bound(self, pairs, seeds, requests, kind: str) -> list[float]:
         """The Monte Carlo bound of each (context ids, continuation ids) pair (module
         :mod:`pipeline.lmeval.likelihood`); rows of one length share forward passes."""
-        rows, owner, starts = [], [], []
-        for n, ((ctx, cont), seed) in enumerate(zip(pairs, seeds, strict=True)):
-            masks = mc_masks(len(cont), self.mc_samples, torch.Generator().manual_seed(seed))
-            rows += list(masked_rows(ctx, cont, masks, self.info.mask_id))
-            owner += [n] * self.mc_samples
-            starts += [len(ctx)] * self.mc_samples
-        terms = torch.zeros(len(rows), dtype=torch.float64)
+        m = self.mc_samples
+        terms = torch.zeros(len(pairs), m, dtype=torch.float64)
         seconds = torch.zeros(len(pairs), dtype=torch.float64)
-        for idx in batches([len(r) for r in rows], self.batch_size):
-            tokens = torch.stack([rows[i] for i in idx]).to(self._device)
-            start = torch.tensor([starts[i] for i in idx], device=self._device)
-            targets = tokens.clone()
-            for j, i in enumerate(idx):
-                ctx, cont = pairs[owner[i]]
-                targets[j, start[j]:] = torch.tensor(cont, device=self._device)
+        for batch in self._row_batches(pairs, seeds):
+            tokens = torch.stack([row for _, _, row in batch]).to(self._device)
+            start = torch.tensor([len(pairs[n][0]) for n, _, _ in batch], device=self._device)
+            targets = torch.stack([torch.tensor(pairs[n][0] + pairs[n][1]) for n, _, _ in batch]).to(self._device)
             t0 = time.perf_counter()
             masked = (tokens == self.info.mask_id).sum(-1)
             t = (masked / (tokens.shape[1] - start).clamp_min(1)).to(torch.get_default_dtype())
-            denoise = Denoiser(self.model, self.info.mask_id, len(idx), self._device,
+            denoise = Denoiser(self.model, self.info.mask_id, len(batch), self._device,
                                None if self.ids["loss_on_pad"] else self.ids["pad_id"])
             with torch.no_grad():
-                logits = denoise(tokens, t, torch.ones(len(idx), dtype=torch.bool, device=self._device),
+                logits = denoise(tokens, t, torch.ones(len(batch), dtype=torch.bool, device=self._device),
                                  "predictor", None)
-                terms[idx] = row_terms(torch.log_softmax(logits.float(), -1), tokens, targets, start,
-                                       self.info.mask_id).cpu()
-            share = (time.perf_counter() - t0) / len(idx)
-            for i in idx:
-                seconds[owner[i]] += share
-        values = terms.view(len(pairs), self.mc_samples).mean(-1) if pairs else terms
+                values = row_terms(torch.log_softmax(logits.float(), -1), tokens, targets, start,
+                                   self.info.mask_id).cpu()
+            share = (time.perf_counter() - t0) / len(batch)
+            for (n, j, _), v in zip(batch, values, strict=True):
+                terms[n, j] = v
+                seconds[n] += share
         for n, r in enumerate(requests):
-            self._record(r, kind, float(seconds[n]), len(pairs[n][1]), self.mc_samples, 0)
-        return [float(v) for v in values]
+            self._record(r, kind, float(seconds[n]), len(pairs[n][1]), m, 0)
+        return [float(v) for v in terms.mean(-1)]
+
+    def _row_batches(self, pairs, seeds):
+        """Batches of (request, sample, noisy row) of one row length and at most ``batch_size`` rows,
+        requests in the order of their length then index: a request's Monte Carlo rows are made
+        when it is reached, so memory holds one batch, not every request's rows."""
+        order = sorted(range(len(pairs)), key=lambda n: (len(pairs[n][0]) + len(pairs[n][1]), n))
+        pending, width = [], None
+        for n in order:
+            ctx, cont = pairs[n]
+            if pending and len(ctx) + len(cont) != width:
+                yield pending
+                pending = []
+            width = len(ctx) + len(cont)
+            masks = mc_masks(len(cont), self.mc_samples, torch.Generator().manual_seed(seeds[n]))
+            for j, row in enumerate(masked_rows(ctx, cont, masks, self.info.mask_id)):
+                pending.append((n, j, row))
+                if len(pending) == self.batch_size:
+                    yield pending
+                    pending = []
+        if pending:
+            yield pending
 
     def _greedy(self, pairs, requests) -> list[bool]:
         """Whether greedy decoding of each continuation (confidence, temperature 0, one token per
