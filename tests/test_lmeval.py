@@ -414,3 +414,14 @@ def test_an_lm_eval_task_that_fails_is_a_failed_item_with_its_reason(env, tmp_pa
     (result,) = report.load_results(out)
     assert result["status"] == "failed" and result["error"].startswith("lm-eval task broken failed: ")
     assert "missing.jsonl" in result["error"] and "failed: lm-eval task broken" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.lm_eval_mc_samples=0", "eval.lm_eval_mc_samples must be >= 1"),
+    ("eval.lm_eval_fewshot=-2", "eval.lm_eval_fewshot must be >= -1"),
+    ("eval.lm_eval_limit=-1", "eval.lm_eval_limit must be >= 0"),
+    ("eval.lm_eval_pad_to=0", "eval.lm_eval_pad_to must be >= 1"),
+])
+def test_lm_eval_keys_are_validated_at_load(override, message):
+    with pytest.raises(ProsecoError, match=message):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), [override])
