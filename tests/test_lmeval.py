@@ -425,3 +425,23 @@ def test_an_lm_eval_task_that_fails_is_a_failed_item_with_its_reason(env, tmp_pa
 def test_lm_eval_keys_are_validated_at_load(override, message):
     with pytest.raises(ProsecoError, match=message):
         load_config(str(ROOT / "configs" / "tiny.yaml"), [override])
+
+
+def test_register_adds_proseco_and_every_lm_eval_models_entry_point(monkeypatch):
+    """lm-eval 0.4.13 does not read the ``lm_eval.models`` entry-point group; register() does."""
+    import importlib.metadata
+
+    from lm_eval.api.registry import get_model, model_registry
+
+    from pipeline.lmeval import ENTRY_POINT_GROUP, register
+
+    assert get_model("proseco") is ProsecoLM
+    plugin = importlib.metadata.EntryPoint("proseco-test-plugin", "pipeline.lmeval.adapter:ProsecoLM",
+                                           ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [plugin] if group == ENTRY_POINT_GROUP else [])
+    try:
+        assert register() == ["proseco-test-plugin"] and get_model("proseco-test-plugin") is ProsecoLM
+        assert register() == []  # idempotent
+    finally:
+        model_registry._objs.pop("proseco-test-plugin", None)  # lm-eval's registry has no public removal
