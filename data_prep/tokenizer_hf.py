@@ -150,7 +150,8 @@ def _refuse_prepared(path: Path) -> None:
 
 def _read_source(src: Path):
     """(tokenizers.Tokenizer, {special name: token string or None}, model type) of an import source."""
-    _refuse_prepared(src / SIDECAR if src.is_dir() else src)
+    if src.is_dir() or src.suffix.lower() == ".json":
+        _refuse_prepared(src / SIDECAR if src.is_dir() else src)
     if src.suffix.lower() == ".json" and src.is_file():
         tokenizers = load_tokenizers()
         try:
