@@ -160,12 +160,10 @@ class Tokenizer:
         """Number of ids (the largest id + 1)."""
         raise NotImplementedError
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text``; never a special id (a literal "<mask>" in the text stays text)."""
+    def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        """Encode many texts in one call (``num_threads`` backend threads; 1 by default)."""
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
         raise NotImplementedError
 
     def _decode_ids(self, ids: list[int]) -> str:
@@ -196,6 +194,14 @@ class Tokenizer:
         """The model file's bytes (a sentencepiece ModelProto, or a ``tokenizers`` JSON)."""
         return self._proto
 
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text``; never a special id (a literal "<mask>" in the text stays text)."""
+        return self._encode(text)
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
+        """Encode many texts in one call (``num_threads`` backend threads; 1 by default)."""
+        return self._encode_batch(list(texts), num_threads)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, skipping pad/bos/eos/mask (unk renders as the backend renders it)."""
         ids = [int(i) for i in ids]
@@ -223,11 +229,11 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
-    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int, num_threads=num_threads)
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._sp.decode(ids)  # unk renders as sentencepiece's ' ⁇ '

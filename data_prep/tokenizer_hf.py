@@ -21,12 +21,19 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
-from collections.abc import Iterable
 from contextlib import redirect_stderr
 from pathlib import Path
 
-from data_prep.tokenizer import FORMAT, HF_KIND, MODEL_FILE, SIDECAR, SPECIALS, Tokenizer, sha256_hex, write_folder
+from data_prep.tokenizer import (
+    FORMAT,
+    HF_KIND,
+    MODEL_FILE,
+    SIDECAR,
+    SPECIALS,
+    Tokenizer,
+    sha256_hex,
+    write_folder,
+)
 from pipeline.errors import ProsecoError
 
 # usual spellings of the special tokens in a bare tokenizer.json (first match wins)
@@ -68,13 +75,12 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._size
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        texts = list(texts)
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
         if num_threads <= 1:  # the batch call runs on every core; one thread means one
-            return [self.encode(t) for t in texts]
+            return [self._encode(t) for t in texts]
         return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
 
     def _decode_ids(self, ids: list[int]) -> str:

@@ -77,6 +77,8 @@ def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
 
 def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     tools = import_stage("pipeline.checkpoint.tools")
+    if args.format != "proseco" and args.action != "export":
+        raise ProsecoError(f"--format applies to export only (ckpt {args.action} was given --format {args.format})")
     if args.action == "export" and args.format == "hf":
         out = import_stage("pipeline.checkpoint.hf_export").export_hf(args.path, args.out, weights=args.weights,
                                                                       force=args.force)
