@@ -3,13 +3,13 @@ its import (``proseco prep tokenizer --import``) and the Hugging Face form of bo
 
 ``--import`` accepts, besides a sentencepiece ``.model`` file:
 
-* a ``tokenizer.json`` written by the ``tokenizers`` library (its special tokens are recognised
-  by their usual names, e.g. ``<|endoftext|>``, ``<s>``, ``</s>``, ``<unk>``, ``<pad>``, ``<mask>``);
-* a transformers tokenizer folder (``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt``;
-  the special tokens come from its ``tokenizer_config.json``);
+* a ``tokenizer.json`` written by the ``tokenizers`` library;
+* a transformers tokenizer folder (``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt``
+  with the model's ``config.json``; the special tokens it declares are used);
 * a ``.gguf`` model file: the tokenizer stored in its metadata (transformers converts it).
 
-The imported model keeps every id; a missing pad, unk, bos, eos or mask token is appended as a
+A special token that is not declared is recognised by its usual spelling (:data:`KNOWN_NAMES`,
+e.g. GPT-2's ``<|endoftext|>`` is bos, eos and unk). The imported model keeps every id; a missing pad, unk, bos, eos or mask token is appended as a
 new *special* token after the last id (so ``vocab_size`` grows by one each). A pad that is also
 the bos, eos or mask token counts as missing: padding must be told apart from text. Encoding
 never produces a special id from text (``encode_special_tokens``): a literal "<mask>" or
@@ -39,7 +39,7 @@ from pipeline.errors import ProsecoError
 # usual spellings of the special tokens in a bare tokenizer.json (first match wins)
 KNOWN_NAMES = {
     "pad": ("<pad>", "<|pad|>", "[PAD]", "<|padding|>"),
-    "unk": ("<unk>", "<|unk|>", "[UNK]"),
+    "unk": ("<unk>", "<|unk|>", "[UNK]", "<|endoftext|>"),
     "bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>", "[CLS]"),
     "eos": ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "[SEP]"),
     "mask": ("<mask>", "<|mask|>", "[MASK]"),
@@ -164,11 +164,7 @@ def _read_source(src: Path):
             backend = tokenizers.Tokenizer.from_file(str(src))
         except Exception as exc:
             raise ProsecoError(f"{src} is not a Hugging Face tokenizers file ({exc})") from exc
-        added = {t.content for t in backend.get_added_tokens_decoder().values()}
-        vocab = backend.get_vocab(with_added_tokens=True)
-        declared = {name: next((n for n in names if n in added or n in vocab), None)
-                    for name, names in KNOWN_NAMES.items()}
-        return backend, declared
+        return backend, _known_specials(backend, dict.fromkeys(SPECIALS))
     transformers = _quiet_transformers()
     try:
         with redirect_stderr(io.StringIO()):
@@ -184,7 +180,15 @@ def _read_source(src: Path):
     if backend is None:
         raise ProsecoError(f"{src}: its tokenizer ({type(fast).__name__}) is not backed by the tokenizers library")
     declared = {name: getattr(fast, f"{name}_token", None) for name in SPECIALS}
-    return backend, {k: (str(v) if v is not None else None) for k, v in declared.items()}
+    declared = {k: (str(v) if v is not None else None) for k, v in declared.items()}
+    return backend, _known_specials(backend, declared)
+
+
+def _known_specials(backend, declared: dict) -> dict:
+    """``declared`` with each missing special token found by its usual spelling in the vocabulary."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    return {name: declared.get(name) or next((n for n in KNOWN_NAMES[name] if n in vocab), None)
+            for name in SPECIALS}
 
 
 def _free_name(vocab: dict, wanted: str) -> str:

@@ -69,7 +69,7 @@ def test_hf_export_loads_in_transformers_with_our_logits_and_tokenizer(text_expo
     assert (got - want).abs().max().item() <= 1e-6
     config = json.loads((out / "config.json").read_text())
     assert config["mask_token_id"] == tok.mask_id and config["proseco"]["weights"] == "ema"
-    auto = transformers.AutoTokenizer.from_pretrained(str(out))
+    auto = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     assert auto.mask_token_id == tok.mask_id and auto.pad_token_id == tok.pad_id
     for text in TEXTS[:5]:
         assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)

@@ -64,7 +64,7 @@ def test_byte_level_bpe_round_trips_text_through_prep_shards_and_decode(bpe_json
     assert "imported from" in capsys.readouterr().out
     assert main(["prep", "shards", "--config", "text", *dirs]) == 0
     tok = Tokenizer.load(tmp_path / "shards")
-    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 403  # + pad, unk, mask
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 402  # + pad, mask
     decoded = []
     for shard in sorted((tmp_path / "shards").glob("*/shard-*.tar")):
         with tarfile.open(shard) as tar:
@@ -82,9 +82,9 @@ def test_import_keeps_every_id_and_appends_the_missing_specials(bpe_json, tmp_pa
     original = tokenizers.Tokenizer.from_file(str(bpe_json))
     tok = Tokenizer.load(tmp_path / "tok")
     assert sidecar["kind"] == "hf-tokenizers" and sidecar["model_type"] == "bpe"
-    # GPT-2 style: <|endoftext|> is bos and eos; pad, unk and mask are new ids after the last one
-    assert tok.special == {"bos": 0, "eos": 0, "pad": 400, "unk": 401, "mask": 402}
-    assert [a["piece"] for a in sidecar["trained_on"]["appended"]] == ["<pad>", "<unk>", "<mask>"]
+    # GPT-2 style: <|endoftext|> is bos, eos and unk; pad and mask are new ids after the last one
+    assert tok.special == {"bos": 0, "eos": 0, "unk": 0, "pad": 400, "mask": 401}
+    assert [a["piece"] for a in sidecar["trained_on"]["appended"]] == ["<pad>", "<mask>"]
     for text in TEXTS[:5]:  # the library's own encoding of the file we imported
         assert tok.encode(text) == original.encode(text, add_special_tokens=False).ids
         assert tok.decode(tok.encode(text)) == text
@@ -106,6 +106,25 @@ def test_a_transformers_folder_brings_its_declared_specials(bpe_json, tmp_path):
     sidecar = import_tokenizer(tmp_path / "hf", tmp_path / "tok")
     # the declared bos/eos/unk are used; a pad shared with eos is no pad: one is appended, and a mask
     assert sidecar["special"] == {"bos": 400, "eos": 401, "unk": 0, "pad": 402, "mask": 403}
+
+
+def test_gpt2_layout_vocab_and_merges_imports_with_gpt2_specials(bpe_json, tmp_path):
+    """A folder laid out as GPT-2's on the Hub: vocab.json + merges.txt, a tokenizer_config.json
+    without special tokens and the model's config.json (configs/owt_small.yaml relies on this)."""
+    bpe = tokenizers.Tokenizer.from_file(str(bpe_json))
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    bpe.model.save(str(folder))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 400}))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "merges.txt", "tokenizer_config.json",
+                                                         "vocab.json"]
+    sidecar = import_tokenizer(folder, tmp_path / "tok")
+    assert sidecar["special"] == {"bos": 0, "eos": 0, "unk": 0, "pad": 400, "mask": 401}
+    assert sidecar["vocab_size"] == 402  # GPT-2: 50257 + 2 = 50259
+    tok = Tokenizer.load(tmp_path / "tok")
+    for text in TEXTS[:5]:
+        assert tok.encode(text) == bpe.encode(text, add_special_tokens=False).ids
 
 
 def test_sentencepiece_and_hf_tokenizers_in_hugging_face_form_encode_like_ours(bpe_json, tmp_path):
