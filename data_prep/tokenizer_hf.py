@@ -104,7 +104,7 @@ def _save_fast(backend, tok: Tokenizer, folder: Path) -> list[str]:
     return sorted(set(os.listdir(folder)) - before)
 
 
-def save_sentencepiece_hf(tok: Tokenizer, folder: Path, legacy: bool = True) -> list[str]:
+def save_sentencepiece_hf(tok: Tokenizer, folder: Path) -> list[str]:
     """A sentencepiece tokenizer in Hugging Face form: transformers' generic converter rebuilds the
     model from its own settings (BPE merges ranked by piece score, byte fallback, dummy prefix,
     whitespace kept) as a ``tokenizers`` model; the control pieces (pad, bos, eos, mask) become
@@ -118,7 +118,7 @@ def save_sentencepiece_hf(tok: Tokenizer, folder: Path, legacy: bool = True) -> 
         vocab = [(p.piece, p.score) for p in proto.pieces]
     else:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=legacy)
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     if backend is None:  # pragma: no cover - only BPE and unigram models are written by prep
         raise ProsecoError(f"transformers cannot convert this sentencepiece model ({proto.trainer_spec.model_type})")
     backend.add_special_tokens([tokenizers.AddedToken(p.piece, special=True, normalized=False)

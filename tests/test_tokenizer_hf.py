@@ -59,7 +59,7 @@ def test_byte_level_bpe_round_trips_text_through_prep_shards_and_decode(bpe_json
     docs = [t + f" #{i}" for i in range(4) for t in TEXTS]
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     dirs = [f"prep.tokenizer_dir={tmp_path / 'tok'}", f"data.shards={tmp_path / 'shards'}", f"prep.inputs=[{corpus}]",
-            "prep.workers=0", "prep.mode=pad", "data.seq_len=64", "model.max_seq_len=64", "prep.val_fraction=0.2"]
+            "prep.workers=1", "prep.mode=pad", "data.seq_len=64", "model.max_seq_len=64", "prep.val_fraction=0.2"]
     assert main(["prep", "tokenizer", "--config", "text", "--import", str(bpe_json), *dirs]) == 0
     assert "imported from" in capsys.readouterr().out
     assert main(["prep", "shards", "--config", "text", *dirs]) == 0
