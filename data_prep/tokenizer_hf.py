@@ -9,8 +9,8 @@ its import (``proseco prep tokenizer --import``) and the Hugging Face form of bo
 * a ``.gguf`` model file: the tokenizer stored in its metadata (transformers converts it).
 
 A special token that is not declared is recognised by its usual spelling (:data:`KNOWN_NAMES`,
-e.g. GPT-2's ``<|endoftext|>`` is bos, eos and unk). The imported model keeps every id; a missing pad, unk, bos, eos or mask token is appended as a
-new *special* token after the last id (so ``vocab_size`` grows by one each). A pad that is also
+e.g. GPT-2's ``<|endoftext|>`` is bos, eos and unk). The imported model keeps every id; a missing
+pad, unk, bos, eos or mask token is appended as a new *special* token after the last id (so ``vocab_size`` grows by one each). A pad that is also
 the bos, eos or mask token counts as missing: padding must be told apart from text. Encoding
 never produces a special id from text (``encode_special_tokens``): a literal "<mask>" or
 "<|endoftext|>" in the corpus stays text, as with the sentencepiece kind.
@@ -134,13 +134,6 @@ def is_hf_source(path: Path) -> bool:
     return path.is_dir() or path.suffix.lower() in (".json", ".gguf")
 
 
-def _quiet_transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
 def _refuse_prepared(path: Path) -> None:
     """A one-line error when ``path`` is the sidecar of an already prepared tokenizer folder."""
     try:
@@ -155,7 +148,7 @@ def _refuse_prepared(path: Path) -> None:
 
 
 def _read_source(src: Path):
-    """(tokenizers.Tokenizer, {special name: token string or None}, model type) of an import source."""
+    """(tokenizers.Tokenizer, {special name: token string or None}) of an import source."""
     if src.is_dir() or src.suffix.lower() == ".json":
         _refuse_prepared(src / SIDECAR if src.is_dir() else src)
     if src.suffix.lower() == ".json" and src.is_file():
@@ -165,17 +158,23 @@ def _read_source(src: Path):
         except Exception as exc:
             raise ProsecoError(f"{src} is not a Hugging Face tokenizers file ({exc})") from exc
         return backend, _known_specials(backend, dict.fromkeys(SPECIALS))
-    transformers = _quiet_transformers()
+    import transformers
+
+    # no remote code: a folder whose config.json names custom modelling code (a proseco HF export,
+    # LLaDA) still has a plain tokenizer, and transformers would otherwise stop to ask
+    where = {"gguf_file": src.name} if src.is_file() else {}
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         with redirect_stderr(io.StringIO()):
-            if src.is_dir():
-                fast = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-            else:
-                fast = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name,
-                                                                  local_files_only=True)
+            fast = transformers.AutoTokenizer.from_pretrained(str(src.parent if src.is_file() else src),
+                                                              local_files_only=True, trust_remote_code=False,
+                                                              **where)
     except Exception as exc:  # transformers raises many types for foreign folders / files
         raise ProsecoError(f"{src}: transformers cannot load a tokenizer from it ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     backend = getattr(fast, "backend_tokenizer", None)
     if backend is None:
         raise ProsecoError(f"{src}: its tokenizer ({type(fast).__name__}) is not backed by the tokenizers library")

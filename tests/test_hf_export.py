@@ -73,6 +73,8 @@ def test_hf_export_loads_in_transformers_with_our_logits_and_tokenizer(text_expo
     assert auto.mask_token_id == tok.mask_id and auto.pad_token_id == tok.pad_id
     for text in TEXTS[:5]:
         assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    again = import_tokenizer(out, tmp_path / "reimported")  # the exported tokenizer imports back unchanged
+    assert again["special"] == tok.special and again["vocab_size"] == tok.vocab_size
     # every file is listed in SHA256SUMS with its sha256 (computed here with hashlib)
     files = {p.name for p in out.iterdir()} - {"SHA256SUMS"}
     assert set(_sums(out)) == files >= {"config.json", "modeling_proseco.py", "model.safetensors", "tokenizer.json"}
