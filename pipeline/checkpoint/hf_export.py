@@ -87,7 +87,7 @@ def hf_config(model_cfg, vocab_size: int, mask_id: int, tokenizer, provenance: d
             "auto_map": {"AutoConfig": "modeling_proseco.ProsecoDiTConfig",
                          "AutoModelForMaskedLM": "modeling_proseco.ProsecoDiTForMaskedLM"},
             **cfg, "tie_word_embeddings": bool(model_cfg.tie_embeddings), "vocab_size": int(vocab_size),
-            "mask_token_id": int(mask_id), **special, "torch_dtype": "float32", "proseco": provenance}
+            "mask_token_id": int(mask_id), **special, "dtype": "float32", "proseco": provenance}
 
 
 def write_hf_export(out: str | os.PathLike, model: nn.Module, model_cfg, vocab_size: int, mask_id: int, *,
