@@ -36,7 +36,7 @@ from pipeline.config import ModelConfig
 from pipeline.model import Backbone
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-DIT_SMALL = ["--config", "owt_small", "model.dropout=0.0"]  # 12 x 768, 12 heads, seq 1024, vocab 50258
+DIT_SMALL = ["--config", "owt_small", "model.dropout=0.0"]  # 12 x 768, 12 heads, seq 1024, vocab 50259
 SMOKE = ["model.vocab_size=512", "model.hidden=32", "model.layers=1", "model.heads=2", "model.max_seq_len=64",
          "data.seq_len=64"]
 

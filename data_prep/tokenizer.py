@@ -1,16 +1,20 @@
-"""The sentencepiece tokenizer folder that ``proseco prep tokenizer`` writes: its layout, reader and copy.
+"""The tokenizer folder that ``proseco prep tokenizer`` writes: its layout, reader and copy.
 
 A tokenizer folder holds two files, written atomically (temporary sibling + rename, the sidecar
 last so its presence means "complete")::
 
-    tokenizer.model   the sentencepiece model (serialized ModelProto)
-    tokenizer.json    the sidecar: format, sha256 of the model file, vocab_size, special ids, ...
+    tokenizer.model   the model: a sentencepiece ModelProto (kind ``sentencepiece``), or a
+                      Hugging Face ``tokenizers`` JSON (kind ``hf-tokenizers``, docs/huggingface.md)
+    tokenizer.json    the sidecar: format, kind, sha256 of the model file, vocab_size, special ids, ...
 
+The two kinds share one interface (:class:`Tokenizer`); prep, the loader, sampling, evaluation
+and exports use only it.
 The special ids are read from the sidecar, never hard-coded downstream (docs/data_format.md).
 Trained models use pad=0, unk=1, bos=2, eos=3, mask=4.
 
 Training and importing (writing a tokenizer folder) live in :mod:`data_prep.tokenizer_build`;
-this module reads one (:class:`Tokenizer`) and copies it.
+this module reads one (:class:`Tokenizer`) and copies it; the Hugging Face kind lives in
+:mod:`data_prep.tokenizer_hf`.
 """
 
 from __future__ import annotations
@@ -79,11 +83,16 @@ def _read_sidecar(path: Path) -> dict:
 
 
 class Tokenizer:
-    """A loaded, verified sentencepiece tokenizer with the sidecar's special ids.
+    """A loaded, verified tokenizer with the sidecar's special ids: the one interface every caller uses.
 
-    Picklable: the state is the model bytes + sidecar; the processor is rebuilt on unpickling,
-    so worker processes (spawn included) encode exactly like the parent.
+    Two implementations share it, picked by the sidecar's ``kind`` (absent: sentencepiece):
+    :class:`SentencePieceTokenizer` and :class:`HFTokenizer` (a Hugging Face ``tokenizers`` model,
+    e.g. GPT-2's or SmolLM2's byte-level BPE). Build one with :meth:`load` or :meth:`from_bytes`.
+    Picklable: the state is the model bytes + sidecar; the backend is rebuilt on unpickling, so
+    worker processes (spawn included) encode exactly like the parent.
     """
+
+    kind = ""
 
     def __init__(self, model_proto: bytes, sidecar: dict) -> None:
         self._proto = bytes(model_proto)
@@ -91,17 +100,28 @@ class Tokenizer:
         self._build()
 
     def _build(self) -> None:
-        spm = load_sentencepiece()
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self._load_backend()
         special = self.sidecar["special"]
         self._special = {name: int(special[name]) for name in SPECIALS}
-        size = self._sp.get_piece_size()
+        size = self.vocab_size
         if int(self.sidecar["vocab_size"]) != size:
             raise ProsecoError(f"tokenizer sidecar says vocab_size {self.sidecar['vocab_size']}, model has {size}")
         bad = {k: v for k, v in self._special.items() if not 0 <= v < size}
         if bad:
             raise ProsecoError(f"tokenizer special ids {bad} are outside the vocabulary (size {size})")
         self._skip = frozenset(self._special[k] for k in ("pad", "bos", "eos", "mask"))
+
+    @staticmethod
+    def from_bytes(model: bytes, sidecar: dict) -> Tokenizer:
+        """The implementation the sidecar's ``kind`` names, built from the model file's bytes."""
+        kind = sidecar_kind(sidecar)
+        if kind == SentencePieceTokenizer.kind:
+            return SentencePieceTokenizer(model, sidecar)
+        if kind == HF_KIND:
+            from data_prep.tokenizer_hf import HFTokenizer  # needs the tokenizers package
+
+            return HFTokenizer(model, sidecar)
+        raise ProsecoError(f"tokenizer kind {kind!r} is unknown (known: {', '.join(KINDS)})")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
@@ -121,7 +141,7 @@ class Tokenizer:
                 f"{model_path}: sha256 {digest[:12]} does not match {sidecar_path} ({str(sidecar['sha256'])[:12]}); "
                 "the model file was replaced or corrupted"
             )
-        return cls(proto, sidecar)
+        return Tokenizer.from_bytes(proto, sidecar)
 
     def __getstate__(self) -> dict:
         return {"proto": self._proto, "sidecar": self.sidecar}
@@ -130,11 +150,31 @@ class Tokenizer:
         self._proto, self.sidecar = state["proto"], state["sidecar"]
         self._build()
 
-    # -- properties
+    # -- what an implementation provides
+    def _load_backend(self) -> None:
+        """Build the backend from ``self._proto`` (an implementation's)."""
+        raise NotImplementedError
+
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        """Number of ids (the largest id + 1)."""
+        raise NotImplementedError
 
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def save_hf(self, folder: Path) -> list[str]:
+        """Write this tokenizer in Hugging Face form (``AutoTokenizer.from_pretrained(folder)`` loads
+        it, with the same ids and special tokens) into ``folder``; returns the file names written."""
+        raise NotImplementedError
+
+    # -- shared
     pad_id = property(lambda self: self._special["pad"], doc="The padding id (from the sidecar).")
     unk_id = property(lambda self: self._special["unk"], doc="The unknown-piece id (from the sidecar).")
     bos_id = property(lambda self: self._special["bos"], doc="The begin-of-sequence id (from the sidecar).")
@@ -151,27 +191,66 @@ class Tokenizer:
 
     @property
     def model_proto(self) -> bytes:
+        """The model file's bytes (a sentencepiece ModelProto, or a ``tokenizers`` JSON)."""
         return self._proto
 
-    # -- encode / decode
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text, out_type=int)
+        """Ids of ``text``; never a special id (a literal "<mask>" in the text stays text)."""
+        return self._encode(text)
 
     def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
-        """Encode many texts in one call (``num_threads`` sentencepiece threads; 1 by default)."""
-        return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+        """Encode many texts in one call (``num_threads`` backend threads; 1 by default)."""
+        return self._encode_batch(list(texts), num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``, skipping pad/bos/eos/mask (unk renders as sentencepiece's ' ⁇ ')."""
+        """Text of ``ids``, skipping pad/bos/eos/mask (unk renders as the backend renders it)."""
         ids = [int(i) for i in ids]
         size = self.vocab_size
         for i in ids:
             if not 0 <= i < size:
                 raise ValueError(f"token id {i} is outside the vocabulary (size {size})")
-        return self._sp.decode([i for i in ids if i not in self._skip])
+        return self._decode_ids([i for i in ids if i not in self._skip])
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, special={self._special}, sha256={self.sha256[:12]})"
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, special={self._special}, "
+                f"sha256={self.sha256[:12]})")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (trained by ``prep tokenizer`` or imported from a ``.model`` file)."""
+
+    kind = "sentencepiece"
+
+    def _load_backend(self) -> None:
+        spm = load_sentencepiece()
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def _encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int, num_threads=num_threads)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)  # unk renders as sentencepiece's ' ⁇ '
+
+    def save_hf(self, folder: Path) -> list[str]:
+        from data_prep.tokenizer_hf import save_sentencepiece_hf
+
+        return save_sentencepiece_hf(self, folder)
+
+
+def sidecar_kind(sidecar: dict) -> str:
+    """The implementation a sidecar names (sidecars written before there were two: sentencepiece)."""
+    return sidecar.get("kind", SentencePieceTokenizer.kind)
+
+
+HF_KIND = "hf-tokenizers"
+KINDS = (SentencePieceTokenizer.kind, HF_KIND)
 
 
 def summary(sidecar: dict) -> str:
@@ -207,4 +286,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FORMAT", "MODEL_FILE", "SIDECAR", "Tokenizer", "copy_tokenizer", "summary"]
+__all__ = ["FORMAT", "MODEL_FILE", "SIDECAR", "SentencePieceTokenizer", "Tokenizer", "copy_tokenizer", "summary"]

@@ -345,11 +345,18 @@ def import_tokenizer(
     missing ``<mask>``, pad, bos or eos piece is appended as a new *control* piece after the last
     id (so ``vocab_size`` grows by one each; existing ids are unchanged). An existing ``<mask>``
     piece is used as is. Returns the sidecar dict.
+
+    A ``tokenizer.json``, a transformers tokenizer folder or a ``.gguf`` file is a Hugging Face
+    tokenizer instead (:func:`data_prep.tokenizer_hf.import_hf_tokenizer`).
     """
-    spm = load_sentencepiece()
     src = Path(model_path)
-    if not src.is_file():
-        raise ProsecoError(f"{src}: no such tokenizer model file")
+    if not src.exists():
+        raise ProsecoError(f"{src}: no such tokenizer model file or folder")
+    from data_prep.tokenizer_hf import import_hf_tokenizer, is_hf_source
+
+    if is_hf_source(src):
+        return import_hf_tokenizer(src, _prepare_out(out_dir, overwrite))
+    spm = load_sentencepiece()
     original = src.read_bytes()
     try:
         sp = spm.SentencePieceProcessor(model_proto=original)

@@ -18,34 +18,30 @@ from pipeline.diffusion.decoding import Noise
 
 
 def probs_of(logits_row: torch.Tensor, p: float, rule: str = "official") -> torch.Tensor:
-    """Nucleus probabilities of one position, scattered back (unnormalised kept mass)."""
+    """Nucleus probabilities of one position in vocabulary order (unnormalised kept mass): the
+    tokens sorted by descending probability, ties by index; official keeps those whose cumulative
+    mass is <= p (the first always), minimal those whose mass before them is < p."""
     probs = torch.softmax(logits_row.double(), -1)
     if p >= 1.0:
         return probs
-    sorted_p, order = probs.sort(descending=True)
-    cum = sorted_p.cumsum(-1)
-    keep = [(i == 0 or bool(cum[i] <= p)) if rule == "official" else bool(cum[i] - sorted_p[i] < p)
-            for i in range(len(sorted_p))]
-    kept = sorted_p * torch.tensor(keep, dtype=torch.float64)
-    return torch.zeros_like(probs).scatter(0, order, kept)
+    order = sorted(range(len(probs)), key=lambda i: (-float(probs[i]), i))
+    kept, cum = torch.zeros_like(probs), 0.0
+    for rank, i in enumerate(order):
+        before, cum = cum, cum + float(probs[i])
+        if (rank == 0 or cum <= p) if rule == "official" else before < p:
+            kept[i] = probs[i]
+    return kept
 
 
 def draw(logits_row, u: float, p: float, rule: str = "official") -> int:
-    """Inverse-CDF draw (in sorted order when a nucleus is used, as the code under test)."""
-    probs = torch.softmax(logits_row.double(), -1)
-    order = torch.arange(len(probs))
-    if p < 1.0:
-        probs, order = probs.sort(descending=True)
-        cum = probs.cumsum(-1)
-        keep = [(i == 0 or bool(cum[i] <= p)) if rule == "official" else bool(cum[i] - probs[i] < p)
-                for i in range(len(probs))]
-        probs = probs * torch.tensor(keep, dtype=torch.float64)
-    cdf = probs.cumsum(-1)
-    target = u * float(cdf[-1])
-    for i in range(len(cdf)):
-        if float(cdf[i]) > target:
-            return int(order[i])
-    return int(order[len(cdf) - 1])
+    """Inverse-CDF draw over the kept tokens in vocabulary order; never a token without mass."""
+    probs = probs_of(logits_row, p, rule).tolist()
+    target, cum = u * sum(probs), 0.0
+    for i, q in enumerate(probs):
+        cum += q
+        if q > 0 and cum > target:
+            return i
+    return max(i for i, q in enumerate(probs) if q > 0)
 
 
 def _f(model, tokens, mask_id):

@@ -350,7 +350,7 @@ def test_tiny_preset():
 def test_owt_small_preset():
     cfg = load_config(str(PRESETS / "owt_small.yaml"))
     m, d, s, t = cfg.model, cfg.diffusion, cfg.sampler, cfg.optim
-    assert (m.vocab_size, m.hidden, m.layers, m.heads, m.max_seq_len) == (50258, 768, 12, 12, 1024)
+    assert (m.vocab_size, m.hidden, m.layers, m.heads, m.max_seq_len) == (50259, 768, 12, 12, 1024)
     assert (m.cond_dim, m.time_conditioning, m.dropout, m.tie_embeddings) == (128, False, 0.1, False)
     assert (d.t_eps, d.corrector_input, d.errors_upweighted) == (0.1, "model_outputs", True)
     assert (d.mdm_weight, d.corrector_weight) == (1.0, 1.0)

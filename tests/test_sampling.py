@@ -425,30 +425,43 @@ def test_categorical_with_nucleus_samples_only_the_top_set():
     assert categorical(logits, u, p=0.6).tolist() == [1, 1, 1, 1]  # official: 0.5 + 0.3 > 0.6
 
 
+def _sorted_keep(probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
+    """The nucleus by its definition: a full stable sort (ties by index) and a running sum."""
+    order = probs.sort(dim=-1, descending=True, stable=True)
+    cum = order.values.cumsum(-1)
+    keep = cum <= p if rule == "official" else (cum - order.values) < p
+    keep[:, 0] = True
+    return torch.zeros_like(keep).scatter_(1, order.indices, keep)
+
+
 @pytest.mark.parametrize("rule", ["official", "minimal"])
-def test_categorical_nucleus_from_topk_draws_what_the_full_sort_draws(monkeypatch, rule):
-    """Peaked rows take the top-k path; flat rows, tied heads, nuclei wider than the top-k and
-    u at the CDF's end the full sort: the tokens equal those of sorting every row (the top-k path
-    disabled) and of the plain reference."""
-    from pipeline.diffusion import decoding
+def test_nucleus_keep_equals_the_sorted_definition(rule):
+    """The binned nucleus (no vocabulary sort) keeps exactly the set a full sort keeps: flat rows
+    (nucleus of thousands), peaked ones, a top token above p, tied values inside the straddling
+    bin, masked (-inf) tokens, probabilities spread over far more than the bins' 32 octaves."""
+    from pipeline.diffusion.decoding import nucleus_keep
     from tests.official_reference import draw
 
     gen = torch.Generator().manual_seed(3)
-    scale = torch.cat([torch.full((120,), 8.0), torch.full((40,), 0.3), torch.full((40,), 3.0)])
-    logits = torch.randn(200, 1000, generator=gen) * scale[:, None]
-    logits[120:160, 7] = logits[120:160, 9] = 40.0  # a tied head: left to the sort
-    logits[-1] = logits[-1].clamp(max=0.0)  # many tied top values
-    logits[160:170] = torch.randn(10, 1000, generator=gen) * 0.01
-    logits[160:170, 0] += 2.3  # max prob 0.01 (top-k tried), but a nucleus of ~900 tokens
+    scale = torch.cat([torch.full((60,), 8.0), torch.full((60,), 0.3), torch.full((60,), 3.0),
+                       torch.full((20,), 60.0)])
+    logits = torch.randn(200, 3000, generator=gen) * scale[:, None]
+    logits[60:80, 100:400] = 1.5  # 300 tied values, in the middle of a flat row's nucleus
+    logits[80:90] = logits[80:90].round()  # many ties everywhere
+    logits[90:100, 5] = 30.0  # the top token alone holds more than p
+    logits[:, -1] = float("-inf")  # the mask token
+    probs = torch.softmax(logits.double(), -1)
+    for p in (0.1, 0.5, 0.9, 0.99):
+        got = nucleus_keep(probs, p, rule)
+        assert torch.equal(got, _sorted_keep(probs, p, rule)), p
+    assert 2000 < int(nucleus_keep(probs, 0.9, rule)[60:90].sum(-1).min())  # flat rows: wide nuclei
+    assert int(nucleus_keep(probs, 0.9, rule)[90:100].sum()) == 10  # only the top token
     u = torch.rand(200, 1, generator=gen, dtype=torch.float64)
     u[::17] = 1.0 - 1e-16
-    u[1::23] = 1.0  # the CDF's far end: the full sort's last token
-    fast = categorical(logits, u, p=0.9, rule=rule)
-    monkeypatch.setattr(decoding, "NUCLEUS_TOPK", 10**6)  # every row sorted whole
-    assert torch.equal(fast, categorical(logits, u, p=0.9, rule=rule))
-    assert fast[::3].tolist() == [draw(logits[i], float(u[i]), 0.9, rule) for i in range(0, 200, 3)]
-    head = decoding.torch.softmax(logits.double(), -1).amax(-1) * 128 > 0.9
-    assert 100 <= int(head.sum()) < 200  # both paths ran
+    u[1::23] = 1.0  # the CDF's far end: the last kept token, never one without mass
+    got = categorical(logits, u, p=0.9, rule=rule)
+    assert got[::7].tolist() == [draw(logits[i], float(u[i]), 0.9, rule) for i in range(0, 200, 7)]
+    assert bool(nucleus_keep(probs, 0.9, rule).gather(1, got[:, None]).all())
 
 
 def test_ancestral_step_unmasking_probability():

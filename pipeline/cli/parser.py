@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=_describe(
             """Prepare data. `tokenizer`: train a sentencepiece model on prep.inputs (default: the
             bundled public-domain corpus) of model.vocab_size ids, with the special ids the diffusion model needs (pad, unk,
-            bos, eos, mask), or --import an existing one; writes prep.tokenizer_dir. `shards`:
+            bos, eos, mask), or --import an existing one (sentencepiece, or Hugging Face:
+            tokenizer.json, a tokenizer folder, a .gguf file; docs/huggingface.md); writes prep.tokenizer_dir. `shards`:
             tokenize prep.inputs (text, JSONL, parquet; .gz/.zst) in prep.workers processes into
             webdataset shards of data.seq_len tokens plus manifest.json in data.shards; rerunning
             after a crash resumes; --task i/n prepares one partition (then `merge`). `verify`:
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", metavar="DIR",
                       help="output folder (default: prep.tokenizer_dir for tokenizer, data.shards otherwise)")
     prep.add_argument("--import", dest="import_model", metavar="MODEL",
-                      help="tokenizer: use this existing sentencepiece model instead of training one")
+                      help="tokenizer: use this existing tokenizer instead of training one: a sentencepiece "
+                           ".model file, a Hugging Face tokenizer.json or tokenizer folder, or a .gguf file")
     prep.add_argument("--force", action="store_true", help="tokenizer: replace an existing tokenizer")
     prep.add_argument("--task", metavar="i/n", help="shards: prepare partition i of n (0-based)")
 
@@ -289,12 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
             DeepSpeed ZeRO, megatron tensor parallel - into one self-contained folder
             (raw/ema.safetensors, model.json, config.yaml, the tokenizer, SHA256SUMS), loadable
             from any directory without DeepSpeed or megatron-core (default folder:
-            runs/NAME/exports/step_XXXXXXXX). `universal`: convert a DeepSpeed ZeRO checkpoint with
+            runs/NAME/exports/step_XXXXXXXX). `export --format hf`: a Hugging Face folder
+            (config.json, modeling_proseco.py, model.safetensors, the tokenizer in Hugging Face form,
+            SHA256SUMS) that transformers loads with trust_remote_code=True; PATH may also be an
+            export folder (default folder: runs/NAME/exports/step_XXXXXXXX_hf, see
+            docs/huggingface.md). `universal`: convert a DeepSpeed ZeRO checkpoint with
             DeepSpeed's universal-checkpoint tool, so that the run resumes under another
             data-parallel size or ZeRO stage."""
         ),
         epilog=_epilog("proseco ckpt info runs/exp1",
                        "proseco ckpt export runs/exp1 --weights raw --out models/exp1",
+                       "proseco ckpt export runs/exp1 --format hf --out models/exp1-hf",
                        "proseco ckpt universal runs/exp1/checkpoints/step_00002000"),
         formatter_class=fmt,
     )
@@ -304,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
                       help="export: the weights the export loads by default: EMA (auto: when the run kept "
                            "them) or the raw trained ones")
+    ckpt.add_argument("--format", choices=["proseco", "hf"], default="proseco",
+                      help="export: proseco's export folder (default) or a Hugging Face model folder")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
 
     sub.add_parser(

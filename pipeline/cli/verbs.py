@@ -77,7 +77,14 @@ def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
 
 def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     tools = import_stage("pipeline.checkpoint.tools")
-    if args.action == "export":
+    if args.format != "proseco" and args.action != "export":
+        raise ProsecoError(f"--format applies to export only (ckpt {args.action} was given --format {args.format})")
+    if args.action == "export" and args.format == "hf":
+        out = import_stage("pipeline.checkpoint.hf_export").export_hf(args.path, args.out, weights=args.weights,
+                                                                      force=args.force)
+        print(f"exported {out} (load it with transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r}, "
+              "trust_remote_code=True))")
+    elif args.action == "export":
         out = import_stage("pipeline.artifact").export(args.path, args.out, weights=args.weights, force=args.force)
         print(f"exported {out} (load it with `proseco sample {out}` or pipeline.artifact.load_model)")
     elif args.action == "universal":
@@ -86,6 +93,12 @@ def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     else:
         print(tools.info(args.path))
     return 0
+
+
+def _describe_ckpt(args: argparse.Namespace) -> str:
+    if args.action == "export" and args.format == "hf":
+        return f"pipeline.checkpoint.hf_export.export_hf({args.path!r})"
+    return f"pipeline.{'artifact' if args.action == 'export' else 'checkpoint.tools'}.{args.action}({args.path!r})"
 
 
 def _run_eval(args: argparse.Namespace, cfg: Config) -> int:
@@ -154,7 +167,6 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[ar
     "launch": (_run_launch, lambda a, c: "the job script above"),
     "status": (_run_status, lambda a, c: f"pipeline.launch.status({a.run!r})"),
     "cancel": (_run_status, lambda a, c: f"pipeline.launch.cancel({a.run!r})"),
-    "ckpt": (_run_ckpt, lambda a, c: f"pipeline.{'artifact' if a.action == 'export' else 'checkpoint.tools'}"
-                                     f".{a.action}({a.path!r})"),
+    "ckpt": (_run_ckpt, lambda a, c: _describe_ckpt(a)),
     "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
 }

@@ -3,7 +3,7 @@
 Pure functions on a batch: ``logits`` [B, L, V] (mask logit -inf), the current tokens ``z`` [B, L],
 per-sample uniform draws from :class:`Noise`. Tokens are drawn only where a position changes, and
 only those rows of ``logits`` are touched, so a step costs O(changed rows x V), not O(B x L x V).
-The vocabulary-wide work (float64 softmax, nucleus sort, CDF) runs on blocks of rows small enough
+The vocabulary-wide work (float64 softmax, nucleus, CDF) runs on blocks of rows small enough
 to stay in cache (:func:`over_rows`); every row is computed alone, so the blocks change no result.
 
 Nucleus rules (``rule``): ``official`` - the official ProSeCo/ReMDM code: keep the sorted tokens
@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 NUCLEUS_RULES = ("official", "minimal")
-BLOCK_ELEMENTS = 1 << 17  # rows x V per block of vocabulary-wide work: 1 MiB in float64
-NUCLEUS_TOPK = 128  # a nucleus this small is drawn from a top-k instead of a full sort
+BLOCK_ELEMENTS = 1 << 18  # rows x V per block of vocabulary-wide work: 1 MiB in float64
+NUCLEUS_SUBBINS_LOG2 = 6  # nucleus bins: 2**4 per octave of probability...
+NUCLEUS_BINS = 2048  # ...over 32 octaves below the top token (the rest share the last bin)
 
 
 def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor):
@@ -42,6 +43,15 @@ def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torc
     return torch.cat(parts)
 
 
+def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """argmax of the rows of ``logits`` [..., V] at ``where`` [...], as ``logits[where].argmax(-1)``.
+    A selection of at least half the rows runs over the whole tensor where it lies (gathering
+    the rows would copy them, and costs more than the rows it skips); a sparse one gathers."""
+    if 2 * int(where.sum()) >= where.numel():
+        return logits.argmax(-1)[where]
+    return over_rows(lambda rows: rows.argmax(-1), logits, where)
+
+
 class Noise:
     """Per-sample random streams: row b draws from its own generator seeded with seeds[b].
 
@@ -58,13 +68,42 @@ class Noise:
                             for g in self.gens])
 
 
-def _nucleus_keep(sorted_probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
-    """Which entries of descending ``sorted_probs`` [N, V] the nucleus keeps."""
-    cum = sorted_probs.cumsum(-1)
-    if rule == "minimal":
-        return (cum - sorted_probs) < p
-    keep = cum <= p
-    keep[:, 0] = True  # the most likely token is always kept
+def nucleus_keep(probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
+    """Which tokens of ``probs`` [N, V] (float64 or float32, >= 0; rows need not be normalised:
+    masses are compared with p x the row's total) the nucleus of mass ``p`` keeps.
+
+    The definition is the sorted one (descending probability, ties by index): ``official`` keeps
+    the tokens whose cumulative mass up to and including them is <= p, the top one always;
+    ``minimal`` keeps those whose mass strictly before them is < p. Computed without sorting the
+    vocabulary: tokens are binned by the leading bits of their float pattern (positive floats order
+    like their bit patterns, so bins are ordered by probability, 2**NUCLEUS_SUBBINS_LOG2 per
+    octave), the bin
+    masses give every bin that lies wholly inside or outside the nucleus, and only the one bin
+    that straddles the boundary is sorted. Same set as a full sort, up to the rounding of the sums."""
+    n = probs.shape[0]
+    bits, mantissa = (torch.int64, 52) if probs.dtype == torch.float64 else (torch.int32, 23)
+    key = probs.contiguous().view(bits) >> (mantissa - NUCLEUS_SUBBINS_LOG2)
+    bins = (key.amax(-1, keepdim=True) - key).clamp_(max=NUCLEUS_BINS - 1)  # 0 = the top token's bin
+    mass = torch.zeros(n, NUCLEUS_BINS, dtype=probs.dtype, device=probs.device).scatter_add_(1, bins, probs)
+    cum = mass.cumsum(-1)
+    limit = cum[:, -1:] * p
+    boundary = ((cum <= limit) if rule == "official" else (cum < limit)).sum(-1, keepdim=True)  # bins before: kept
+    keep = bins < boundary
+    before = (cum - mass).gather(1, boundary.clamp(max=NUCLEUS_BINS - 1)).squeeze(1)  # mass of kept bins
+    rows, cols = (bins == boundary).nonzero(as_tuple=True)  # the straddling bin, row by row
+    if len(rows):
+        values = probs[rows, cols]
+        order = values.sort(descending=True, stable=True).indices  # ties keep index order...
+        order = order[rows[order].sort(stable=True).indices]  # ...within each row
+        rows, cols, values = rows[order], cols[order], values[order]
+        counts = torch.bincount(rows, minlength=n)
+        rank = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]  # within its row
+        grid = torch.zeros(n, int(counts.max()), dtype=probs.dtype, device=probs.device)
+        upto = (before[:, None] + grid.index_put_((rows, rank), values).cumsum(1))[rows, rank]  # mass up to it
+        inside = upto <= limit[rows, 0] if rule == "official" else (upto - values) < limit[rows, 0]
+        if rule == "official":  # the top token is kept even when its mass alone exceeds p
+            inside |= (boundary.squeeze(1)[rows] == 0) & (rank == 0)
+        keep[rows[inside], cols[inside]] = True
     return keep
 
 
@@ -74,10 +113,16 @@ def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool = True, rule
     if p >= 1.0:
         return logp
     flat = logp.reshape(-1, logp.shape[-1])
-    sorted_logp, order = flat.sort(dim=-1, descending=True)
-    sorted_logp = sorted_logp.masked_fill(~_nucleus_keep(sorted_logp.exp(), p, rule), float("-inf"))
-    out = torch.empty_like(flat).scatter_(-1, order, sorted_logp)
-    return torch.log_softmax(out, dim=-1).reshape(logp.shape)
+    keep = nucleus_keep(flat.exp(), p, rule)
+    return torch.log_softmax(flat.masked_fill(~keep, float("-inf")), dim=-1).reshape(logp.shape)
+
+
+def _exp_weights(logits: torch.Tensor, float64: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(logits - max), max [N, 1]) in a fresh float64 (or float32) tensor: the unnormalised
+    softmax. Sampling never needs the normalisation pass: a CDF is inverted at u x its total."""
+    weights = logits.to(torch.float64 if float64 else torch.float32, copy=True)
+    top = weights.amax(-1, keepdim=True)
+    return weights.sub_(top).exp_(), top
 
 
 def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: bool = True,
@@ -85,50 +130,32 @@ def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: 
     """One draw per row of ``logits`` [N, V] (nucleus ``p``) by inverting the CDF at ``u`` [N, 1].
 
     Exact categorical sampling; float64 by default, since lower precision lowers the effective
-    temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). With a nucleus the CDF
-    is built in sorted order: no scatter back, no second softmax."""
-    probs = torch.softmax(logits.double() if float64 else logits.float(), dim=-1)
-    if p >= 1.0:
-        return _invert_cdf(probs, u).clamp_(max=logits.shape[-1] - 1).squeeze(-1)  # never a p=0 token
-    return _nucleus_draw(probs, u, p, rule)
+    temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). The CDF runs in
+    vocabulary order over the kept tokens (the nucleus only zeroes the others), so no sort is
+    needed; the official code draws from the same distribution by the Gumbel-max trick."""
+    return categorical_scored(logits, u, p, float64, rule)[0]
+
+
+def categorical_scored(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: bool = True,
+                       rule: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+    """(``categorical``'s draw, its float64 log-probability under the full softmax(logits)) from
+    one exponentiation of the rows: LLaDA's confidence of a sampled token costs no second pass."""
+    weights, top = _exp_weights(logits, float64)
+    log_total = weights.sum(-1).log().double()
+    if p < 1.0:
+        weights.mul_(nucleus_keep(weights, p, rule))
+    token = _invert_cdf(weights, u)
+    logp = logits.gather(-1, token).squeeze(-1).double() - top.squeeze(-1).double() - log_total
+    return token.squeeze(-1), logp
 
 
 def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Position [N, 1] of the first entry of cumsum(``probs``) above ``u`` x total mass."""
+    """Position [N, 1] of the first entry of cumsum(``probs``) above ``u`` x total mass. The target
+    stays below the total, so the position is never past the last token with mass (u = 1, rounding)."""
     cdf = probs.cumsum(-1)
-    target = (u.to(cdf.dtype) * cdf[:, -1:]).contiguous()
-    return torch.searchsorted(cdf, target, right=True)
-
-
-def _nucleus_draw(probs: torch.Tensor, u: torch.Tensor, p: float, rule: str) -> torch.Tensor:
-    """``categorical`` with a nucleus: the CDF of the kept tokens in descending order of probability.
-
-    Only the head of the sorted row matters: a row whose nucleus fits in its top NUCLEUS_TOPK
-    entries (possible only when NUCLEUS_TOPK x max prob > p) is drawn from ``topk`` instead of a
-    full sort. That is the same draw when the head is unambiguous: its values strictly decrease
-    (so any sort orders it alike; ties would leave the order to the sort), its mass exceeds p (so
-    no later token is kept under either rule; the margin covers rounding) and the drawn position
-    lies inside it. Every other row is sorted whole, as before."""
-    n, vocab = probs.shape
-    token = torch.empty(n, dtype=torch.long, device=probs.device)
-    left = torch.ones(n, dtype=torch.bool, device=probs.device)
-    k = NUCLEUS_TOPK
-    if vocab > 2 * k:
-        head = (probs.amax(-1) * k > p).nonzero().squeeze(1)
-        if len(head):
-            values, order = probs[head].topk(k + 1, dim=-1)
-            kept = values[:, :k]
-            pos = _invert_cdf(kept * _nucleus_keep(kept, p, rule), u[head])
-            ok = ((values[:, :-1] > values[:, 1:]).all(-1) & (kept.cumsum(-1)[:, -1] > p + 1e-9)
-                  & (pos.squeeze(-1) < k))
-            token[head[ok]] = order[ok].gather(-1, pos[ok]).squeeze(-1)
-            left[head[ok]] = False
-    rest = left.nonzero().squeeze(1)
-    if len(rest):
-        sorted_probs, order = probs[rest].sort(dim=-1, descending=True)
-        pos = _invert_cdf(sorted_probs * _nucleus_keep(sorted_probs, p, rule), u[rest]).clamp_(max=vocab - 1)
-        token[rest] = order.gather(-1, pos).squeeze(-1)
-    return token
+    total = cdf[:, -1:]
+    target = torch.minimum(u.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target.contiguous(), right=True)
 
 
 def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
@@ -239,15 +266,11 @@ def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, c
     open_ = candidates & (z == mask_id)
 
     def draw_and_score(rows, u_):  # only masked candidates are drawn and scored: rows [n, V]
-        rows64 = rows.double()
-        if temperature == 0:
-            token = rows.argmax(-1)
-        else:  # at temperature 1 the float64 copy is shared: rows / 1 == rows exactly
-            scaled = rows64 if temperature == 1 and float64 else rows / temperature
-            token = categorical(scaled, u_[:, None], p, float64, rule)
+        if temperature == 1:  # one exponentiation serves the draw and the score
+            return categorical_scored(rows, u_[:, None], p, float64, rule)
+        token = rows.argmax(-1) if temperature == 0 else categorical(rows / temperature, u_[:, None], p, float64, rule)
         # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
-        score = rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows64, dim=-1)
-        return token, score
+        return token, rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows.double(), dim=-1)
 
     token, score = over_rows(draw_and_score, logits, open_, u)
     confidence = torch.full(z.shape, float("-inf"), dtype=score.dtype, device=z.device).masked_scatter(open_, score)

@@ -45,6 +45,7 @@ from pipeline.diffusion.decoding import (  # noqa: F401  (re-exported: the sampl
     NUCLEUS_RULES,
     Noise,
     ancestral_step,
+    argmax_at,
     categorical,
     chosen_prob,
     confidence_step,
@@ -135,7 +136,7 @@ def _corrector_update(logits, y, update, stale, cfg: SamplerConfig, u):
     where = stale[:, None] & update
     if not bool(where.any()):
         return y.clone()
-    top = y.masked_scatter(where, over_rows(lambda rows: rows.argmax(-1), logits, where))
+    top = y.masked_scatter(where, argmax_at(logits, where))
     if cfg.corrector_mode == "argmax":
         return top
     differs = where & (top != y)  # select_top_k: among positions whose argmax differs, the k surest
@@ -154,7 +155,7 @@ def corrector_loop(denoise: Denoiser, logits, z, t, rows, update, guess, mask_id
     y <- update(f(y)) on ``update`` [B, L], a row stopping at its fixed point (the pass that finds it
     is counted; a pass whose input is unchanged is free); the committed (non-mask) positions of
     ``update`` take y. Returns (z, the corrector's logits; ``logits`` for the other rows)."""
-    y = z.masked_scatter(guess, over_rows(lambda rows: rows.argmax(-1), logits, guess))
+    y = z.masked_scatter(guess, argmax_at(logits, guess))
     u = noise.uniform(cfg.corrector_steps, z.shape[1]) if cfg.corrector_mode == "sample" else None
     stale, out = rows.clone(), logits
     for j in range(cfg.corrector_steps):
