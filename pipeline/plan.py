@@ -91,6 +91,18 @@ def flops_per_token(m, vocab: int, seq: int, passes: int) -> float:
     return passes * (6 * param_counts(m, vocab).matmul + 12 * m.layers * m.hidden * seq)
 
 
+# dense bf16 peak TFLOP/s of known CUDA devices (SXM), by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def device_peak_tflops(cfg: Config, device_name: str) -> float | None:
+    """The peak for MFU: ``log.peak_tflops`` when set, else the table's entry for ``device_name``
+    (None: unknown device, e.g. a CPU - no MFU is logged)."""
+    if cfg.log.peak_tflops > 0:
+        return cfg.log.peak_tflops
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
 def passes_of(cfg: Config) -> int:
     """Network passes per trained sequence: 2 for ProSeCo, 1 for plain MDM (corrector weight 0)."""
     return 2 if cfg.diffusion.corrector_weight > 0 else 1

@@ -121,6 +121,23 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """``torch.compile`` each transformer block in place (``Module.compile``: parameter and state-dict
+    names stay the Backbone's). Blocks share their code, so the first forward compiles one graph."""
+    for block in blocks:
+        block.compile()
+
+
+def autocast(cfg: Config, device: torch.device):
+    """The context each training forward runs under: bfloat16 autocast on ``device``'s type (CUDA or
+    CPU) when ``parallel.bf16``, else a no-op. Weights, gradients and optimizer states stay fp32."""
+    import contextlib
+
+    if not cfg.parallel.bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each optimizer parameter, in ``optimizer.state_dict()``'s id order."""
     names: dict[nn.Parameter, str] = {}
