@@ -3,6 +3,7 @@
     python benchmarks/bench_plan.py                    # 3 model sizes x (single process, 2-rank DDP)
     python benchmarks/bench_plan.py --layouts single ddp fsdp --sizes s m --json plan.json
     python benchmarks/bench_plan.py --sizes s --layouts single --checkpointing   # activation checkpointing
+    python benchmarks/bench_plan.py --sizes s --layouts single --extra parallel.bf16=true --steps 4
 
 Each case runs in fresh processes (2 gloo ranks for ddp / fsdp, one thread each): a worker builds the
 engine of the config (:func:`pipeline.engines.build_engine`) and runs ``--steps`` optimizer steps of
@@ -45,7 +46,7 @@ SIZES = {
 }
 LAYOUTS = {"single": (1, ["parallel.distributed=none"]), "ddp": (2, ["parallel.distributed=ddp"]),
            "fsdp": (2, ["parallel.distributed=fsdp"])}
-COMMON = ["model.max_seq_len=256", "model.dropout=0.0", "optim.ema=0.999", "data.task=text"]
+COMMON = ["model.max_seq_len=256", "model.dropout=0.0", "data.task=text"]
 
 
 def _status_kib(field: str) -> int:
@@ -81,19 +82,19 @@ def worker(overrides: list[str], steps: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status_kib("VmRSS")
     engine = build_engine(cfg, vocab, device, rank, world)
-    t0 = time.perf_counter()
-    _steps(engine, cfg, x, valid, mask_id, steps, proseco_loss, world)
-    seconds = time.perf_counter() - t0
+    times = _steps(engine, cfg, x, valid, mask_id, steps, proseco_loss, world)
     return {"rank": rank, "peak_growth": (_status_kib("VmHWM") - base) * 1024, "base": base * 1024,
-            "step_s": seconds / steps}
+            "first_step_s": times[0], "step_s": sorted(times[1:])[len(times[1:]) // 2] if steps > 1 else times[0]}
 
 
-def _steps(engine, cfg, x, valid, mask_id, steps, proseco_loss, world) -> None:
-    """``steps`` optimizer steps as :mod:`pipeline.train` runs them (one micro-step each)."""
+def _steps(engine, cfg, x, valid, mask_id, steps, proseco_loss, world) -> list[float]:
+    """``steps`` optimizer steps as :mod:`pipeline.train` runs them (one micro-step each); their seconds."""
     import torch
 
     engine.model.train()
+    times = []
     for step in range(steps):
+        t0 = time.perf_counter()
         engine.set_lr(1e-4)
         engine.zero_grad()
         calls = [0]
@@ -105,19 +106,22 @@ def _steps(engine, cfg, x, valid, mask_id, steps, proseco_loss, world) -> None:
         proseco_loss(model_fn, x, cfg.diffusion, mask_id, valid=valid,
                      generator=torch.Generator().manual_seed(step), backward=engine.backward)
         engine.step()
+        times.append(time.perf_counter() - t0)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
+    return times
 
 
-def run_case(size: str, layout: str, steps: int, checkpointing: bool) -> dict:
+def run_case(size: str, layout: str, steps: int, checkpointing: bool, ema: float, extra: list[str]) -> dict:
     """Start the ranks of one case; the prediction beside the largest rank's measurement."""
     from pipeline.config import load_config
     from pipeline.plan import layout_of, memory
 
     nproc, lay = LAYOUTS[layout]
-    overrides = [*COMMON, *SIZES[size], *lay, f"parallel.activation_checkpointing={str(checkpointing).lower()}"]
+    overrides = [*COMMON, *SIZES[size], *lay, f"parallel.activation_checkpointing={str(checkpointing).lower()}",
+                 f"optim.ema={ema}", *extra]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000), "WORLD_SIZE": str(nproc)}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--steps", str(steps), "--", *overrides],
@@ -134,7 +138,8 @@ def run_case(size: str, layout: str, steps: int, checkpointing: bool) -> dict:
     measured = max(r["peak_growth"] for r in results)
     from pipeline.model import parameter_count
 
-    return {"size": size, "layout": layout, "checkpointing": checkpointing,
+    return {"size": size, "layout": layout, "checkpointing": checkpointing, "ema": ema, "extra": " ".join(extra),
+            "first_step_s": max(r["first_step_s"] for r in results),
             "params": parameter_count(cfg.model, cfg.model.vocab_size), "predicted_mib": pred.total / 2**20,
             "measured_mib": measured / 2**20, "error": pred.total / measured - 1,
             "step_s": max(r["step_s"] for r in results), "terms_mib": {k: v / 2**20 for k, v in vars(pred).items()}}
@@ -142,11 +147,11 @@ def run_case(size: str, layout: str, steps: int, checkpointing: bool) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the cases."""
-    lines = ["| size | params | layout | act. ckpt | predicted MiB | measured MiB | error |",
-             "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| size | params | layout | act. ckpt | EMA | other settings | predicted MiB | measured MiB | error "
+             "| s/step |", "|---|---:|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['layout']} | {'yes' if r['checkpointing'] else 'no'} "
-                     f"| {r['predicted_mib']:,.0f} | {r['measured_mib']:,.0f} | {r['error']:+.1%} |")
+                     f"| {'yes' if r['ema'] else 'no'} | {r['extra'] or '-'} | {r['predicted_mib']:,.0f} | {r['measured_mib']:,.0f} | {r['error']:+.1%} | {r['step_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -155,7 +160,11 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--layouts", nargs="+", default=["single", "ddp"], choices=list(LAYOUTS))
     p.add_argument("--checkpointing", action="store_true", help="with activation checkpointing")
+    p.add_argument("--ema", type=float, default=0.999,
+                   help="optim.ema (0 for fsdp: the torch engine keeps an unsharded EMA until issue 14 item 2)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per case (>= 2: AdamW state exists)")
+    p.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every case, e.g. parallel.bf16=true parallel.compile=true")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -166,10 +175,10 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for layout in args.layouts:
-            rows.append(run_case(size, layout, args.steps, args.checkpointing))
+            rows.append(run_case(size, layout, args.steps, args.checkpointing, args.ema, args.extra))
             r = rows[-1]
             print(f"{size} {layout}: predicted {r['predicted_mib']:,.0f} MiB, measured {r['measured_mib']:,.0f} MiB "
-                  f"({r['error']:+.1%}), {r['step_s']:.1f} s/step; terms "
+                  f"({r['error']:+.1%}), {r['step_s']:.2f} s/step (first {r['first_step_s']:.1f} s); terms "
                   + ", ".join(f"{k} {v:,.0f}" for k, v in r["terms_mib"].items()), flush=True)
     print(table(rows))
     if args.json:

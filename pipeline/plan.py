@@ -10,7 +10,9 @@ Memory per device, in bytes (``P`` parameters, split by the layout):
 * **model states**: weights, gradients, AdamW's two moments, the EMA copy. The torch and megatron
   engines keep fp32 weights whatever the precision (bf16 is autocast): 4 + 4 + 8 (+ 4 EMA) bytes per
   parameter. DeepSpeed bf16 keeps bf16 weights and gradients and an fp32 master copy in the
-  optimizer: 2 + 2 + 12 (+ 4 EMA, fp32). DDP adds its gradient buckets (one more gradient copy);
+  optimizer: 2 + 2 + 12 (+ 4 EMA, fp32). DDP adds its gradient buckets (one more gradient copy,
+  alive from the gradient-syncing backward to the optimizer step: they count when they outweigh
+  the activations);
   ZeRO-1 / 2 / 3 and FSDP2 divide the optimizer / + gradients / + weights by the data-parallel size;
   tensor parallelism divides the split layers (attention, MLP, head) by ``tp``. The EMA is sharded
   like the weights.
@@ -197,21 +199,23 @@ def block_activation_bytes(m, batch: int, seq: int, bf16: bool) -> float:
 
 
 def pass_activation_bytes(cfg: Config, batch: int, seq: int, tp: int, matmul_params: float,
-                          checkpointing: bool) -> float:
-    """Activations one pass keeps until its backward (excluding the logits), on one device.
+                          checkpointing: bool) -> tuple[float, float]:
+    """(kept, recomputed): the activations one pass keeps until its backward (excluding the logits),
+    and the extra bytes alive while the backward recomputes a checkpointed block, on one device.
 
     Tensor parallelism splits the attention and MLP interiors by ``tp`` (the residual stream and
-    LayerNorm inputs are replicated). Checkpointing keeps each block's fp32 input and recomputes
-    one block at a time in the backward. Under autocast each weight is also saved as a bf16 copy."""
+    LayerNorm inputs are replicated). Checkpointing keeps each block's fp32 input; the backward
+    recomputes one block at a time (its activations plus the fp32 gradient of its output). Under
+    autocast each weight is also saved as a bf16 copy."""
     m, bf16 = cfg.model, cfg.parallel.bf16
     e = batch * seq * m.hidden
     full = block_activation_bytes(m, batch, seq, bf16)
     replicated = 2 * 4 * e
     block = replicated + (full - replicated) / tp
-    layers = m.layers * 4 * e + block if checkpointing else m.layers * block
+    layers = m.layers * 4 * e if checkpointing else m.layers * block
     head_input = 4 * e + (2 if bf16 else 4) * e  # final LayerNorm input and output (fed to the head)
     casts = 2 * matmul_params if bf16 and cfg.parallel.backend != "deepspeed" else 0
-    return layers + head_input + casts
+    return layers + head_input + casts, (block + 4 * e - head_input if checkpointing else 0.0)
 
 
 def memory(cfg: Config, vocab: int, layout: Layout, checkpointing: bool | None = None) -> Memory:
@@ -234,19 +238,24 @@ def memory(cfg: Config, vocab: int, layout: Layout, checkpointing: bool | None =
         gathered = (2 * counts.block + counts.root + counts.block) * w_bytes
 
     b, seq = cfg.optim.batch_size, cfg.data.seq_len
-    act = pass_activation_bytes(cfg, b, seq, tp, counts.matmul / tp, ckpt)
+    act, recompute = pass_activation_bytes(cfg, b, seq, tp, counts.matmul / tp, ckpt)
     logit = b * seq * vocab * 4
     passes = passes_of(cfg)
-    if passes == 2 and not cfg.diffusion.split_backward:
-        activations, logits = 2 * act, (2 + 4) * logit  # pass 1's logits + log-softmax stay alive
-    else:
-        activations, logits = act, 4 * logit
-    if passes == 2 and cfg.diffusion.split_backward:  # pass 2 runs on top of pass 1's gradients
-        return Memory(weights, grads, optimizer, ema, buckets, gathered, activations, logits)
-    # one backward: the gradients grow as the activations are freed, so the peak is the larger
-    if activations + logits >= grads:
-        return Memory(weights, 0.0, optimizer, ema, buckets, gathered, activations, logits)
-    return Memory(weights, grads, optimizer, ema, buckets, gathered, 0.0, 0.0)
+    # the peak of a backward: at the head (the logits, their log-softmax and two gradients of that
+    # size), or - with checkpointing - while a block is recomputed (the logits tensor still held)
+    activations, logits = act, 4 * logit
+    if recompute + logit > 4 * logit:
+        activations, logits = act + recompute, logit
+    if passes == 2 and not cfg.diffusion.split_backward:  # pass 1's activations, logits, log-softmax too
+        activations, logits = activations + act, logits + 2 * logit
+    # Two candidate peaks. At the head's backward of the last pass: the activations and logits, on top
+    # of pass 1's gradients under the split backward (else the gradients do not exist yet). At the end
+    # of the last backward: all gradients and DDP's buckets (allocated by the gradient-syncing
+    # backward, released after the step), the activations freed.
+    split = passes == 2 and cfg.diffusion.split_backward
+    at_head = Memory(weights, grads if split else 0.0, optimizer, ema, 0.0, gathered, activations, logits)
+    at_end = Memory(weights, grads, optimizer, ema, buckets, gathered, 0.0, 0.0)
+    return at_head if at_head.total >= at_end.total else at_end
 
 
 # ------------------------------------------------------------------------------------ the plan
