@@ -11,23 +11,24 @@ Memory per device, in bytes (``P`` parameters, split by the layout):
   engines keep fp32 weights whatever the precision (bf16 is autocast): 4 + 4 + 8 (+ 4 EMA) bytes per
   parameter. DeepSpeed bf16 keeps bf16 weights and gradients and an fp32 master copy in the
   optimizer: 2 + 2 + 12 (+ 4 EMA, fp32). DDP adds its gradient buckets (one more gradient copy,
-  alive from the gradient-syncing backward to the optimizer step: they count when they outweigh
-  the activations);
-  ZeRO-1 / 2 / 3 and FSDP2 divide the optimizer / + gradients / + weights by the data-parallel size;
-  tensor parallelism divides the split layers (attention, MLP, head) by ``tp``. The EMA is sharded
-  like the weights.
+  alive from the gradient-syncing backward to the optimizer step). ZeRO-1 / 2 / 3 and FSDP2 divide
+  the optimizer / + gradients / + weights by the data-parallel size; tensor parallelism divides the
+  split layers (attention, MLP, head) by ``tp``. The EMA is sharded like the weights.
 * **gathered**: FSDP2 / ZeRO-3 hold the unsharded weights of two blocks (the current one and the
-  prefetched next) and the root's (embedding, head) while computing, and one block's unsharded
-  gradients before the reduce-scatter.
+  prefetched next) and the root's (embedding, head) while computing, and the unsharded gradients of
+  one block and of the root (the head's gradient exists from the first backward op on; the root's
+  reduce-scatter runs last).
 * **activations**: what autograd saves per block (counted from the ops of ``Block.forward``, fused
-  attention: no L x L matrix), per pass; with activation checkpointing only each block's input plus
-  one block recomputed in the backward.
+  attention: no L x L matrix), per pass; with activation checkpointing only each block's input, plus
+  one block while the backward recomputes it.
 * **logits**: the [B, L, V] float32 logits, their log-softmax (saved by the cross entropy) and, in
   the backward, the two gradients of that size: 4 x B L V x 4 bytes at the head's backward.
 
-ProSeCo under the split backward (``diffusion.split_backward``): pass 1's backward runs before
-pass 2, so the peak is pass 2's forward activations and logits on top of pass 1's gradients.
-Without it both passes' activations and logits are alive at once. MDM (corrector weight 0) is one pass.
+The peak is the larger of two moments of the last backward: at the head (activations and logits)
+and at its end (all gradients, DDP's buckets). ProSeCo under the split backward
+(``diffusion.split_backward``): pass 1's backward runs before pass 2, so at pass 2's head pass 1's
+gradients are alive too. Without it both passes' activations and logits are alive at once, before
+any gradient. MDM (corrector weight 0) is one pass.
 
 FLOPs per token: ``passes x (6 N + 12 layers x hidden x seq)`` with N the parameters that multiply
 (every weight but the embedding and position tables) - the model FLOPs of MFU (a recomputed forward
@@ -234,8 +235,8 @@ def memory(cfg: Config, vocab: int, layout: Layout, checkpointing: bool | None =
     ema = local * 4 / (dp if shard >= 3 else 1) if cfg.optim.ema > 0 else 0.0
     buckets = local * g_bytes if dp > 1 and shard == 0 else 0.0  # DDP's gradient buckets
     gathered = 0.0
-    if shard >= 3 and dp > 1:  # two blocks' weights + the root's, one block's gradients, unsharded
-        gathered = (2 * counts.block + counts.root + counts.block) * w_bytes
+    if shard >= 3 and dp > 1:  # unsharded: two blocks' weights + the root's, one block's and the root's gradients
+        gathered = (2 * counts.block + counts.root) * w_bytes + (counts.block + counts.root) * g_bytes
 
     b, seq = cfg.optim.batch_size, cfg.data.seq_len
     act, recompute = pass_activation_bytes(cfg, b, seq, tp, counts.matmul / tp, ckpt)

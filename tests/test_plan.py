@@ -90,7 +90,8 @@ def test_memory_by_layout_by_hand():
     assert (z2.weights, z2.grads, z2.optimizer) == (4 * p, p, 2 * p)
     fsdp = memory(cfg, 10, Layout("fsdp", "torch", 4, shard=3))
     assert (fsdp.weights, fsdp.grads, fsdp.optimizer, fsdp.ema) == (p, p, 2 * p, p)
-    assert fsdp.gathered == 4 * (3 * TINY_BLOCK + TINY_ROOT)  # two blocks' weights + the root + a block's grads
+    # unsharded: two blocks' and the root's weights, one block's and the root's gradients
+    assert fsdp.gathered == 4 * (2 * TINY_BLOCK + TINY_ROOT) + 4 * (TINY_BLOCK + TINY_ROOT)
     bf16 = memory(load_config([], [*TINY, "parallel.bf16=true"]), 10, Layout("zero3", "deepspeed", 4, shard=3))
     assert (bf16.weights, bf16.grads, bf16.optimizer) == (2 * p / 4, 2 * p / 4, 12 * p / 4)
     tp = memory(cfg, 10, Layout("tp2", "megatron", 2, tp=2))

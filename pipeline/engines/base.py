@@ -122,10 +122,23 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
 
 
 def compile_blocks(blocks: nn.ModuleList) -> None:
-    """``torch.compile`` each transformer block in place (``Module.compile``: parameter and state-dict
-    names stay the Backbone's). Blocks share their code, so the first forward compiles one graph."""
+    """``torch.compile`` each transformer block's forward in place (parameter and state-dict names stay
+    the Backbone's; module hooks such as FSDP2's run around it). The compiled function calls the
+    block's current forward, so when activation checkpointing wrapped it, dynamo traces the
+    ``torch.utils.checkpoint`` call itself (compiling ``checkpoint`` directly, or the module's
+    ``_call_impl`` around it, would leave it eager: ``checkpoint`` is dynamo-disabled as an entry point).
+    Blocks share their code: the first forward compiles one graph for all."""
     for block in blocks:
-        block.compile()
+        block.forward = torch.compile(_calling(block.forward))
+
+
+def _calling(forward):
+    """A plain function that calls ``forward``: an entry point dynamo traces into."""
+
+    def call(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return call
 
 
 def autocast(cfg: Config, device: torch.device):
