@@ -147,8 +147,8 @@ def run_case(size: str, layout: str, steps: int, checkpointing: bool, ema: float
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the cases."""
-    lines = ["| size | params | layout | act. ckpt | EMA | other settings | predicted MiB | measured MiB | error "
-             "| s/step |", "|---|---:|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [("| size | params | layout | act. ckpt | EMA | other settings | predicted MiB | measured MiB | error "
+             "| s/step |"), "|---|---:|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['layout']} | {'yes' if r['checkpointing'] else 'no'} "
                      f"| {'yes' if r['ema'] else 'no'} | {r['extra'] or '-'} | {r['predicted_mib']:,.0f} | {r['measured_mib']:,.0f} | {r['error']:+.1%} | {r['step_s']:.2f} |")

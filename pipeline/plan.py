@@ -322,15 +322,15 @@ def format_plan(p: Plan, cfg: Config) -> str:
     m = cfg.model
     kind = "ProSeCo (2 passes)" if passes_of(cfg) == 2 else "MDM (1 pass)"
     lines = [
-        f"model      {p.params.total:,} parameters ({m.layers} x {m.hidden}, {m.heads} heads, vocabulary {p.vocab:,}), "
-        f"{kind}, {'bf16 autocast' if cfg.parallel.bf16 else 'fp32'}, EMA {'on' if cfg.optim.ema > 0 else 'off'}",
-        f"batch      {cfg.optim.batch_size} sequences x {cfg.data.seq_len} tokens per rank and micro-step, "
-        f"grad_accum {cfg.optim.grad_accum}, split backward {'on' if cfg.diffusion.split_backward else 'off'}",
-        f"devices    {p.gpus} x {p.gpu_mem / GIB:.0f} GiB; memory in GiB per device "
-        "(act ckpt: with parallel.activation_checkpointing=true)",
+        (f"model      {p.params.total:,} parameters ({m.layers} x {m.hidden}, {m.heads} heads, vocabulary {p.vocab:,}), "
+        f"{kind}, {'bf16 autocast' if cfg.parallel.bf16 else 'fp32'}, EMA {'on' if cfg.optim.ema > 0 else 'off'}"),
+        (f"batch      {cfg.optim.batch_size} sequences x {cfg.data.seq_len} tokens per rank and micro-step, "
+        f"grad_accum {cfg.optim.grad_accum}, split backward {'on' if cfg.diffusion.split_backward else 'off'}"),
+        (f"devices    {p.gpus} x {p.gpu_mem / GIB:.0f} GiB; memory in GiB per device "
+        "(act ckpt: with parallel.activation_checkpointing=true)"),
         "",
-        f"{'layout':<8} {'weights':>8} {'grads':>7} {'optim':>7} {'ema':>6} {'other':>6} {'activ':>7} {'logits':>7} "
-        f"{'total':>7} {'fits':>5} | {'act ckpt':>8} {'fits':>5}  overrides",
+        (f"{'layout':<8} {'weights':>8} {'grads':>7} {'optim':>7} {'ema':>6} {'other':>6} {'activ':>7} {'logits':>7} "
+        f"{'total':>7} {'fits':>5} | {'act ckpt':>8} {'fits':>5}  overrides"),
     ]
     for r in p.rows:
         mem, ck = r.memory, r.memory_ckpt
@@ -342,11 +342,11 @@ def format_plan(p: Plan, cfg: Config) -> str:
     lines += [
         "",
         f"* = the layout of the config ({p.chosen.overrides})",
-        f"throughput {p.flops_per_token / 1e9:.3f} GFLOP per token ({'both passes, ' if passes_of(cfg) == 2 else ''}"
-        f"6N + attention), {p.tokens_per_step:,} tokens per optimizer step on {p.gpus} devices",
-        f"           at MFU {p.mfu:.0%} of {p.peak_tflops:g} TFLOP/s: {p.step_s:.3g} s per step, "
-        f"{p.tokens_per_s_per_device:,.0f} tokens/s per device",
-        "assumes    fused attention (no L x L matrix), peak of a step after the first (AdamW state allocated), "
-        "no allocator fragmentation; see docs/plan.md",
+        (f"throughput {p.flops_per_token / 1e9:.3f} GFLOP per token ({'both passes, ' if passes_of(cfg) == 2 else ''}"
+        f"6N + attention), {p.tokens_per_step:,} tokens per optimizer step on {p.gpus} devices"),
+        (f"           at MFU {p.mfu:.0%} of {p.peak_tflops:g} TFLOP/s: {p.step_s:.3g} s per step, "
+        f"{p.tokens_per_s_per_device:,.0f} tokens/s per device"),
+        ("assumes    fused attention (no L x L matrix), peak of a step after the first (AdamW state allocated), "
+        "no allocator fragmentation; see docs/plan.md"),
     ]
     return "\n".join(lines)

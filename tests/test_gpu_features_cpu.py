@@ -75,14 +75,20 @@ def test_bf16_autocast_runs_on_cpu_and_stays_close_to_fp32():
 
 @pytest.mark.slow  # inductor compiles C++ kernels: ~30 s of CPU, over a minute on a busy machine
 def test_compile_matches_eager_and_reports_its_time(capsys):
+    """Compiled blocks under activation checkpointing (the harder case: dynamo must trace into the
+    checkpoint) against the eager model without either."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     eager, cfg = _engine()
-    compiled, _ = _engine("parallel.compile=true")
+    compiled, _ = _engine("parallel.compile=true", "parallel.activation_checkpointing=true")
     x = _batch()
     params_a, params_b = list(eager.model.parameters()), list(compiled.model.parameters())
     loss_a, grads_a = _grads_of(lambda z, t, v: eager.forward(z, t, v, True), params_a, x, cfg)
     t0 = time.perf_counter()
     loss_b, grads_b = _grads_of(lambda z, t, v: compiled.forward(z, t, v, True), params_b, x, cfg)
     first = time.perf_counter() - t0
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo traced the blocks (not a silent eager fallback)
     assert [n for n, _ in eager.model.named_parameters()] == [n for n, _ in compiled.model.named_parameters()]
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for a, b in zip(grads_a, grads_b):

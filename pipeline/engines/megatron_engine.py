@@ -29,7 +29,14 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.engines.base import STATE_FILE, Engine, autocast, checkpoint_blocks, load_state_file, param_names
+from pipeline.engines.base import (
+    STATE_FILE,
+    Engine,
+    autocast,
+    checkpoint_blocks,
+    load_state_file,
+    param_names,
+)
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
 from pipeline.optim import EMA, make_optimizer
