@@ -267,7 +267,7 @@ MOVED_KEYS: dict[str, str] = {
     "train.adam_eps": "optim.eps",
     "train.lr_schedule": "optim.schedule",
     **{f"train.{k}": f"parallel.{k}" for k in ("backend", "distributed", "zero_stage", "tp_size",
-                                               "activation_checkpointing", "bf16", "threads")},
+                                               "activation_checkpointing", "bf16", "threads", "compile")},
     "train.checkpoint_every": "checkpoint.every",
     "train.keep_last": "checkpoint.keep_last",
     "train.permanent_every": "checkpoint.permanent_every",
