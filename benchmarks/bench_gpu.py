@@ -8,7 +8,8 @@ Each backend runs `proseco train` (a subprocess, as a user runs it) for ``--step
 on synthetic shards (random tokens: throughput does not depend on the text), logging every step;
 the first ``--warmup`` steps are dropped and the median of the rest is reported.
 
-FLOPs per trained token (both ProSeCo passes counted - each is a full forward and backward):
+FLOPs per trained token (:func:`pipeline.plan.flops_per_token`, the planner's and the train log's MFU
+use the same; both ProSeCo passes counted - each is a full forward and backward):
 ``passes x (6 N + 12 L H S)`` with N the parameters that do matmuls (every weight but the embedding
 table and position table), L layers, H hidden size, S sequence length (bidirectional attention:
 QK^T and AV, forward + backward). MFU = tokens/s x FLOPs per token / peak bf16 dense FLOP/s of the
