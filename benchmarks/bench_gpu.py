@@ -8,7 +8,8 @@ Each backend runs `proseco train` (a subprocess, as a user runs it) for ``--step
 on synthetic shards (random tokens: throughput does not depend on the text), logging every step;
 the first ``--warmup`` steps are dropped and the median of the rest is reported.
 
-FLOPs per trained token (both ProSeCo passes counted - each is a full forward and backward):
+FLOPs per trained token (:func:`pipeline.plan.flops_per_token`, the planner's and the train log's MFU
+use the same; both ProSeCo passes counted - each is a full forward and backward):
 ``passes x (6 N + 12 L H S)`` with N the parameters that do matmuls (every weight but the embedding
 table and position table), L layers, H hidden size, S sequence length (bidirectional attention:
 QK^T and AV, forward + backward). MFU = tokens/s x FLOPs per token / peak bf16 dense FLOP/s of the
@@ -32,28 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loader import write_shards
 
-from pipeline.config import ModelConfig
-from pipeline.model import Backbone
+from pipeline.plan import PEAK_TFLOPS, flops_per_token, param_counts
 
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 DIT_SMALL = ["--config", "owt_small", "model.dropout=0.0"]  # 12 x 768, 12 heads, seq 1024, vocab 50259
 SMOKE = ["model.vocab_size=512", "model.hidden=32", "model.layers=1", "model.heads=2", "model.max_seq_len=64",
          "data.seq_len=64"]
-
-
-def matmul_params(cfg: ModelConfig, vocab: int) -> int:
-    with torch.device("meta"):
-        model = Backbone(cfg, vocab_size=vocab)
-    skip = {"embed.weight", "pos_embed"}
-    params = {id(p): (n, p) for n, p in model.named_parameters()}
-    total = sum(p.numel() for n, p in params.values() if n not in skip)
-    if cfg.tie_embeddings:  # the head's matmul uses the embedding table
-        total += model.embed.weight.numel()
-    return total
-
-
-def flops_per_token(cfg: ModelConfig, vocab: int, seq: int, passes: int) -> float:
-    return passes * (6 * matmul_params(cfg, vocab) + 12 * cfg.layers * cfg.hidden * seq)
 
 
 def run_backend(backend: str, shards: Path, run: Path, args, overrides: list[str]) -> list[dict]:
@@ -99,7 +83,7 @@ def main() -> None:
     fpt = flops_per_token(cfg, vocab, seq, passes)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
-    results = {"device": device, "model_params": matmul_params(cfg, vocab), "seq_len": seq, "batch": args.batch,
+    results = {"device": device, "model_params": param_counts(cfg, vocab).matmul, "seq_len": seq, "batch": args.batch,
                "flops_per_token": fpt, "peak_tflops": peak, "backends": {}}
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         shards = Path(tmp) / "shards"

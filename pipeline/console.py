@@ -7,6 +7,9 @@ below the lines as well. ``metrics.jsonl`` (:mod:`pipeline.runlog`) holds the sa
 machines; this module is for people::
 
     step     20/200 | loss 5.8193 | mdm 3.0121 | corr 2.8072 | lr 2.00e-04 | gnorm 1.32 | 9,310 tok/s | 0.22 s/step | mem 612 MiB | eta 0:00:40
+
+Several devices add tokens/s per device (``tok/s/dev``); a known device peak (``log.peak_tflops``) adds
+``mfu``, the model FLOPs utilisation.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def step_line(row: dict, total_steps: int, eta_s: float | None) -> str:
             parts.append(f"{label} {row[key]:{fmt}}")
     if row.get("tokens_per_s") is not None:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if row.get("tokens_per_s_per_device") is not None and row.get("tokens_per_s") != row["tokens_per_s_per_device"]:
+        parts.append(f"{row['tokens_per_s_per_device']:,.0f} tok/s/dev")
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {row['mfu']:.1%}")
     if row.get("step_s") is not None:
         parts.append(f"{row['step_s']:.3g} s/step")
     if row.get("memory_mb") is not None:
@@ -115,10 +122,12 @@ def train_header(cfg, engine, world: int, device, vocab: int, run_id: str, folde
               "megatron": f"megatron-core (tensor parallel {tp})"}[topo["backend"]]
     if topo["backend"] == "deepspeed":
         precision = "bf16 (DeepSpeed, fp32 master weights)" if cfg.parallel.bf16 else "fp32"
-    elif cfg.parallel.bf16 and device.type == "cuda":
-        precision = "bf16 autocast (fp32 weights)"
+    elif cfg.parallel.bf16:
+        precision = f"bf16 autocast on {device.type} (fp32 weights)"
     else:
-        precision = "fp32" + (" (parallel.bf16 applies on CUDA only)" if cfg.parallel.bf16 else "")
+        precision = "fp32"
+    if cfg.parallel.compile:
+        precision += ", blocks compiled (torch.compile)"
     objective = (f"ProSeCo (mdm + {cfg.diffusion.corrector_weight:g} x correction)"
                  if cfg.diffusion.corrector_weight > 0 else "MDM (no correction term)")
     start = f"resuming from {resumed} (step {step})" if resumed is not None else "new run"

@@ -64,6 +64,7 @@ from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
 from pipeline.optim import lr_at
+from pipeline.plan import device_peak_tflops, flops_per_token
 from pipeline.rundir import RunDir
 from pipeline.runlog import RunLogger
 from pipeline.stopflag import StopFlag
@@ -255,6 +256,17 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
     return int(meta["step"]), local_tokens
 
 
+def _throughput(tokens_per_s: float, world: int, cfg: Config, vocab: int, seq: int, passes: int,
+                peak_tflops: float | None) -> dict[str, float]:
+    """Tokens/s per device and, when the device's peak is known, MFU: tokens/s per device x the
+    planner's model FLOPs per token (:func:`pipeline.plan.flops_per_token`, every pass counted) / peak."""
+    per_device = tokens_per_s / world
+    row = {"tokens_per_s_per_device": per_device}
+    if peak_tflops:
+        row["mfu"] = per_device * flops_per_token(cfg.model, vocab, seq, passes) / (peak_tflops * 1e12)
+    return row
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -322,6 +334,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
 
     # ---- loop --------------------------------------------------------------------------------
     n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
+    peak_tflops = device_peak_tflops(cfg, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     last_saved, exit_code, stop_reason = step if latest is not None else -1, 0, "finished"
     batches = iter(loader)
@@ -375,6 +388,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
                            "lr": lr, "grad_norm": grad_norm, "tokens_seen": int(red[4] / tp),
                            "tokens_per_s": red[3] / tp / max(step_s, 1e-9), "data_wait_s": data_wait,
                            "step_s": step_s, "memory_mb": _memory_mb(device)}
+                    row.update(_throughput(row["tokens_per_s"], world, cfg, vocab, x.shape[1], n_forwards, peak_tflops))
                     console.log_step(row)
                     if val_now:
                         val = _validate(cfg, engine.eval_model, data, mask_id, d_rank, d_world, world,

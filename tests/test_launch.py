@@ -186,7 +186,7 @@ def test_a_gpu_sized_run_without_gpus_warns_and_cluster_gpu_asks_for_eight(tmp_p
     assert err.startswith("warning: cluster.gpus_per_node is 0 but this looks like a GPU run") and ">= 50M" in err
     assert cli.main([*args, "--config", "cluster_local", "model.hidden=64", "model.heads=2", "parallel.bf16=true"]) == 0
     err = capsys.readouterr().err
-    assert "parallel.bf16 is on" in err and "parameters" not in err  # a small model, but bf16 autocast is CUDA only
+    assert "parallel.bf16 is on" in err and "parameters" not in err  # a small model, but bf16 is for GPUs
     assert cli.main([*args, "--config", "cluster_gpu"]) == 0
     out = capsys.readouterr()
     assert out.err == ""

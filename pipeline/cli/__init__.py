@@ -38,7 +38,7 @@ def default_preset(args: argparse.Namespace) -> Path | None:
         return SCIENCE_PRESET
     if args.verb == "demo" or (args.verb == "prep" and args.target == "sudoku"):
         return SUDOKU_PRESET
-    if args.verb in ("prep", "train", "config") or (args.verb == "launch" and args.stage != "eval"):
+    if args.verb in ("prep", "train", "config", "plan") or (args.verb == "launch" and args.stage != "eval"):
         return TEXT_PRESET
     return None
 

@@ -315,6 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export: proseco's export folder (default) or a Hugging Face model folder")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
 
+    plan = sub.add_parser(
+        "plan",
+        help="predict memory per device and step time of a config on N devices (nothing runs)",
+        description=_describe(
+            """Predict, from the config alone (no model is built), the memory per device of one
+            training step under every layout the engines offer on --gpus devices (torch DDP / FSDP2,
+            DeepSpeed ZeRO-1/2/3, megatron tensor parallel sizes), with and without activation
+            checkpointing: weights, gradients, AdamW states, EMA, activations (ProSeCo's second pass
+            under the split backward), the [B, L, V] logits; which layouts fit --gpu-mem; FLOPs per
+            token (both ProSeCo passes) and the step time at --mfu of --peak-tflops. optim.batch_size
+            is per data-parallel rank. See docs/plan.md."""
+        ),
+        epilog=_epilog("proseco plan --config owt_small --gpus 8 --gpu-mem 80GiB",
+                       "proseco plan --config owt_small --gpus 8 optim.batch_size=64 parallel.bf16=true --mfu 0.4"),
+        formatter_class=fmt,
+    )
+    plan.add_argument("--gpus", type=int, default=8, metavar="N", help="devices in the job (default 8)")
+    plan.add_argument("--gpu-mem", default="80GiB", metavar="SIZE",
+                      help="memory per device, e.g. 80GiB, 141GB (default 80GiB)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, metavar="T",
+                      help="dense peak TFLOP/s per device in the training precision (default 989: H100/H200 bf16)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
+
     sub.add_parser(
         "config",
         help="print the resolved config as YAML (nothing runs)",

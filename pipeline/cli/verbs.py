@@ -151,6 +151,13 @@ def _run_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _run_plan(args: argparse.Namespace, cfg: Config) -> int:
+    plan = import_stage("pipeline.plan")
+    result = plan.plan(cfg, args.gpus, plan.parse_bytes(args.gpu_mem), args.peak_tflops, args.mfu)
+    print(plan.format_plan(result, cfg))
+    return 0
+
+
 def _prep_out(target: str, cfg: Config) -> str:
     """Where `proseco prep TARGET` writes without --out."""
     return {"tokenizer": cfg.prep.tokenizer_dir, "sudoku": "data/sudoku4"}.get(target, cfg.data.shards)
@@ -168,5 +175,6 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], Callable[[ar
     "status": (_run_status, lambda a, c: f"pipeline.launch.status({a.run!r})"),
     "cancel": (_run_status, lambda a, c: f"pipeline.launch.cancel({a.run!r})"),
     "ckpt": (_run_ckpt, lambda a, c: _describe_ckpt(a)),
+    "plan": (_run_plan, lambda a, c: f"pipeline.plan.plan(cfg, {a.gpus}, {a.gpu_mem!r}, {a.peak_tflops}, {a.mfu})"),
     "config": (_run_config, lambda a, c: "nothing (proseco config only prints the resolved config)"),
 }

@@ -104,7 +104,8 @@ class ParallelConfig:
     zero_stage: int = 2  # backend deepspeed: ZeRO stage 0-3
     tp_size: int = 1  # backend megatron: tensor-parallel size (divides the world size, heads, MLP, vocab)
     activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
-    bf16: bool = False  # bfloat16 autocast (CUDA only; ignored on CPU)
+    bf16: bool = False  # bfloat16: autocast on CUDA and CPU (torch, megatron); DeepSpeed's bf16 mode
+    compile: bool = False  # torch.compile each transformer block (backend torch; first steps compile)
     threads: int = 0  # torch intra-op threads per process; 0 = leave torch's default
 
 
@@ -122,6 +123,9 @@ class LogConfig:
     """What training reports: the log line, validation, and Weights & Biases."""
 
     every: int = 100  # optimizer steps between log lines (metrics.jsonl gets the same rows)
+    # dense peak TFLOP/s of one device in the training precision, for the logged MFU; 0 = known CUDA
+    # devices (H100/H200 989, A100 312, bf16) and no MFU elsewhere
+    peak_tflops: float = 0.0
     val_every: int = 0  # optimizer steps between validations (and one at the end); 0 = off
     val_batches: int = 8  # batches per validation, per rank
     wandb: str = "offline"  # offline (files in the run folder, `wandb sync` later) | online | disabled
@@ -270,7 +274,7 @@ MOVED_KEYS: dict[str, str] = {
     "train.adam_eps": "optim.eps",
     "train.lr_schedule": "optim.schedule",
     **{f"train.{k}": f"parallel.{k}" for k in ("backend", "distributed", "zero_stage", "tp_size",
-                                               "activation_checkpointing", "bf16", "threads")},
+                                               "activation_checkpointing", "bf16", "threads", "compile")},
     "train.checkpoint_every": "checkpoint.every",
     "train.keep_last": "checkpoint.keep_last",
     "train.permanent_every": "checkpoint.permanent_every",

@@ -27,7 +27,7 @@ _RANGES: dict[str, str] = {
     "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed optim.weight_decay "
     "optim.warmup_steps optim.grad_clip parallel.threads run.seed data.split_seed data.puzzle_clues "
     "prep.workers prep.seed prep.input_sentence_size checkpoint.permanent_every run.max_time_s log.val_every "
-    "data.loader_workers cluster.retries_on_failure eval.lm_eval_limit eval.lm_eval_gen_length",
+    "data.loader_workers cluster.retries_on_failure eval.lm_eval_limit eval.lm_eval_gen_length log.peak_tflops",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
     "[0, 1)": "model.dropout optim.beta1 optim.beta2 optim.ema prep.val_fraction",
     "(0, 1]": "sampler.nucleus_p prep.character_coverage",
@@ -128,6 +128,8 @@ def _cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
         (par.backend != "deepspeed" or par.zero_stage != 3 or not par.activation_checkpointing,
          ("parallel.activation_checkpointing=true is not supported with parallel.zero_stage=3 "
           "(ZeRO-3 re-gathers partitioned weights inside recomputation); use parallel.zero_stage<=2")),
+        (par.backend == "torch" or not par.compile,
+         f"parallel.compile=true is for parallel.backend=torch (backend {par.backend} runs eagerly)"),
         (bool(cfg.log.wandb_project.strip()), "log.wandb_project must not be empty"),
         (bool(cfg.eval.samplers) and set(cfg.eval.samplers) <= set(SAMPLERS),
          f"eval.samplers must be a non-empty list of {', '.join(SAMPLERS)}: {cfg.eval.samplers}"),

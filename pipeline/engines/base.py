@@ -121,6 +121,36 @@ def checkpoint_blocks(blocks: nn.ModuleList) -> None:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """``torch.compile`` each transformer block's forward in place (parameter and state-dict names stay
+    the Backbone's; module hooks such as FSDP2's run around it). The compiled function calls the
+    block's current forward, so when activation checkpointing wrapped it, dynamo traces the
+    ``torch.utils.checkpoint`` call itself (compiling ``checkpoint`` directly, or the module's
+    ``_call_impl`` around it, would leave it eager: ``checkpoint`` is dynamo-disabled as an entry point).
+    Blocks share their code: the first forward compiles one graph for all."""
+    for block in blocks:
+        block.forward = torch.compile(_calling(block.forward))
+
+
+def _calling(forward):
+    """A plain function that calls ``forward``: an entry point dynamo traces into."""
+
+    def call(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return call
+
+
+def autocast(cfg: Config, device: torch.device):
+    """The context each training forward runs under: bfloat16 autocast on ``device``'s type (CUDA or
+    CPU) when ``parallel.bf16``, else a no-op. Weights, gradients and optimizer states stay fp32."""
+    import contextlib
+
+    if not cfg.parallel.bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each optimizer parameter, in ``optimizer.state_dict()``'s id order."""
     names: dict[nn.Parameter, str] = {}

@@ -29,7 +29,14 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.engines.base import STATE_FILE, Engine, checkpoint_blocks, load_state_file, param_names
+from pipeline.engines.base import (
+    STATE_FILE,
+    Engine,
+    autocast,
+    checkpoint_blocks,
+    load_state_file,
+    param_names,
+)
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
 from pipeline.optim import EMA, make_optimizer
@@ -74,8 +81,7 @@ class MegatronEngine(Engine):
         self.optimizer = make_optimizer(self.model, cfg.optim)
         # the model is the Backbone itself: its optimizer ids are the full model's at any TP size
         self._param_names = param_names(self.model, self.optimizer)
-        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-            if cfg.parallel.bf16 and device.type == "cuda" else contextlib.nullcontext
+        self._autocast = autocast(cfg, device)
 
     # ---- step ----------------------------------------------------------------------------------
     def forward(self, z, t, valid, sync):

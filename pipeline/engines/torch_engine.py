@@ -28,8 +28,10 @@ from pipeline.config import Config
 from pipeline.engines.base import (
     STATE_FILE,
     Engine,
+    autocast,
     build_backbone,
     checkpoint_blocks,
+    compile_blocks,
     load_state_file,
     optim_by_id,
     optim_by_name,
@@ -49,6 +51,8 @@ class TorchEngine(Engine):
         if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(self.model.blocks)
         self.ema = EMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None  # before sharding: stays unsharded
+        if cfg.parallel.compile:  # after the EMA copy (it stays eager), before sharding (torchtitan's order)
+            compile_blocks(self.model.blocks)
         self.fsdp = world > 1 and cfg.parallel.distributed == "fsdp"
         if self.fsdp:  # replaces the parameters with DTensor shards in place: the optimizer comes after
             mesh = init_device_mesh(device.type, (world,))
@@ -59,8 +63,7 @@ class TorchEngine(Engine):
             if world > 1 and not self.fsdp else None
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.eval_collective = self.fsdp and self.ema is None
-        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-            if cfg.parallel.bf16 and device.type == "cuda" else contextlib.nullcontext
+        self._autocast = autocast(cfg, device)
 
     # ---- step ----------------------------------------------------------------------------------
     def forward(self, z, t, valid, sync):

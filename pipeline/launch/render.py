@@ -14,12 +14,12 @@ GPU_MODEL_PARAMS = 50_000_000  # a model this large is trained on GPUs: warn whe
 
 def gpu_warning(cfg: Config) -> str | None:
     """Why a job that asks for no GPU looks like a GPU run, or None. The rule: cluster.gpus_per_node
-    is 0 while parallel.bf16 is on (CUDA-only autocast) or the model has >= 50M parameters."""
+    is 0 while parallel.bf16 is on (bfloat16 pays off on GPUs) or the model has >= 50M parameters."""
     if cfg.cluster.gpus_per_node:
         return None
     from pipeline.model import parameter_count
 
-    reasons = ["parallel.bf16 is on (bfloat16 autocast runs on CUDA only)"] if cfg.parallel.bf16 else []
+    reasons = ["parallel.bf16 is on (bfloat16 autocast pays off on GPUs; on CPU it is slow)"] if cfg.parallel.bf16 else []
     manifest = Path(cfg.data.shards) / "manifest.json"  # model.vocab_size null: the tokenizer's, as in training
     vocab = cfg.model.vocab_size or (read_json(manifest)["tokenizer"]["vocab_size"] if manifest.is_file() else None)
     params = parameter_count(cfg.model, int(vocab)) if vocab else 0  # 0: unknown until the shards exist
