@@ -64,12 +64,14 @@ class EMA:
                ) -> None:
         """``shadow <- decay * shadow + (1 - decay) * model``, parameter by parameter.
 
-        FSDP2 parameters are DTensor shards: their full tensor is gathered (a collective - every
-        rank calls update) into the unsharded shadow, built from the model before it was sharded.
+        FSDP2: a shadow sharded like the model averages shard by shard (no communication); an
+        unsharded shadow of a sharded model gets each parameter's full tensor (a collective).
         ``gather``: a context manager factory that makes partitioned parameters whole while the
         update reads them (DeepSpeed ZeRO-3's ``GatheredParameters``)."""
         params = list(model.parameters())
         with gather(params) if gather is not None else contextlib.nullcontext():
             for s, p in zip(self.shadow.parameters(), params):
-                src = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+                src = p.detach()
+                if isinstance(src, DTensor) and not isinstance(s, DTensor):
+                    src = src.full_tensor()
                 s.lerp_(src.to(s.dtype), 1.0 - self.decay)

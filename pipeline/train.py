@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.artifact import data_identity, model_config_mismatch
+from pipeline.checkpoint import sharded
 from pipeline.checkpoint.manager import (
     CheckpointManager,
     code_version,
@@ -232,7 +233,12 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
             f"torch/megatron ones not under it). Resume with parallel.backend={saved.get('backend')}, or start a "
             f"new run folder (`proseco ckpt export {latest}` gives its weights)")
     try:
-        engine.load(latest, saved)
+        if sharded.is_sharded(meta):  # the checkpoint's format decides, whatever checkpoint.format says now
+            state = engine.sharded_state()
+            sharded.load(state, latest)
+            engine.load_sharded_state(state)
+        else:
+            engine.load(latest, saved)
         own = latest / f"rank_{rank:05d}.pt"
         same_layout = saved == now and own.is_file()
         mine = torch.load(own if same_layout else latest / "rank_00000.pt", map_location="cpu", weights_only=True)
@@ -301,24 +307,34 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
     data_id = data_identity(data) if isinstance(data, Manifest) else {"fingerprint": data.fingerprint,
                                                                        "name": data.name}
 
-    def save() -> Path:
+    def save() -> None:
         t0 = time.perf_counter()
         mine = {"loader": loader.state_dict(), "rng": rng_state(), "local_tokens": local_tokens}
 
-        def writer(tmp: Path) -> dict:
-            hashed = engine.save(tmp, rank) or {}
+        def writer(tmp: Path) -> tuple[dict, object]:
+            pending = None
+            if cfg.checkpoint.format == "sharded":  # every rank its part (in the background when async)
+                hashed, pending = {}, sharded.save(engine.sharded_state(), tmp, cfg.checkpoint.async_save)
+            else:
+                hashed = engine.save(tmp, rank) or {}
             if save_delay:  # a crash here leaves a tmp folder with some files and no marker
                 time.sleep(save_delay)
             own = f"rank_{rank:05d}.pt"
-            return {**hashed, own: save_torch(mine, tmp / own)}
+            return {**hashed, own: save_torch(mine, tmp / own)}, pending
 
         meta = {"topology": engine.topology, "manifest": data.fingerprint, "data": data_id, "config": to_dict(cfg),
                 "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}, "run": info}
-        path = ckpt.save(step, meta, writer=writer)
-        if rank == 0:
+        if cfg.checkpoint.async_save:  # commits the previous one once every rank's write is done
+            saved(ckpt.save_async(step, meta, writer=writer), t0)
+            if rank == 0:
+                console.print(f"checkpoint step {step}: writing in the background")
+        else:
+            saved(ckpt.save(step, meta, writer=lambda tmp: writer(tmp)[0]), t0)
+
+    def saved(path: Path | None, t0: float) -> None:
+        if rank == 0 and path is not None:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             console.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s)")
-        return path
 
     # ---- loop --------------------------------------------------------------------------------
     n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
@@ -399,6 +415,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
             # ---- save ------------------------------------------------------------------------
             if last_saved != step:
                 save()
+            saved(ckpt.wait(), time.perf_counter())  # an asynchronous save still being written
     finally:
         console.close()
 

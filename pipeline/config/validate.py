@@ -53,6 +53,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "parallel.backend": ("torch", "deepspeed", "megatron"),
     "parallel.distributed": ("none", "ddp", "fsdp"),
+    "checkpoint.format": ("full", "sharded"),
     "log.wandb": ("offline", "online", "disabled"),
     "cluster.executor": ("slurm", "local"),
     "eval.weights": ("auto", "ema", "raw"),
@@ -127,6 +128,11 @@ def _cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
         (par.backend != "deepspeed" or par.zero_stage != 3 or not par.activation_checkpointing,
          ("parallel.activation_checkpointing=true is not supported with parallel.zero_stage=3 "
           "(ZeRO-3 re-gathers partitioned weights inside recomputation); use parallel.zero_stage<=2")),
+        (cfg.checkpoint.format == "full" or par.backend != "deepspeed",
+         ("checkpoint.format=sharded is for the torch and megatron backends; DeepSpeed always writes its own "
+          "per-rank ZeRO files (set checkpoint.format=full)")),
+        (cfg.checkpoint.format == "sharded" or not cfg.checkpoint.async_save,
+         "checkpoint.async_save=true needs checkpoint.format=sharded (a full-state save is written by rank 0 alone)"),
         (bool(cfg.log.wandb_project.strip()), "log.wandb_project must not be empty"),
         (bool(cfg.eval.samplers) and set(cfg.eval.samplers) <= set(SAMPLERS),
          f"eval.samplers must be a non-empty list of {', '.join(SAMPLERS)}: {cfg.eval.samplers}"),
