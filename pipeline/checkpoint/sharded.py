@@ -74,6 +74,8 @@ def save(state: dict, folder: Path, asynchronous: bool = False) -> Future | None
         with _quiet():
             dcp.save(state, storage_writer=writer, no_dist=_single())
         return None
+    if _single():  # the background thread's warning escapes catch_warnings (thread-local in effect)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", module="torch.distributed")
     with _quiet():
         return dcp.async_save(state, storage_writer=writer, process_group=_async_group(), no_dist=_single())
 
