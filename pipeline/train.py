@@ -18,8 +18,8 @@ resumed run needs only the engine's state, the loader position and the counters 
 checkpoint - to continue bit for bit (``tests/test_train.py``: kill -9 and resume equals
 uninterrupted). Tensor-parallel peers share ``r``, so they see the same batch and the same masks.
 
-Resuming under another layout: the torch and megatron engines save the full unsharded state, so a
-run may change its world size, switch between single process / DDP / FSDP2 / tensor-parallel sizes
+Resuming under another layout: the torch and megatron engines save the full unsharded state (or,
+with ``checkpoint.format: sharded``, DCP shards that reshard on load), so a run may change its world size, switch between single process / DDP / FSDP2 / tensor-parallel sizes
 (the loader then restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
 ``proseco ckpt universal`` first (the refusal says so).
 
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.artifact import data_identity, model_config_mismatch
-from pipeline.checkpoint import sharded
+from pipeline.checkpoint import sharded as sharded_ckpt
 from pipeline.checkpoint.manager import (
     CheckpointManager,
     code_version,
@@ -72,7 +72,7 @@ from pipeline.stopflag import StopFlag
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
 STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this long after each step
 SAVE_DELAY_ENV = "PROSECO_SAVE_DELAY_S"  # fault-injection tests: sleep inside a save, files half-written
-FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints hold the full unsharded state
+FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints reshard to any layout (full or DCP)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -233,9 +233,9 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
             f"torch/megatron ones not under it). Resume with parallel.backend={saved.get('backend')}, or start a "
             f"new run folder (`proseco ckpt export {latest}` gives its weights)")
     try:
-        if sharded.is_sharded(meta):  # the checkpoint's format decides, whatever checkpoint.format says now
+        if sharded_ckpt.is_sharded(meta):  # the checkpoint's format decides, whatever checkpoint.format says now
             state = engine.sharded_state()
-            sharded.load(state, latest)
+            sharded_ckpt.load(state, latest)
             engine.load_sharded_state(state)
         else:
             engine.load(latest, saved)
@@ -314,7 +314,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
         def writer(tmp: Path) -> tuple[dict, object]:
             pending = None
             if cfg.checkpoint.format == "sharded":  # every rank its part (in the background when async)
-                hashed, pending = {}, sharded.save(engine.sharded_state(), tmp, cfg.checkpoint.async_save)
+                hashed, pending = {}, sharded_ckpt.save(engine.sharded_state(), tmp, cfg.checkpoint.async_save)
             else:
                 hashed = engine.save(tmp, rank) or {}
             if save_delay:  # a crash here leaves a tmp folder with some files and no marker
