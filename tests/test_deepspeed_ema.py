@@ -59,7 +59,8 @@ print(json.dumps({"master": max(float((got[n] - ema_master[n]).abs().max()) for 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_ema_averages_the_fp32_master_weights(stage):
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(stage), str(ROOT / "configs" / "tiny.yaml")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(stage), str(ROOT / "configs" / "tiny.yaml")],
+                         check=False, cwd=ROOT,
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     diff = json.loads(out.stdout.strip().splitlines()[-1])
