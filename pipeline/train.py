@@ -19,8 +19,9 @@ checkpoint - to continue bit for bit (``tests/test_train.py``: kill -9 and resum
 uninterrupted). Tensor-parallel peers share ``r``, so they see the same batch and the same masks.
 
 Resuming under another layout: the torch and megatron engines save the full unsharded state (or,
-with ``checkpoint.format: sharded``, DCP shards that reshard on load), so a run may change its world size, switch between single process / DDP / FSDP2 / tensor-parallel sizes
-(the loader then restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
+with ``checkpoint.format: sharded``, DCP shards that reshard on load), so a run may change its world
+size, switch between single process / DDP / FSDP2 / tensor-parallel sizes (the loader then
+restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
 ``proseco ckpt universal`` first (the refusal says so).
 
 Graceful stop: SIGTERM / SIGUSR1 / SIGUSR2 / Ctrl-C set a flag; at each optimizer-step boundary
