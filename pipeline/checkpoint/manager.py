@@ -183,11 +183,11 @@ class CheckpointManager:
                    writer: Callable[[Path], tuple[dict[str, FileInfo], Future | None]]) -> Path | None:
         """Start checkpoint ``step`` and return while its files are still being written.
 
-        ``writer(tmp_folder)`` returns (files it hashed, the background write or None). The
-        previous pending save is committed first (:meth:`wait`); this one is committed by the next
-        call of :meth:`save`, :meth:`save_async` or :meth:`wait`. Until then the folder has no
-        ``COMPLETE``: a crash leaves the checkpoint before it in charge. Returns the folder of the
-        save committed now, if any."""
+        ``writer(tmp_folder)`` returns (files it hashed, the background write or None, whose result
+        may add files it hashed). The previous pending save is committed first (:meth:`wait`); this
+        one is committed by the next call of :meth:`save`, :meth:`save_async` or :meth:`wait`. Until
+        then the folder has no ``COMPLETE``: a crash leaves the checkpoint before it in charge.
+        Returns the folder of the save committed now, if any."""
         committed = self.wait()
         tmp = self._begin(step)
         known, future = writer(tmp)
@@ -205,7 +205,7 @@ class CheckpointManager:
         error = None
         try:
             if future is not None:
-                future.result()
+                known = {**known, **(future.result() or {})}  # files the background write hashed
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         errors = [e for e in _gather(error, self.world_size) if e]

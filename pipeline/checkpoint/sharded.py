@@ -15,8 +15,8 @@ unchanged: the ``dcp/`` files are written into the temporary folder, then hashed
 ``meta.json`` and verified before any load like every other file.
 
 Asynchronous saves (``checkpoint.async_save``): :func:`save` stages a CPU copy of the state
-(synchronously, so the next optimizer step may change the live weights) and writes it from a
-background thread; it returns the pending write. The checkpoint manager commits it (checksums,
+(synchronously, so the next optimizer step may change the live weights), writes it from a
+background thread and hashes the files this rank wrote there too; it returns the pending write. The checkpoint manager commits it (checksums,
 ``meta.json``, rename, ``COMPLETE``) only once every rank's write is finished, at the next save or
 at the end of training (:meth:`pipeline.checkpoint.manager.CheckpointManager.save_async`). The
 background write talks over its own gloo process group, so it never interleaves with the
@@ -68,7 +68,8 @@ def _async_group():
 
 def save(state: dict, folder: Path, asynchronous: bool = False) -> Future | None:
     """Write ``state`` (this rank's part) to ``folder/dcp`` (a collective); with ``asynchronous``,
-    return the background write (its result: None once this rank's files are written and synced)."""
+    return the background write, whose result is ``{relative path: {"size", "sha256"}}`` of the
+    files this rank wrote, hashed in the background too."""
     writer = dcp.FileSystemWriter(folder / DCP_DIR, sync_files=True)
     if not asynchronous:
         with _quiet():
@@ -77,7 +78,30 @@ def save(state: dict, folder: Path, asynchronous: bool = False) -> Future | None
     if _single():  # the background thread's warning escapes catch_warnings (thread-local in effect)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", module="torch.distributed")
     with _quiet():
-        return dcp.async_save(state, storage_writer=writer, process_group=_async_group(), no_dist=_single())
+        write = dcp.async_save(state, storage_writer=writer, process_group=_async_group(), no_dist=_single())
+    rank = 0 if _single() else dist.get_rank()
+    hashed: Future = Future()
+
+    def then_hash(done: Future) -> None:
+        try:
+            done.result()
+            hashed.set_result(_own_files(folder, rank))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the save
+            hashed.set_exception(exc)
+
+    write.add_done_callback(then_hash)
+    return hashed
+
+
+def _own_files(folder: Path, rank: int) -> dict[str, dict]:
+    """Size and sha256 of the files rank ``rank`` wrote (its ``__<rank>_*.distcp``; rank 0 also
+    writes ``.metadata``), keyed by their path in the checkpoint folder."""
+    from pipeline.checkpoint.manager import file_entries
+
+    names = [p.relative_to(folder).as_posix() for p in sorted((folder / DCP_DIR).glob(f"__{rank}_*.distcp"))]
+    if rank == 0:
+        names.append(f"{DCP_DIR}/.metadata")
+    return file_entries(folder, names)
 
 
 def load(state: dict, folder: Path) -> None:
