@@ -86,6 +86,12 @@ def test_async_kill_9_keeps_the_previous_checkpoint_and_resume_equals_uninterrup
     _assert_same(reference, run, STEPS)
     meta = json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "meta.json").read_text())
     assert {"dcp/.metadata", "dcp/__0_0.distcp"} <= set(meta["files"]) and "state.pt" not in meta["files"]
+    assert cli.main(["ckpt", "info", str(run)]) == 0 and "format sharded" in capsys.readouterr().out
+    assert cli.main(["ckpt", "export", str(run), "--out", str(tmp_path / "export")]) == 0  # one safetensors folder
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "export" / "ema.safetensors"))
+    assert all(torch.equal(v, exported[k]) for k, v in _weights(reference, STEPS)["ema"].items())
 
     shard = run / "checkpoints" / f"step_{STEPS:08d}" / "dcp" / "__0_0.distcp"
     raw = bytearray(shard.read_bytes())

@@ -135,6 +135,8 @@ def info(path: str | os.PathLike) -> str:
     lines = [f"checkpoint {ckpt}", f"  step {meta['step']}",
              "  topology " + ", ".join(f"{k} {v}" for k, v in topo.items()),
              f"  files {len(files)} ({size / 2**20:.1f} MiB), {how}",
+             "  format " + ("sharded (dcp/: torch.distributed.checkpoint, a file per rank)" if sharded.is_sharded(meta)
+                            else "full"),
              f"  code {code.get('git_sha') or '?'}{' (dirty)' if code.get('dirty') else ''}"]
     if (ckpt / "deepspeed_universal").is_dir():
         lines.append("  DeepSpeed universal files: yes (resumes under any dp / ZeRO stage)")
