@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from train_utils import STEPS, _args, _finish, _kill9, _losses, _train, _train_here, _wait_for_step
 
 from pipeline import cli
+from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.checkpoint.tools import checkpoint_meta, weight_sets
 
 SHARDED = ("checkpoint.format=sharded",)
@@ -100,6 +102,34 @@ def test_async_kill_9_keeps_the_previous_checkpoint_and_resume_equals_uninterrup
     assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}", *SHARDED)) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "__0_0.distcp fails its sha256 check" in err, err
+
+
+def test_async_commit_waits_for_the_write_and_a_failed_write_commits_nothing(tmp_path):
+    """CheckpointManager.save_async: nothing is visible until wait(); a write that failed leaves the
+    previous checkpoint the latest, and the next save clears the uncommitted folder."""
+    manager = CheckpointManager(tmp_path, keep_last=5)
+
+    def writer(result: Future):
+        def write(tmp: Path):
+            (tmp / "part").write_bytes(b"abc")
+            return {}, result
+        return write
+
+    first: Future = Future()
+    assert manager.save_async(1, {"note": 1}, writer=writer(first)) is None
+    assert manager.latest() is None  # written, not committed
+    first.set_result({})
+    assert manager.wait() == manager.path_for(1) == manager.latest()
+    assert json.loads((manager.latest() / "meta.json").read_text())["files"]["part"]["size"] == 3
+
+    second: Future = Future()
+    manager.save_async(2, {}, writer=writer(second))
+    second.set_exception(OSError("disk full"))
+    with pytest.raises(RuntimeError, match="asynchronous save of step 2 failed .*disk full"):
+        manager.wait()
+    assert manager.latest() == manager.path_for(1) and list(tmp_path.glob("checkpoints/step_00000002.tmp-*"))
+    manager.save(3, {}, writer=lambda tmp: {})
+    assert not list(tmp_path.glob("checkpoints/*.tmp-*")) and manager.latest() == manager.path_for(3)
 
 
 @pytest.mark.parametrize(("override", "needle"), [
