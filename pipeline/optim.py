@@ -7,10 +7,8 @@ each step) and keeps its evaluation weights in one :class:`EMA`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -45,31 +43,25 @@ class EMA:
     """Exponential moving average of a model's weights, held in a frozen ``shadow`` module (the
     weights that are validated and exported when ``optim.ema > 0``)."""
 
-    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, decay: float, shadow: nn.Module | None = None):
         """``shadow``: a module of ``model``'s structure to hold the average (default: a deep copy;
-        modules that hold process groups cannot be deep-copied and pass a fresh instance).
-        ``dtype``: keep the average in this dtype (DeepSpeed bf16 keeps an fp32 shadow)."""
+        modules that hold process groups cannot be deep-copied and pass a fresh instance). DeepSpeed
+        keeps its own EMA of its fp32 master weights (:mod:`pipeline.engines.deepspeed_ema`)."""
         self.decay = decay
         if shadow is None:
             shadow = copy.deepcopy(model)
         else:
             shadow.load_state_dict(model.state_dict())
-        if dtype is not None:
-            shadow = shadow.to(dtype)
         self.shadow = shadow.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, gather: Callable[[list], contextlib.AbstractContextManager] | None = None
-               ) -> None:
+    def update(self, model: nn.Module) -> None:
         """``shadow <- decay * shadow + (1 - decay) * model``, parameter by parameter.
 
-        FSDP2 parameters are DTensor shards: their full tensor is gathered (a collective - every
-        rank calls update) into the unsharded shadow, built from the model before it was sharded.
-        ``gather``: a context manager factory that makes partitioned parameters whole while the
-        update reads them (DeepSpeed ZeRO-3's ``GatheredParameters``)."""
-        params = list(model.parameters())
-        with gather(params) if gather is not None else contextlib.nullcontext():
-            for s, p in zip(self.shadow.parameters(), params):
-                src = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
-                s.lerp_(src.to(s.dtype), 1.0 - self.decay)
+        FSDP2: a shadow sharded like the model averages shard by shard (no communication); an
+        unsharded shadow of a sharded model gets each parameter's full tensor (a collective)."""
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            src = p.detach()
+            if isinstance(src, DTensor) and not isinstance(s, DTensor):
+                src = src.full_tensor()
+            s.lerp_(src.to(s.dtype), 1.0 - self.decay)

@@ -18,9 +18,10 @@ resumed run needs only the engine's state, the loader position and the counters 
 checkpoint - to continue bit for bit (``tests/test_train.py``: kill -9 and resume equals
 uninterrupted). Tensor-parallel peers share ``r``, so they see the same batch and the same masks.
 
-Resuming under another layout: the torch and megatron engines save the full unsharded state, so a
-run may change its world size, switch between single process / DDP / FSDP2 / tensor-parallel sizes
-(the loader then restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
+Resuming under another layout: the torch and megatron engines save the full unsharded state (or,
+with ``checkpoint.format: sharded``, DCP shards that reshard on load), so a run may change its world
+size, switch between single process / DDP / FSDP2 / tensor-parallel sizes (the loader then
+restarts the interrupted epoch with the new layout); DeepSpeed ZeRO files need
 ``proseco ckpt universal`` first (the refusal says so).
 
 Graceful stop: SIGTERM / SIGUSR1 / SIGUSR2 / Ctrl-C set a flag; at each optimizer-step boundary
@@ -47,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.artifact import data_identity, model_config_mismatch
+from pipeline.checkpoint import sharded as sharded_ckpt
 from pipeline.checkpoint.manager import (
     CheckpointManager,
     code_version,
@@ -72,7 +74,7 @@ from pipeline.stopflag import StopFlag
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
 STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this long after each step
 SAVE_DELAY_ENV = "PROSECO_SAVE_DELAY_S"  # fault-injection tests: sleep inside a save, files half-written
-FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints hold the full unsharded state
+FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints reshard to any layout (full or DCP)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -233,7 +235,12 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
             f"torch/megatron ones not under it). Resume with parallel.backend={saved.get('backend')}, or start a "
             f"new run folder (`proseco ckpt export {latest}` gives its weights)")
     try:
-        engine.load(latest, saved)
+        if sharded_ckpt.is_sharded(meta):  # the checkpoint's format decides, whatever checkpoint.format says now
+            state = engine.sharded_state()
+            sharded_ckpt.load(state, latest)
+            engine.load_sharded_state(state)
+        else:
+            engine.load(latest, saved)
         own = latest / f"rank_{rank:05d}.pt"
         same_layout = saved == now and own.is_file()
         mine = torch.load(own if same_layout else latest / "rank_00000.pt", map_location="cpu", weights_only=True)
@@ -313,24 +320,34 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
     data_id = data_identity(data) if isinstance(data, Manifest) else {"fingerprint": data.fingerprint,
                                                                        "name": data.name}
 
-    def save() -> Path:
+    def save() -> None:
         t0 = time.perf_counter()
         mine = {"loader": loader.state_dict(), "rng": rng_state(), "local_tokens": local_tokens}
 
-        def writer(tmp: Path) -> dict:
-            hashed = engine.save(tmp, rank) or {}
+        def writer(tmp: Path) -> tuple[dict, object]:
+            pending = None
+            if cfg.checkpoint.format == "sharded":  # every rank its part (in the background when async)
+                hashed, pending = {}, sharded_ckpt.save(engine.sharded_state(), tmp, cfg.checkpoint.async_save)
+            else:
+                hashed = engine.save(tmp, rank) or {}
             if save_delay:  # a crash here leaves a tmp folder with some files and no marker
                 time.sleep(save_delay)
             own = f"rank_{rank:05d}.pt"
-            return {**hashed, own: save_torch(mine, tmp / own)}
+            return {**hashed, own: save_torch(mine, tmp / own)}, pending
 
         meta = {"topology": engine.topology, "manifest": data.fingerprint, "data": data_id, "config": to_dict(cfg),
                 "code": code_version(), "model": {"vocab_size": vocab, "mask_id": mask_id}, "run": info}
-        path = ckpt.save(step, meta, writer=writer)
-        if rank == 0:
+        if cfg.checkpoint.async_save:  # commits the previous one once every rank's write is done
+            saved(ckpt.save_async(step, meta, writer=writer), t0)
+            if rank == 0:
+                console.print(f"checkpoint step {step}: writing in the background")
+        else:
+            saved(ckpt.save(step, meta, writer=lambda tmp: writer(tmp)[0]), t0)
+
+    def saved(path: Path | None, t0: float) -> None:
+        if rank == 0 and path is not None:
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             console.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s)")
-        return path
 
     # ---- loop --------------------------------------------------------------------------------
     n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
@@ -413,6 +430,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
             # ---- save ------------------------------------------------------------------------
             if last_saved != step:
                 save()
+            saved(ckpt.wait(), time.perf_counter())  # an asynchronous save still being written
     finally:
         console.close()
 

@@ -30,29 +30,16 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert lr_at(50, OptimConfig(lr=0.3, warmup_steps=0, schedule="constant")) == 0.3
 
 
-def test_ema_is_a_frozen_average_and_keeps_its_own_dtype():
+def test_ema_is_a_frozen_average():
     model = nn.Linear(3, 2)
     with torch.no_grad():
         model.weight.zero_()
-    ema = EMA(model, 0.75, dtype=torch.float64)
+    ema = EMA(model, 0.75)
     assert ema.shadow is not model and not any(p.requires_grad for p in ema.shadow.parameters())
     with torch.no_grad():
         model.weight.fill_(1.0)
-    entered = []
-
-    class Gather:  # stands in for DeepSpeed's GatheredParameters
-        def __init__(self, params):
-            entered.append(len(params))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    ema.update(model, gather=Gather)
-    assert entered == [2] and ema.shadow.weight.dtype == torch.float64
-    assert torch.equal(ema.shadow.weight, torch.full((2, 3), 0.25, dtype=torch.float64))
+    ema.update(model)
+    assert torch.equal(ema.shadow.weight, torch.full((2, 3), 0.25))
 
 
 def _drain(loader: TensorLoader, n: int) -> list[torch.Tensor]:

@@ -406,10 +406,11 @@ def test_deepspeed_zero_saves_reloads_and_continues_identically(shards, ddp_refe
     if (stage, bf16) == (3, False):  # the same 4 steps as DDP (ddp_reference keeps its step-4 checkpoint)
         for step, loss in _losses(ref).items():
             assert _losses(ddp_reference)[step] == pytest.approx(loss, rel=1e-5)
-        a = _export_weights(ddp_reference / "checkpoints" / "step_00000004", out=tmp_path / "ddp_step4")
-        b = _export_weights(ref)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        for weights in ("raw", "ema"):  # the EMA assembled from the ranks' master partitions too
+            a = _export_weights(ddp_reference / "checkpoints" / "step_00000004", weights, tmp_path / f"ddp_{weights}")
+            b = _export_weights(ref, weights)
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
 @needs_deepspeed

@@ -23,6 +23,11 @@ Save protocol (rank 0 drives it; other ranks only call the writer):
 5. write ``COMPLETE`` (the step and the sha256 of ``meta.json``) inside it and fsync the folder;
    then prune old checkpoints.
 
+Asynchronous saves (:meth:`CheckpointManager.save_async`, ``checkpoint.async_save``): step 2's
+writes go on in the background while training continues; steps 3-5 run at the next save or at the
+end of training, once every rank's write has finished. Until then the new folder is a tmp folder
+like any interrupted save, so a crash leaves the previous checkpoint in charge.
+
 Crash cases (``kill -9``, node loss, preemption without grace):
 
 * before step 4: a ``*.tmp-*`` folder is left. Discovery never looks at it; the next start-up
@@ -50,6 +55,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +113,7 @@ class CheckpointManager:
         self.dir = self.run_dir / "checkpoints"
         self.keep_last, self.permanent_every = keep_last, permanent_every
         self.rank, self.world_size = rank, world_size
+        self._pending: tuple | None = None  # an asynchronous save not yet committed (save_async)
 
     # ---- discovery -------------------------------------------------------------------------
     @staticmethod
@@ -132,12 +139,13 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def cleanup_partial(self) -> list[Path]:
-        """Remove tmp folders and final-named folders without ``COMPLETE`` (rank 0 only)."""
+        """Remove tmp folders and final-named folders without ``COMPLETE`` (rank 0 only; never the
+        folder of a pending asynchronous save)."""
         if self.rank != 0 or not self.dir.is_dir():
             return []
         removed = []
         for p in sorted(self.dir.iterdir()):
-            if not p.is_dir():
+            if not p.is_dir() or (self._pending is not None and p == self._pending[1]):
                 continue
             if _TMP.match(p.name) or (_FINAL.match(p.name) and not (p / MARKER).is_file()):
                 _remove_tree(p)
@@ -167,14 +175,53 @@ class CheckpointManager:
         return ``{relative path: {"size", "sha256"}}`` for files it hashed itself
         (:func:`pipeline.io.save_torch`), the other files are hashed afterwards. All ranks must
         call ``save`` together when torch.distributed is initialised."""
+        self.wait()
+        tmp = self._begin(step)
+        return self._commit(step, tmp, meta, writer(tmp) or {})
+
+    def save_async(self, step: int, meta: dict, *,
+                   writer: Callable[[Path], tuple[dict[str, FileInfo], Future | None]]) -> Path | None:
+        """Start checkpoint ``step`` and return while its files are still being written.
+
+        ``writer(tmp_folder)`` returns (files it hashed, the background write or None, whose result
+        may add files it hashed). The previous pending save is committed first (:meth:`wait`); this
+        one is committed by the next call of :meth:`save`, :meth:`save_async` or :meth:`wait`. Until
+        then the folder has no ``COMPLETE``: a crash leaves the checkpoint before it in charge.
+        Returns the folder of the save committed now, if any."""
+        committed = self.wait()
+        tmp = self._begin(step)
+        known, future = writer(tmp)
+        self._pending = (step, tmp, meta, known or {}, future)
+        return committed
+
+    def wait(self) -> Path | None:
+        """Commit the pending asynchronous save (a collective), once every rank's write has
+        finished; its final folder, or None when nothing was pending. A write that failed on any
+        rank fails on every rank, and the folder stays uncommitted."""
+        if self._pending is None:
+            return None
+        step, tmp, meta, known, future = self._pending
+        self._pending = None
+        error = None
+        try:
+            if future is not None:
+                known = {**known, **(future.result() or {})}  # files the background write hashed
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        errors = [e for e in _gather(error, self.world_size) if e]
+        if errors:
+            raise RuntimeError(f"asynchronous save of step {step} failed ({errors[0]}); {tmp} stays uncommitted")
+        return self._commit(step, tmp, meta, known)
+
+    def _begin(self, step: int) -> Path:
+        """Create the temporary folder of ``step`` (rank 0) and tell every rank its name."""
         if step < 0 or step > 99_999_999:
             raise ProsecoError(f"checkpoint step must be in 0..99999999 (got {step})")
-        final = self.path_for(step)
         tmp = None
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.cleanup_partial()
-            tmp = self.dir / f"{final.name}.tmp-{os.getpid()}"
+            tmp = self.dir / f"{self.path_for(step).name}.tmp-{os.getpid()}"
             tmp.mkdir()
         if _dist_on() and self.world_size > 1:
             box = [str(tmp) if tmp is not None else None]
@@ -184,7 +231,11 @@ class CheckpointManager:
             raise RuntimeError(f"rank {self.rank} of {self.world_size} saving without torch.distributed "
                                "initialised: only rank 0 may save in a single process")
         _barrier()
-        known = writer(tmp) or {}
+        return tmp
+
+    def _commit(self, step: int, tmp: Path, meta: dict, known: dict[str, FileInfo]) -> Path:
+        """Checksums, ``meta.json``, rename, ``COMPLETE`` (a collective; every rank's files are written)."""
+        final = self.path_for(step)
         files = self._checksums(tmp, known)
         if self.rank == 0:
             self._finish(step, tmp, final, meta, files)

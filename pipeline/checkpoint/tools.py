@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint import sharded
 from pipeline.checkpoint.manager import MARKER, CheckpointManager, file_entries, rewrite_meta
 from pipeline.errors import ProsecoError
 from pipeline.io import atomic_folder
@@ -57,6 +58,10 @@ def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def weight_sets(ckpt: Path, meta: dict, wanted: tuple[str, ...] = ("raw", "ema")) -> dict[str, dict[str, torch.Tensor]]:
     """``{"raw": ..., "ema": ...}``: the Backbone state dicts in fp32 of any backend's checkpoint
     (``ema`` only when the run kept EMA weights); ``wanted`` limits what is read."""
+    if sharded.is_sharded(meta):  # every rank's shards, assembled into full tensors here
+        parts = {"raw": "model", "ema": "ema"}
+        read = {k: sharded.read_full(ckpt, parts[k]) for k in wanted if k in parts}
+        return {k: _fp32(v) for k, v in read.items() if v is not None}
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     sets = {"ema": _fp32(state["ema"])} if "ema" in wanted and "ema" in state else {}
     if "raw" not in wanted:
@@ -130,6 +135,8 @@ def info(path: str | os.PathLike) -> str:
     lines = [f"checkpoint {ckpt}", f"  step {meta['step']}",
              "  topology " + ", ".join(f"{k} {v}" for k, v in topo.items()),
              f"  files {len(files)} ({size / 2**20:.1f} MiB), {how}",
+             "  format " + ("sharded (dcp/: torch.distributed.checkpoint, a file per rank)" if sharded.is_sharded(meta)
+                            else "full"),
              f"  code {code.get('git_sha') or '?'}{' (dirty)' if code.get('dirty') else ''}"]
     if (ckpt / "deepspeed_universal").is_dir():
         lines.append("  DeepSpeed universal files: yes (resumes under any dp / ZeRO stage)")

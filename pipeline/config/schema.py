@@ -116,6 +116,8 @@ class CheckpointConfig:
     every: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3  # newest checkpoints kept
     permanent_every: int = 0  # also keep every step that is a multiple of this; 0 = none
+    format: str = "full"  # full (one state.pt, written by rank 0) | sharded (torch.distributed.checkpoint: every rank writes its part)
+    async_save: bool = False  # sharded only: write in the background while training continues (docs/checkpoints.md)
 
 
 @dataclass
@@ -278,6 +280,7 @@ MOVED_KEYS: dict[str, str] = {
     "train.checkpoint_every": "checkpoint.every",
     "train.keep_last": "checkpoint.keep_last",
     "train.permanent_every": "checkpoint.permanent_every",
+    "checkpoint.async": "checkpoint.async_save",
     "train.log_every": "log.every",
     **{f"train.{k}": f"log.{k}" for k in ("val_every", "val_batches", "wandb", "wandb_project", "wandb_entity")},
     "train.seed": "run.seed",

@@ -15,6 +15,9 @@ the *full, unsharded* model (``"model"``, Backbone parameter names), the optimiz
 the EMA weights (``"ema"``), except for DeepSpeed, whose model and optimizer live in DeepSpeed's
 own files under ``deepspeed/``. Because the torch and megatron engines store the same full format,
 their checkpoints move freely between single process, DDP, FSDP2 and any tensor-parallel size.
+With ``checkpoint.format: sharded`` the torch and megatron engines write ``dcp/`` instead of
+``state.pt``'s model / optimizer / EMA (:mod:`pipeline.checkpoint.sharded`: every rank its part),
+which also reshards on load.
 """
 
 from __future__ import annotations
@@ -97,6 +100,17 @@ class Engine:
 
     def load(self, folder: Path, saved_topology: dict) -> None:
         """Restore from a checkpoint folder written by :meth:`save` (possibly of another layout)."""
+        raise NotImplementedError
+
+    def sharded_state(self) -> dict:
+        """``{"model", "optimizer"[, "ema"]}`` as this rank holds them, for a sharded checkpoint
+        (:mod:`pipeline.checkpoint.sharded`): tensors DCP writes, and fills in place on load."""
+        from pipeline.errors import ProsecoError
+
+        raise ProsecoError(f"backend {self.name} has no sharded checkpoint format (set checkpoint.format=full)")
+
+    def load_sharded_state(self, state: dict) -> None:
+        """Take back a :meth:`sharded_state` that DCP has filled from a checkpoint."""
         raise NotImplementedError
 
     def close(self) -> None:

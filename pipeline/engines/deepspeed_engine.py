@@ -15,10 +15,10 @@ and go in with ``scale_wrt_gas=False``, so gradients equal the torch backend's.
 bf16 (``parallel.bf16``): DeepSpeed's bf16 mode (bf16 weights and activations, fp32 master weights in
 the ZeRO optimizer); logits are cast to fp32 before the loss.
 
-EMA (:class:`pipeline.optim.EMA`): an fp32 shadow copied from the model before
-``deepspeed.initialize``, updated from the live (bf16 or fp32) parameters after every optimizer
-step; under ZeRO-3 the parameters are partitioned, so the update gathers them
-(``deepspeed.zero.GatheredParameters``: one all-gather of the model per step).
+EMA (:class:`pipeline.engines.deepspeed_ema.MasterEMA`): the average of DeepSpeed's fp32 master
+weights, each rank averaging its own fragment / partition of them after every optimizer step (no
+communication, no bf16 rounding); the full average is assembled into an fp32 shadow module (copied
+from the model before ``deepspeed.initialize``) only to validate or save it.
 
 Checkpoints: ``engine.save_checkpoint`` writes DeepSpeed's own files (model, ZeRO-partitioned
 optimizer) to ``deepspeed/`` inside the checkpoint folder; rank 0 adds the EMA to ``state.pt``.
@@ -29,6 +29,7 @@ convert it once with ``proseco ckpt universal`` (DeepSpeed's universal checkpoin
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -43,9 +44,10 @@ from pipeline.engines.base import (
     checkpoint_blocks,
     load_state_file,
 )
+from pipeline.engines.deepspeed_ema import MasterEMA
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
-from pipeline.optim import EMA, make_optimizer
+from pipeline.optim import make_optimizer
 
 DS_TAG = "deepspeed"  # DeepSpeed's files: <checkpoint>/deepspeed/
 UNIVERSAL_TAG = "deepspeed_universal"  # written by `proseco ckpt universal`
@@ -105,12 +107,12 @@ class DeepSpeedEngine(Engine):
         module = build_backbone(cfg, vocab, device)
         if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(module.blocks)
-        self.ema = EMA(module, cfg.optim.ema, dtype=torch.float32) if cfg.optim.ema > 0 else None
+        shadow = copy.deepcopy(module) if cfg.optim.ema > 0 else None  # whole, before ZeRO-3 partitions it
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=make_optimizer(module, cfg.optim), config=deepspeed_config(cfg))
         self.model = self.ds.module
+        self.ema = MasterEMA(self.model, cfg.optim.ema, shadow) if shadow is not None else None
         self._zero3 = cfg.parallel.zero_stage == 3
-        self._deepspeed = deepspeed
 
     def forward(self, z, t, valid, sync):
         return self.ds(z, t, valid).float()
@@ -126,13 +128,15 @@ class DeepSpeedEngine(Engine):
         if self.ds.micro_steps % self.ds.gradient_accumulation_steps():  # a train-loop bug, not user input
             raise RuntimeError(f"DeepSpeed is mid-accumulation at micro-step {self.ds.micro_steps}")
         if self.ema is not None:
-            self.ema.update(self.model, gather=self._deepspeed.zero.GatheredParameters if self._zero3 else None)
+            self.ema.update()
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     @property
     def eval_model(self) -> nn.Module:
-        return self.ema.shadow if self.ema is not None else _Float32Logits(self.ds)
+        """The EMA assembled from every rank's share (a collective: all ranks ask for it together,
+        at validation), or the DeepSpeed model itself."""
+        return self.ema.materialize() if self.ema is not None else _Float32Logits(self.ds)
 
     @property
     def eval_collective(self) -> bool:
@@ -153,9 +157,10 @@ class DeepSpeedEngine(Engine):
         # the info ds_to_universal needs (`proseco ckpt universal`)
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.ds.save_checkpoint(str(folder), tag=DS_TAG, client_state=info, save_latest=False)
+        ema = self.ema.materialize().state_dict() if self.ema is not None else None  # a collective
         if rank != 0:
             return {}  # DeepSpeed's own files are hashed by the checkpoint manager
-        return {STATE_FILE: save_torch({"ema": self.ema.shadow.state_dict()} if self.ema is not None else {},
+        return {STATE_FILE: save_torch({"ema": ema} if ema is not None else {},
                                        folder / STATE_FILE)}
 
     def load(self, folder: Path, saved_topology: dict) -> None:
@@ -175,4 +180,4 @@ class DeepSpeedEngine(Engine):
             raise ProsecoError(f"DeepSpeed found no checkpoint under {folder / tag}")
         if self.ema is not None:
             state = load_state_file(folder, self.device)
-            self.ema.shadow.load_state_dict(self.saved_ema(state, folder))
+            self.ema.load_full(self.saved_ema(state, folder))

@@ -15,7 +15,12 @@ masking / dropout seeds, as tensor parallelism requires.
 Checkpoints hold the full unsharded state in the torch engine's format (model, AdamW state in the
 Backbone's parameter order, EMA), gathered over the TP group on save and sharded again on load by
 the plan's converters (:mod:`pipeline.model.tensor_parallel`), so a megatron run resumes under any
-TP / DP size and from or into a torch-backend checkpoint.
+TP / DP size and from or into a torch-backend checkpoint. With ``checkpoint.format: sharded`` nothing
+is gathered: every rank's TP shards go to DCP as ShardedTensors of the full Backbone tensors
+(:func:`pipeline.model.tensor_parallel.sharded_tensor`; megatron-core's ``dist_checkpointing`` would
+need megatron's own model and optimizer classes, this model is the Backbone with megatron layers and
+a torch AdamW), so the files reshard to any TP / DP size on load. The EMA shadow is a TP-sharded
+Backbone like the model: its update never communicates.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from pipeline.engines.base import (
     autocast,
     checkpoint_blocks,
     load_state_file,
+    optim_by_id,
+    optim_by_name,
     param_names,
 )
 from pipeline.errors import ProsecoError
@@ -130,6 +137,40 @@ class MegatronEngine(Engine):
             self.ema.shadow.load_state_dict(self._shard(state["ema"]), strict=True)
         if dist.is_initialized():
             dist.barrier()
+
+    def _sharded_model(self, module: nn.Module) -> dict:
+        local = {n: t for n, t in module.state_dict().items() if torch.is_tensor(t)}
+        if self.cfg.model.tie_embeddings and "embed.weight" in local:
+            local.setdefault("head.weight", local["embed.weight"])  # Backbone's alias, as in the full format
+        return {n: self._tp.sharded_tensor(n, t, self.tp_rank, self.tp_size) for n, t in local.items()}
+
+    def sharded_state(self) -> dict:
+        """TP-split tensors as ShardedTensors viewing this rank's shards (replicated ones plain); the
+        optimizer keyed by parameter name, its state made up (zeros) where no step has run yet."""
+        by_id = self.optimizer.state_dict()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._local_optim = {}
+        for i, (name, p) in enumerate(zip(self._param_names, params)):
+            st = by_id["state"].get(i) or {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                                           "exp_avg_sq": torch.zeros_like(p)}
+            self._local_optim[name] = dict(st)
+        optim = {"state": {name: {k: self._tp.sharded_tensor(name, v, self.tp_rank, self.tp_size) if v.dim() else v
+                                  for k, v in st.items()} for name, st in self._local_optim.items()},
+                 "param_groups": optim_by_name(self._param_names, by_id)["param_groups"]}
+        state = {"model": self._sharded_model(self.model), "optimizer": optim}
+        if self.ema is not None:
+            state["ema"] = self._sharded_model(self.ema.shadow)
+        return state
+
+    def load_sharded_state(self, state: dict) -> None:
+        """Model and EMA were filled in place; the optimizer takes its filled local tensors."""
+        groups = [group["params"] for group in state["optimizer"]["param_groups"]]
+        if groups != [group["params"] for group in optim_by_name(self._param_names, self.optimizer.state_dict())[
+                "param_groups"]]:
+            raise ProsecoError("the checkpoint's optimizer parameter groups do not match this model's")
+        self.optimizer.load_state_dict(optim_by_id({"state": self._local_optim,
+                                                    "param_groups": state["optimizer"]["param_groups"]},
+                                                   self._param_names))
 
     def close(self) -> None:
         self._tp.destroy_model_parallel()

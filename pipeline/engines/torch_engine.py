@@ -7,9 +7,12 @@ those of the summed loss.
 FSDP2 checkpoints have the DDP format: ``get_state_dict(full_state_dict=True, cpu_offload=True)``
 gathers the unsharded model and optimizer on rank 0 (the optimizer re-keyed to integer ids), so a
 run may switch between single process, DDP and FSDP2 and change its world size on resume
-(``set_state_dict`` shards the full state again). EMA under FSDP2: the shadow is an unsharded copy
-made before sharding, updated from ``full_tensor()`` of every parameter (one extra all-gather of the
-model per optimizer step, one full copy per rank).
+(``set_state_dict`` shards the full state again). With ``checkpoint.format: sharded`` every rank
+writes its own shards instead (:meth:`TorchEngine.sharded_state`, :mod:`pipeline.checkpoint.sharded`).
+
+EMA under FSDP2: the shadow is a copy of the model made before sharding and then sharded the same
+way (``fully_shard`` on the same mesh), so each rank averages its own shards - no communication in
+the update, 1/world of a model per rank; validating it is a collective like any FSDP2 forward.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -50,19 +59,20 @@ class TorchEngine(Engine):
         self.model = build_backbone(cfg, vocab, device)
         if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(self.model.blocks)
-        self.ema = EMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None  # before sharding: stays unsharded
+        self.ema = EMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None  # a copy made before sharding
         if cfg.parallel.compile:  # after the EMA copy (it stays eager), before sharding (torchtitan's order)
             compile_blocks(self.model.blocks)
         self.fsdp = world > 1 and cfg.parallel.distributed == "fsdp"
         if self.fsdp:  # replaces the parameters with DTensor shards in place: the optimizer comes after
             mesh = init_device_mesh(device.type, (world,))
-            for block in self.model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+            for module in [self.model] + ([self.ema.shadow] if self.ema is not None else []):
+                for block in module.blocks:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(module, mesh=mesh)
         self.ddp = nn.parallel.DistributedDataParallel(self.model, forward_sync_buffers=False) \
             if world > 1 and not self.fsdp else None
         self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.eval_collective = self.fsdp and self.ema is None
+        self.eval_collective = self.fsdp  # FSDP2 forwards (of the model or of its sharded EMA) all-gather
         self._autocast = autocast(cfg, device)
 
     # ---- step ----------------------------------------------------------------------------------
@@ -81,11 +91,13 @@ class TorchEngine(Engine):
     def full_state(self) -> dict:
         """model + optimizer (+ EMA), unsharded; a collective under FSDP2 (rank 0 gets the state)."""
         if self.fsdp:
-            model_sd, optim_sd = get_state_dict(
-                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=full)
             state = {"model": model_sd, "optimizer": optim_by_id(optim_sd) if self.rank == 0 else {}}
-        else:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.ema is not None:
+                state["ema"] = get_model_state_dict(self.ema.shadow, options=full)
+            return state
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.ema is not None:
             state["ema"] = self.ema.shadow.state_dict()
         return state
@@ -105,6 +117,25 @@ class TorchEngine(Engine):
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.shadow.load_state_dict(self.saved_ema(state, folder))
+            ema = self.saved_ema(state, folder)
+            if self.fsdp:
+                set_model_state_dict(self.ema.shadow, ema, options=StateDictOptions(full_state_dict=True))
+            else:
+                self.ema.shadow.load_state_dict(ema)
         if dist.is_initialized():
             dist.barrier()
+
+    def sharded_state(self) -> dict:
+        """DTensor shards under FSDP2, plain tensors otherwise (every rank holds the same: DCP writes
+        each once); the optimizer keyed by parameter name, as ``get_state_dict`` gives it."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if self.ema is not None:
+            state["ema"] = get_model_state_dict(self.ema.shadow)
+        return state
+
+    def load_sharded_state(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            set_model_state_dict(self.ema.shadow, state["ema"])

@@ -147,6 +147,38 @@ def unshard_tensors(name: str, shards: list[torch.Tensor],
     return torch.cat(parts, dim=dim + 1).flatten(dim, dim + 1)
 
 
+def sharded_tensor(name: str, local: torch.Tensor, tp_rank: int, tp_size: int,
+                   plan: dict[str, Style] = BACKBONE_PLAN):
+    """This rank's shard ``local`` of parameter ``name`` (or a same-shaped optimizer state) as a
+    ShardedTensor of the full tensor, for sharded checkpoints: one chunk per block (q, k and v
+    are three), each at its place in the full Backbone tensor, viewing ``local``'s memory so a load
+    fills it in place. A replicated tensor (or TP=1) is returned as it is."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    split = param_split(name, plan)
+    if split is None or tp_size == 1:
+        return local
+    dim, groups = split
+    block = local.shape[dim] // groups
+    full = list(local.shape)
+    full[dim] *= tp_size
+    ranks = [dist.get_global_rank(tp_group(), r) for r in range(tp_size)]
+
+    def chunk_meta(rank: int, group: int) -> ShardMetadata:
+        offsets = [0] * local.dim()
+        offsets[dim] = group * block * tp_size + rank * block
+        sizes = list(local.shape)
+        sizes[dim] = block
+        return ShardMetadata(offsets, sizes, f"rank:{ranks[rank]}/{local.device}")
+
+    shards = [Shard(local.narrow(dim, g * block, block), chunk_meta(tp_rank, g)) for g in range(groups)]
+    meta = ShardedTensorMetadata([chunk_meta(r, g) for r in range(tp_size) for g in range(groups)],
+                                 torch.Size(full), TensorProperties(dtype=local.dtype))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta)
+
+
 def _tied_alias(name: str) -> bool:
     return re.search(r"(^|\.)head\.weight$", name) is not None
 
