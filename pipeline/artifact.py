@@ -182,9 +182,12 @@ def load_tokenizer(where: Path, sha256: str | None, owner: Path):
 
 
 def _backbone(cfg: Config, vocab_size: int, state: dict, where: Path) -> nn.Module:
-    from pipeline.model import Backbone
+    from pipeline.model import Backbone, hf
 
-    model = Backbone(cfg.model, vocab_size=vocab_size)
+    if hf.is_hf(cfg.model.init):  # the architecture from the transformers config, weights from ``state``
+        model = hf.build(cfg.model.init, pretrained=False)
+    else:
+        model = Backbone(cfg.model, vocab_size=vocab_size)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
