@@ -29,6 +29,8 @@ import numpy as np
 from pipeline.data.format import (
     FORMAT,
     MANIFEST,
+    TAR_BLOCK,
+    TAR_END,
     SFT_MODE,
     SPLITS,
     dtype_for,
@@ -40,7 +42,6 @@ from pipeline.errors import ProsecoError
 from pipeline.io import atomic_write_json
 
 TOKENIZER_DIR = "hf_tokenizer"  # the model's tokenizer, saved with the shards
-SHARD_SAMPLES = 4096
 
 
 def load_hf_tokenizer(init: str):
@@ -125,14 +126,21 @@ def _read_samples(files: list[Path], tok, seq_len: int, val_fraction: float, mas
     return samples, skipped
 
 
-def _write_split(out: Path, split: str, rows: list[np.ndarray], dtype: str) -> list[dict]:
+def samples_per_shard(shard_bytes: int, sample_len: int, dtype: str) -> int:
+    """Samples that fit in a tar of ``shard_bytes``: a header block plus the padded .npy per sample."""
+    npy = len(_npy(np.zeros(sample_len, dtype)))
+    return max(1, (shard_bytes - TAR_END) // (TAR_BLOCK + -(-npy // TAR_BLOCK) * TAR_BLOCK))
+
+
+def _write_split(out: Path, split: str, rows: list[np.ndarray], dtype: str, per_shard: int) -> list[dict]:
     from data_prep.shard_writer import ShardFile
 
     shards = []
-    for start in range(0, len(rows), SHARD_SAMPLES):
+    (out / split).mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(rows), per_shard):
         shard = ShardFile(out, shard_name(split, 0, len(shards)))
         try:
-            for i, row in enumerate(rows[start:start + SHARD_SAMPLES], start):
+            for i, row in enumerate(rows[start:start + per_shard], start):
                 buf = _npy(row.astype(dtype))
                 shard.add(sample_key(0, i), buf, len(row) - 1)
             shards.append(shard.close())
@@ -151,7 +159,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def prep_sft(inputs: list[str], out: str | os.PathLike, init: str, seq_len: int,
-             val_fraction: float = 0.0) -> dict:
+             val_fraction: float = 0.0, shard_bytes: int = 64 * 2**20) -> dict:
     """Write SFT shards of ``inputs`` (JSONL) for the model ``init`` into ``out``; returns the manifest."""
     from pipeline.model.hf import vocab_info
 
@@ -174,7 +182,7 @@ def prep_sft(inputs: list[str], out: str | os.PathLike, init: str, seq_len: int,
     dtype = dtype_for(vocab)
     splits = {}
     for split in SPLITS:
-        shards = _write_split(out, split, samples[split], dtype)
+        shards = _write_split(out, split, samples[split], dtype, samples_per_shard(shard_bytes, seq_len + 1, dtype))
         splits[split] = {"samples": len(samples[split]), "tokens": len(samples[split]) * seq_len,
                          "dropped_tokens": 0, "shards": shards}
     tok.save_pretrained(out / TOKENIZER_DIR)
@@ -187,7 +195,7 @@ def prep_sft(inputs: list[str], out: str | os.PathLike, init: str, seq_len: int,
         "documents": {s: len(samples[s]) for s in SPLITS}, "skipped": skipped,
         "sources": [{"path": str(f), "bytes": f.stat().st_size,
                      "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files],
-        "config": {"init": init, "seq_len": seq_len, "val_fraction": val_fraction},
+        "config": {"init": init, "seq_len": seq_len, "val_fraction": val_fraction, "shard_bytes": shard_bytes},
     }
     manifest["fingerprint"] = manifest_fingerprint(manifest)
     atomic_write_json(out / MANIFEST, manifest)  # written last: its presence means "complete"

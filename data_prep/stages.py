@@ -94,7 +94,8 @@ def sft(cfg: Config, out: str | None) -> int:
         raise ProsecoError("proseco prep sft needs prep.inputs=[FILE.jsonl,...] (prompt/response or messages records)")
     out = out or cfg.data.shards
     start = time.perf_counter()
-    manifest = prep_sft(list(cfg.prep.inputs), out, cfg.model.init, cfg.data.seq_len, cfg.prep.val_fraction)
+    manifest = prep_sft(list(cfg.prep.inputs), out, cfg.model.init, cfg.data.seq_len, cfg.prep.val_fraction,
+                        int(cfg.prep.shard_mb * 2**20))
     print(_manifest_summary(manifest, out, time.perf_counter() - start))
     _warn_empty_val(manifest)
     return 0

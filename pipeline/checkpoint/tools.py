@@ -86,6 +86,20 @@ def full_weights(ckpt: Path, weights: str = "auto", meta: dict | None = None) ->
     return weight_sets(ckpt, meta, ("raw",))["raw"], "raw"
 
 
+def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, weights: str = "auto",
+              force: bool = False) -> Path:
+    """``proseco ckpt export --format hf``: a folder ``transformers`` loads. Hugging Face backbones:
+    :func:`pipeline.checkpoint.hf_export.export_hf_backbone` (the model's own class)."""
+    from pipeline.checkpoint.hf_export import export_hf_backbone
+
+    ckpt = resolve(path).resolve()
+    meta = checkpoint_meta(ckpt)
+    if not meta.get("config", {}).get("model", {}).get("init"):
+        raise ProsecoError(f"{ckpt} holds the native model; --format hf exports Hugging Face backbones "
+                           "(model.init=hf:PATH) only so far")
+    return export_hf_backbone(ckpt, meta, out, weights, force)
+
+
 def universal(path: str | os.PathLike, force: bool = False) -> Path:
     """Convert a DeepSpeed checkpoint's ZeRO files to DeepSpeed's universal format, in place."""
     from pipeline.engines.deepspeed_engine import DS_TAG, UNIVERSAL_TAG, import_deepspeed

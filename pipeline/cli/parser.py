@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto",
                       help="export: the weights the export loads by default: EMA (auto: when the run kept "
                            "them) or the raw trained ones")
+    ckpt.add_argument("--format", choices=["native", "hf"], default="native",
+                      help="export: native (our safetensors folder) or hf (a folder transformers loads)")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
 
     sub.add_parser(

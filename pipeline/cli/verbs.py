@@ -77,7 +77,10 @@ def _run_sample(args: argparse.Namespace, cfg: Config) -> int:
 
 def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     tools = import_stage("pipeline.checkpoint.tools")
-    if args.action == "export":
+    if args.action == "export" and args.format == "hf":
+        out = tools.export_hf(args.path, args.out, weights=args.weights, force=args.force)
+        print(f"exported {out} (a transformers model folder)")
+    elif args.action == "export":
         out = import_stage("pipeline.artifact").export(args.path, args.out, weights=args.weights, force=args.force)
         print(f"exported {out} (load it with `proseco sample {out}` or pipeline.artifact.load_model)")
     elif args.action == "universal":

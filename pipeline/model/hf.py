@@ -27,6 +27,7 @@ config only). :func:`save_hf` writes the model's own class with ``save_pretraine
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +69,22 @@ def source_of(init: str) -> HFSource:
                        f"file, and {path} is neither")
 
 
+def remote_code(src: HFSource) -> bool:
+    """The folder's config.json names its own modelling code (``auto_map``): LLaDA / Dream style."""
+    if src.gguf_file:
+        return False
+    try:
+        return "auto_map" in json.loads((src.folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ProsecoError(f"cannot read {src.folder / 'config.json'} ({exc})") from None
+
+
 def load_config(src: HFSource):
     """The transformers config of ``src`` (remote code is trusted only when the config asks for it)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(src.folder, trust_remote_code=True, **src.kwargs)
+        return AutoConfig.from_pretrained(src.folder, trust_remote_code=remote_code(src), **src.kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ProsecoError(f"cannot read the transformers config of {src.folder} ({exc})") from None
 
@@ -148,6 +159,7 @@ def build(init: str, *, pretrained: bool = True) -> HFBackbone:
     architecture only (randomly initialised; a checkpoint's state dict fills it)."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     src = source_of(init)
     config = load_config(src)
     diffusion = is_diffusion_config(config)
