@@ -9,7 +9,8 @@ Two kinds of checkpoint:
   bidirectional mask, and ``is_causal = False`` on every attention module, which SDPA / flash
   kernels read when there is no mask), and one mask token is appended to the vocabulary
   (:func:`add_mask_token`: the embedding, and an untied head, grow by one row initialised to the
-  mean of the existing rows). The mask id is the new row, the last one.
+  mean of the existing rows). The mask id is the new row, the last one. A model adapted before
+  (``ckpt export --format hf`` keeps ``mask_token_id`` in its config) keeps its mask row.
 * **Diffusion with its own modelling code** (LLaDA / Dream style: ``auto_map`` in the config and
   a ``mask_token_id``): loaded with ``trust_remote_code=True`` and used as it is; its mask id is the
   config's ``mask_token_id``.
@@ -27,6 +28,8 @@ config only). :func:`save_hf` writes the model's own class with ``save_pretraine
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +83,13 @@ def remote_code(src: HFSource) -> bool:
 
 
 def load_config(src: HFSource):
-    """The transformers config of ``src`` (remote code is trusted only when the config asks for it)."""
+    """The transformers config of ``src`` (remote code is trusted only when the config asks for it);
+    a fresh copy of one read per process (a GGUF's header takes a minute to parse on a busy CPU)."""
+    return copy.deepcopy(_read_config(src))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(src: HFSource):
     from transformers import AutoConfig
 
     try:
@@ -177,7 +186,16 @@ def build(init: str, *, pretrained: bool = True) -> HFBackbone:
     if make_bidirectional(model) == 0:
         raise ProsecoError(f"{type(model).__name__} has no attention module with an is_causal switch: cannot make "
                            "it bidirectional")
-    return HFBackbone(model, add_mask_token(model), diffusion=False)
+    adapted = _adapted_mask_id(config)
+    return HFBackbone(model, adapted if adapted is not None else add_mask_token(model), diffusion=False)
+
+
+def _adapted_mask_id(config) -> int | None:
+    """The mask id of an autoregressive model adapted before (exported by ``ckpt export --format hf``:
+    its config has ``mask_token_id`` inside the vocabulary), else None."""
+    mask = getattr(config, "mask_token_id", None)
+    rows = int(config.get_text_config().vocab_size)
+    return int(mask) if mask is not None and 0 <= int(mask) < rows else None
 
 
 def vocab_info(init: str) -> tuple[int, int]:
@@ -186,7 +204,8 @@ def vocab_info(init: str) -> tuple[int, int]:
     if is_diffusion_config(config):
         return int(config.vocab_size), int(config.mask_token_id)
     rows = int(config.get_text_config().vocab_size)
-    return rows + 1, rows
+    adapted = _adapted_mask_id(config)
+    return (rows, adapted) if adapted is not None else (rows + 1, rows)
 
 
 def save_hf(backbone: HFBackbone, state: dict[str, torch.Tensor], out: Path) -> None:
