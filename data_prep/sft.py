@@ -29,10 +29,10 @@ import numpy as np
 from pipeline.data.format import (
     FORMAT,
     MANIFEST,
-    TAR_BLOCK,
-    TAR_END,
     SFT_MODE,
     SPLITS,
+    TAR_BLOCK,
+    TAR_END,
     dtype_for,
     manifest_fingerprint,
     sample_key,

@@ -61,9 +61,9 @@ from pipeline.data.memory import MemoryData, TensorLoader
 from pipeline.diffusion.objective import proseco_loss
 from pipeline.distributed import init_process_group, world_from_env
 from pipeline.engines import Engine, build_engine
-from pipeline.model import hf
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
+from pipeline.model import hf
 from pipeline.optim import lr_at
 from pipeline.rundir import RunDir
 from pipeline.runlog import RunLogger

