@@ -181,10 +181,7 @@ def test_one_proseco_step_on_two_gloo_ranks(llama, tmp_path, extra):
     ("model.vocab_size=300", "model.vocab_size must be null with model.init=hf"),
 ])
 def test_hf_mistakes_are_one_line(llama, tmp_path, capsys, override, needle):
-    extra = [llama["init"], *override.split()] if override.split()[0] != "model.init=hf:/no/such/model" \
-        else override.split()
-    if override.startswith("model.init=llama"):
-        extra = [override]
+    extra = override.split() if override.startswith("model.init") else [llama["init"], *override.split()]
     assert cli.main(_args(llama["shards"], tmp_path / "run", *extra)) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
@@ -235,3 +232,18 @@ def test_smollm2_from_its_gguf_is_adapted_and_trains_a_few_steps(tmp_path):
                      "checkpoint.every=3", "log.wandb=disabled", "parallel.threads=2"]) == 0
     losses = _losses(run)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+
+
+def test_activation_checkpointing_of_the_decoder_layers_keeps_the_gradient(llama):
+    from pipeline.engines.base import checkpoint_blocks
+
+    x = torch.randint(0, 280, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for recompute in (False, True):
+        model = hf.build(f"hf:{llama['folder']}")
+        if recompute:
+            checkpoint_blocks(model.blocks)
+        model(x).logsumexp(-1).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
