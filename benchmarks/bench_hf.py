@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--prompt-frac", type=float, default=0.25)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant; 0 = measure memory only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (GPU path)")
@@ -75,8 +76,9 @@ def main() -> None:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for name, diffusion in variants.items():
             run = step_fn(model, x, prompt, diffusion, mask_id, seed=1)
-            results[name] = {"step_s": time_steps(run, args.repeats, device), "peak_mb": peak_bytes(run, device) / 2**20}
-        for name, diffusion in variants.items():  # interleaved second timing: drift hits both alike
+            results[name] = {"step_s": time_steps(run, args.repeats, device) if args.repeats else math.nan,
+                             "peak_mb": peak_bytes(run, device) / 2**20}
+        for name, diffusion in variants.items() if args.repeats else ():  # interleaved: drift hits both alike
             run = step_fn(model, x, prompt, diffusion, mask_id, seed=1)
             results[name]["step_s"] = min(results[name]["step_s"], time_steps(run, args.repeats, device))
     summary = {"model": init, "device": str(device), "params": count_parameters(model), "batch": args.batch,
