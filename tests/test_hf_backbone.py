@@ -187,8 +187,13 @@ def test_hf_mistakes_are_one_line(llama, tmp_path, capsys, override, needle):
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
 
-def test_shards_of_another_tokenizer_are_refused(llama, shards, tmp_path, capsys):
-    assert cli.main(_args(shards, tmp_path / "run", llama["init"])) == cli.EXIT_USER_ERROR
+def test_shards_of_another_tokenizer_are_refused(llama, tmp_path, capsys):
+    import shutil
+
+    other = shutil.copytree(llama["folder"], tmp_path / "other")  # the same model with a larger vocabulary
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    assert cli.main(_args(llama["shards"], tmp_path / "run", f"model.init=hf:{other}")) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "prepare the shards with this model's tokenizer" in err, err
 
