@@ -159,6 +159,7 @@ def test_train_kill_9_and_resume_is_bitwise_and_the_hf_export_round_trips(llama,
         assert torch.allclose(mine, theirs(x, attention_mask=torch.ones_like(x)).logits, atol=1e-5)
         assert torch.equal(mine, hf.build(f"hf:{out}").eval()(x))  # our loader reads it back as it was
     assert (out / "tokenizer.json").is_file()
+    assert cli.main(["sample", str(reference), "--num", "1"]) == cli.EXIT_USER_ERROR  # says how, in one line
 
 
 @pytest.mark.parametrize("extra", [
