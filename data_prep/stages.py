@@ -1,4 +1,4 @@
-"""`proseco prep tokenizer | shards | merge | verify | sudoku`: the CLI's entry points into data prep.
+"""`proseco prep tokenizer | shards | merge | verify | sudoku | sft`: the CLI's entry points into data prep.
 
 Each function takes the resolved config (the ``prep`` section, plus ``data.seq_len`` for the
 shard length) and the few command-line flags that are not settings (an output folder, a task
@@ -81,6 +81,24 @@ def sudoku(cfg: Config, out: str | None) -> int:
     from pipeline.tasks import sudoku as task
 
     return task.main(cfg, out or "data/sudoku4")
+
+
+def sft(cfg: Config, out: str | None) -> int:
+    """Prompt/response JSONL (prep.inputs) into SFT shards for the model of ``model.init=hf:PATH``."""
+    from data_prep.sft import prep_sft
+    from pipeline.errors import ProsecoError
+
+    if not cfg.model.init:
+        raise ProsecoError("proseco prep sft tokenizes with the model's own tokenizer: set model.init=hf:PATH")
+    if not cfg.prep.inputs:
+        raise ProsecoError("proseco prep sft needs prep.inputs=[FILE.jsonl,...] (prompt/response or messages records)")
+    out = out or cfg.data.shards
+    start = time.perf_counter()
+    manifest = prep_sft(list(cfg.prep.inputs), out, cfg.model.init, cfg.data.seq_len, cfg.prep.val_fraction,
+                        int(cfg.prep.shard_mb * 2**20))
+    print(_manifest_summary(manifest, out, time.perf_counter() - start))
+    _warn_empty_val(manifest)
+    return 0
 
 
 def _warn_empty_val(manifest: dict) -> None:

@@ -158,7 +158,7 @@ def load_model(path: str | os.PathLike, *, weights: str = "auto",
     vocab_size, mask_id = int(sizes["vocab_size"]), int(sizes["mask_id"])
     model = _backbone(saved_cfg, vocab_size, state, folder)
     tokenizer = None
-    if saved_cfg.data.task == "text":
+    if saved_cfg.data.task == "text" and not saved_cfg.model.init:  # HF backbones: the model's own tokenizer
         where = folder / TOKENIZER_DIR if kind == "export" else _shards_folder(folder, data)
         tokenizer = load_tokenizer(where, data.get("tokenizer_sha256"), folder)
     info = ArtifactInfo(kind, folder, vocab_size, mask_id, step, which,
@@ -182,9 +182,12 @@ def load_tokenizer(where: Path, sha256: str | None, owner: Path):
 
 
 def _backbone(cfg: Config, vocab_size: int, state: dict, where: Path) -> nn.Module:
-    from pipeline.model import Backbone
+    from pipeline.model import Backbone, hf
 
-    model = Backbone(cfg.model, vocab_size=vocab_size)
+    if hf.is_hf(cfg.model.init):  # the architecture from the transformers config, weights from ``state``
+        model = hf.build(cfg.model.init, pretrained=False)
+    else:
+        model = Backbone(cfg.model, vocab_size=vocab_size)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -304,7 +307,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None = None, weight
     cfg = config_from_dict(meta["config"])
     data = _checkpoint_data(meta)
     tokenizer_dir = None
-    if cfg.data.task == "text":
+    if cfg.data.task == "text" and not cfg.model.init:  # HF backbones: `--format hf` carries their tokenizer
         tokenizer_dir = _shards_folder(ckpt, data)
         load_tokenizer(tokenizer_dir, data.get("tokenizer_sha256"), ckpt)  # the reason, before writing anything
     return write_export(out, states, cfg, meta["model"]["vocab_size"], meta["model"]["mask_id"],

@@ -105,6 +105,12 @@ class Console:
             self._bar = None
 
 
+def _hf_parameters(model) -> int:
+    """Parameters of a (possibly ZeRO-3 partitioned or FSDP2 sharded) model, each counted once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in unique)
+
+
 def train_header(cfg, engine, world: int, device, vocab: int, run_id: str, folder, resumed: str | None,
                  step: int, data: str) -> list[str]:
     """The start-up lines of `proseco train`'s log: where, what, how big, on which layout.
@@ -134,7 +140,9 @@ def train_header(cfg, engine, world: int, device, vocab: int, run_id: str, folde
     return [
         f"proseco train: {folder} (run id {run_id}): {start}",
         (f"  model      {parameter_count(m, vocab):,} parameters ({m.layers} layers x hidden {m.hidden}, "
-         f"{m.heads} heads, vocabulary {vocab:,}), objective {objective}"),
+         f"{m.heads} heads, vocabulary {vocab:,}), objective {objective}" if not m.init else
+         f"  model      {m.init}: {_hf_parameters(engine.model):,} parameters, vocabulary {vocab:,} "
+         f"(mask {engine.model.mask_id}), objective {objective}"),
         (f"  layout     {layout}, world {world} = data parallel {dp} x tensor parallel {tp}, device {device.type}, "
          f"precision {precision}"),
         (f"  batch      {per_step:,} sequences x {seq} tokens = {per_step * seq:,} tokens per step "

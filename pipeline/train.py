@@ -65,6 +65,7 @@ from pipeline.distributed import init_process_group, world_from_env
 from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
+from pipeline.model import hf
 from pipeline.optim import lr_at
 from pipeline.plan import device_peak_tflops, flops_per_token
 from pipeline.rundir import RunDir
@@ -124,7 +125,14 @@ def _open_data(cfg: Config, memory: MemoryData | None) -> tuple[Manifest | Memor
     check_corpus_run(cfg, "proseco train")
     manifest = Manifest.load(cfg.data.shards)
     vocab = check_shards(cfg, manifest.seq_len, int(manifest.data["tokenizer"]["vocab_size"]))
-    return manifest, vocab, int(manifest.special["mask"])
+    mask_id = int(manifest.special["mask"])
+    if hf.is_hf(cfg.model.init):
+        rows, model_mask = hf.vocab_info(cfg.model.init)
+        if (vocab, mask_id) != (rows, model_mask):
+            raise ProsecoError(f"{cfg.data.shards} has {vocab} ids with mask {mask_id}, but {cfg.model.init} has "
+                               f"{rows} with mask {model_mask}: prepare the shards with this model's tokenizer "
+                               "(`proseco prep sft` with the same model.init)")
+    return manifest, vocab, mask_id
 
 
 def _data_name(cfg: Config, data: Manifest | MemoryData) -> str:
@@ -172,8 +180,9 @@ def _validate(cfg: Config, model: nn.Module, manifest: Manifest, mask_id: int, r
             break
         counted, batch = nxt is not None, nxt if nxt is not None else batch
         x, valid = batch["tokens"].to(device), batch["valid"].to(device)
+        prompt = batch["prompt"].to(device) if "prompt" in batch else None
         gen = _step_generator(cfg.run.seed, v_rank, 2**40, i, device)  # a stream no train step uses
-        terms = proseco_loss(model, x, cfg.diffusion, mask_id, valid=valid, generator=gen)
+        terms = proseco_loss(model, x, cfg.diffusion, mask_id, valid=valid, generator=gen, prompt=prompt)
         if counted:
             sums, n = [sums[0] + float(terms.mdm), sums[1] + float(terms.correction)], n + 1
     model.train(was_training)
@@ -370,6 +379,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
                     batch = next(batches)
                     data_wait += time.perf_counter() - wait
                     x, valid = batch["tokens"].to(device), batch["valid"].to(device)
+                    prompt = batch["prompt"].to(device) if "prompt" in batch else None  # SFT shards
                     # Dropout draws from the global RNG, which a new DataLoader iterator also consumes
                     # (once per epoch, and at a resume): reseed it so a resumed run draws the same.
                     torch.manual_seed(_seed_of(cfg.run.seed, d_rank, step, micro, 1))
@@ -385,7 +395,8 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
 
                     terms = proseco_loss(model_fn, x, cfg.diffusion, mask_id, valid=valid,
                                          generator=_step_generator(cfg.run.seed, d_rank, step, micro, device),
-                                         backward=backward if cfg.diffusion.split_backward else None)
+                                         backward=backward if cfg.diffusion.split_backward else None,
+                                         prompt=prompt)
                     if not cfg.diffusion.split_backward:
                         backward(terms.loss)
                     sums = [s + float(v) for s, v in zip(sums, (terms.loss, terms.mdm, terms.correction))]

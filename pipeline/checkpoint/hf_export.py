@@ -17,6 +17,14 @@ models trained on text, ``transformers.AutoTokenizer.from_pretrained(folder)``:
 
 Any model :func:`pipeline.artifact.load_model` reads can be exported: a checkpoint, a run (its
 latest checkpoint) or a proseco export folder.
+
+A Hugging Face backbone (``model.init=hf:PATH``) is exported in the model's own class instead
+(:func:`export_hf_backbone`): ``save_pretrained`` with the checkpoint's weights, its config keeping
+what the adaptation changed (the vocabulary with the mask row, ``mask_token_id``, ``is_causal:
+false``) and the tokenizer the SFT shards were made with (``hf_tokenizer/`` next to them).
+``model.init=hf:OUT`` loads the folder back as a backbone, bidirectional again; a plain
+``from_pretrained`` leaves SDPA causal when no attention mask is passed, so load it through
+:func:`pipeline.model.hf.build`, or pass ``attn_implementation="eager"`` and an attention mask.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import ast
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -126,6 +135,9 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, wei
     (``weights``: auto = EMA when the run kept it, else raw)."""
     from pipeline.artifact import load_model
 
+    backbone = _hf_backbone_checkpoint(path)
+    if backbone is not None:
+        return export_hf_backbone(*backbone, out, weights, force)
     model, cfg, info = load_model(path, weights=weights)
     out = Path(out) if out else default_out(info.path, info.kind)
     provenance = {"source": str(info.path), "kind": info.kind, "step": info.step, "weights": info.weights,
@@ -135,4 +147,49 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike | None = None, wei
                                provenance=provenance, force=force)
 
 
-__all__ = ["export_hf", "modeling_source", "write_hf_export"]
+def _hf_backbone_checkpoint(path) -> tuple[Path, dict] | None:
+    """(checkpoint, its meta) when ``path`` resolves to a checkpoint of a Hugging Face backbone."""
+    from pipeline.checkpoint.tools import checkpoint_meta, resolve
+
+    try:
+        ckpt = resolve(path).resolve()
+        meta = checkpoint_meta(ckpt)
+    except ProsecoError:
+        return None
+    return (ckpt, meta) if meta.get("config", {}).get("model", {}).get("init") else None
+
+
+def export_hf_backbone(ckpt: Path, meta: dict, out: str | os.PathLike | None, weights: str = "auto",
+                       force: bool = False) -> Path:
+    """Write the HF-backbone checkpoint ``ckpt`` (its ``meta``) as a transformers folder; returns it."""
+    from pipeline.artifact import _checkpoint_data, _shards_folder
+    from pipeline.checkpoint.tools import full_weights
+    from pipeline.config import config_from_dict
+    from pipeline.model import hf
+
+    cfg = config_from_dict(meta["config"])
+    out = Path(out) if out else default_out(ckpt, "checkpoint")
+    if out.exists() and not force:
+        raise ProsecoError(f"{out} exists; pass --force to replace it or --out to choose another folder")
+    state, _ = full_weights(ckpt, weights, meta)
+    backbone = hf.build(cfg.model.init, pretrained=False)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ProsecoError(f"{ckpt}: weights do not fit {cfg.model.init} ({str(exc).splitlines()[0]})") from exc
+    tokenizer = None
+    try:
+        tokenizer = _shards_folder(ckpt, _checkpoint_data(meta)) / "hf_tokenizer"
+    except ProsecoError:
+        pass
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_folder(out) as tmp:
+        backbone.model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None and tokenizer.is_dir():
+            for file in tokenizer.iterdir():
+                shutil.copy2(file, tmp / file.name)
+    return out
+
+
+__all__ = ["export_hf", "export_hf_backbone", "modeling_source", "write_hf_export"]

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser(
         "prep",
-        help="prepare data: tokenizer, corpus shards (+ merge, verify), or the demo's Sudoku task",
+        help="prepare data: tokenizer, corpus shards (+ merge, verify), SFT shards, or the demo's Sudoku task",
         description=_describe(
             """Prepare data. `tokenizer`: train a sentencepiece model on prep.inputs (default: the
             bundled public-domain corpus) of model.vocab_size ids, with the special ids the diffusion model needs (pad, unk,
@@ -129,16 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
             webdataset shards of data.seq_len tokens plus manifest.json in data.shards; rerunning
             after a crash resumes; --task i/n prepares one partition (then `merge`). `verify`:
             re-checksum and recount the shards against the manifest. `sudoku`: the demo's task as
-            files."""
+            files. `sft`: prompt/response JSONL (prep.inputs) into SFT shards with prompt masks,
+            tokenized by the model.init=hf:PATH model's tokenizer (docs/huggingface.md)."""
         ),
         epilog=_epilog("proseco prep tokenizer --config text",
                        "proseco prep shards --config text prep.workers=2",
                        "proseco prep shards --config text --task 0/4   # one of 4 machines; then: prep merge",
                        "proseco prep verify --config text",
-                       "proseco prep sudoku --out data/sudoku4 data.split_seed=7"),
+                       "proseco prep sudoku --out data/sudoku4 data.split_seed=7",
+                       "proseco prep sft model.init=hf:models/SmolLM2 prep.inputs=[sft.jsonl] data.seq_len=256"),
         formatter_class=fmt,
     )
-    prep.add_argument("target", choices=["tokenizer", "shards", "merge", "verify", "sudoku"],
+    prep.add_argument("target", choices=["tokenizer", "shards", "merge", "verify", "sudoku", "sft"],
                       help="what to prepare")
     prep.add_argument("--out", metavar="DIR",
                       help="output folder (default: prep.tokenizer_dir for tokenizer, data.shards otherwise)")
@@ -312,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export: the weights the export loads by default: EMA (auto: when the run kept "
                            "them) or the raw trained ones")
     ckpt.add_argument("--format", choices=["proseco", "hf"], default="proseco",
-                      help="export: proseco's export folder (default) or a Hugging Face model folder")
+                      help="export: proseco's export folder (default) or a Hugging Face model folder "
+                           "(the native DiT with its modelling file, or an HF backbone in its own class)")
     ckpt.add_argument("--force", action="store_true", help="replace an existing export / conversion")
 
     plan = sub.add_parser(

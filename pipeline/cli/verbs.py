@@ -82,8 +82,7 @@ def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "export" and args.format == "hf":
         out = import_stage("pipeline.checkpoint.hf_export").export_hf(args.path, args.out, weights=args.weights,
                                                                       force=args.force)
-        print(f"exported {out} (load it with transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r}, "
-              "trust_remote_code=True))")
+        print(f"exported {out} (a transformers model folder; see docs/huggingface.md for how to load it)")
     elif args.action == "export":
         out = import_stage("pipeline.artifact").export(args.path, args.out, weights=args.weights, force=args.force)
         print(f"exported {out} (load it with `proseco sample {out}` or pipeline.artifact.load_model)")

@@ -28,6 +28,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     rope_base: float = 10000.0
     learned_positions: bool = False  # add absolute position embeddings (grid tasks need absolute cells)
+    # "" = the native DiT above; hf:PATH = a transformers model folder or .gguf file as the backbone
+    # (pipeline/model/hf.py; the size keys above are then ignored, vocab_size must stay null)
+    init: str = ""
 
 
 @dataclass

@@ -136,6 +136,11 @@ def _cross_field_rules(cfg: Config) -> list[tuple[bool, str]]:
           "per-rank ZeRO files (set checkpoint.format=full)")),
         (cfg.checkpoint.format == "sharded" or not cfg.checkpoint.async_save,
          "checkpoint.async_save=true needs checkpoint.format=sharded (a full-state save is written by rank 0 alone)"),
+        (m.init == "" or m.init.startswith("hf:"), f"model.init must be '' (the native model) or hf:PATH, got {m.init!r}"),
+        (not m.init or vocab is None, "model.vocab_size must be null with model.init=hf:... (the model's own vocabulary)"),
+        (par.backend != "megatron" or not m.init,
+         ("parallel.backend=megatron (tensor parallelism) supports the native model only; train model.init=hf:... "
+          "with parallel.backend=torch or deepspeed")),
         (bool(cfg.log.wandb_project.strip()), "log.wandb_project must not be empty"),
         (bool(cfg.eval.samplers) and set(cfg.eval.samplers) <= set(SAMPLERS),
          f"eval.samplers must be a non-empty list of {', '.join(SAMPLERS)}: {cfg.eval.samplers}"),

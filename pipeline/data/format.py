@@ -44,6 +44,14 @@ _ZERO_BLOCK = bytes(TAR_BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")
 
 
+SFT_MODE = "sft"  # prompt/response samples: a leading prompt-length column, then seq_len tokens
+
+
+def sample_length(seq_len: int, mode: str) -> int:
+    """Entries of one sample's array: ``seq_len`` tokens, plus the prompt length first in sft mode."""
+    return seq_len + 1 if mode == SFT_MODE else seq_len
+
+
 def dtype_for(vocab_size: int) -> str:
     """The sample dtype of the contract: uint16 when every id (specials included) fits."""
     return "uint16" if vocab_size <= 65536 else "int32"

@@ -148,7 +148,8 @@ class _RankEpoch(IterableDataset):
     def __init__(self, loader: ShardLoader, plan: EpochPlan, start_batches: int):
         self.shards, self.plan, self.start_batches = loader.shards, plan, start_batches
         self.rank, self.workers, self.batch_size = loader.rank, loader.workers, loader.batch_size
-        self.dtype, self.seq_len, self.pad = loader.manifest.dtype, loader.manifest.seq_len, loader.manifest.pad_id
+        self.dtype, self.seq_len, self.pad = loader.manifest.dtype, loader.manifest.sample_len, loader.manifest.pad_id
+        self.sft = loader.manifest.sft
         self.seed, self.shuffle = loader.seed, loader.shuffle
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -165,11 +166,17 @@ class _RankEpoch(IterableDataset):
             if len(rows) == b:
                 tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
                 rows = []
+                if self.sft:  # EOS padding is trained on (LLaDA): every position is valid
+                    lengths, tokens = tokens[:, 0], tokens[:, 1:]
+                    prompt = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+                    yield {"tokens": tokens, "valid": torch.ones_like(prompt), "prompt": prompt}
+                    continue
                 yield {"tokens": tokens, "valid": tokens != self.pad}
 
 
 class ShardLoader:
-    """Batches ``{"tokens": LongTensor[B, L], "valid": BoolTensor[B, L]}`` of one split, for one rank.
+    """Batches ``{"tokens": LongTensor[B, L], "valid": BoolTensor[B, L]}`` of one split, for one rank
+    (sft shards add ``"prompt": BoolTensor[B, L]``, True on each sample's prompt).
 
     ``rank``/``world_size`` default to :func:`default_rank_world`. ``num_workers`` DataLoader
     processes (0 = read in this process) each read one slot. ``iter(loader)`` runs forever across

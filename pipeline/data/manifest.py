@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.format import DTYPES, FORMAT, MANIFEST, manifest_fingerprint
+from pipeline.data.format import DTYPES, FORMAT, MANIFEST, SFT_MODE, manifest_fingerprint, sample_length
 from pipeline.errors import ProsecoError
 
 
@@ -40,6 +40,16 @@ class Manifest:
     @property
     def seq_len(self) -> int:
         return int(self.data["seq_len"])
+
+    @property
+    def sft(self) -> bool:
+        """Prompt/response samples (``prep sft``): each carries its prompt length."""
+        return self.data.get("mode") == SFT_MODE
+
+    @property
+    def sample_len(self) -> int:
+        """Entries of one stored sample (:func:`pipeline.data.format.sample_length`)."""
+        return sample_length(self.seq_len, str(self.data.get("mode")))
 
     @property
     def dtype(self) -> np.dtype:

@@ -129,7 +129,8 @@ class LossTerms:
 def proseco_loss(model_fn: ModelFn, x: torch.Tensor, cfg: DiffusionConfig, mask_id: int, *,
                  t: torch.Tensor | None = None, z_t: torch.Tensor | None = None,
                  valid: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 backward: Callable[[torch.Tensor], None] | None = None) -> LossTerms:
+                 backward: Callable[[torch.Tensor], None] | None = None,
+                 prompt: torch.Tensor | None = None) -> LossTerms:
     """One ProSeCo training step's loss (Algorithm 1); plain MDLM when corrector_weight == 0.
 
     1. t ~ U[eps, 1] (antithetic), z_t ~ q(z_t | x).
@@ -145,15 +146,21 @@ def proseco_loss(model_fn: ModelFn, x: torch.Tensor, cfg: DiffusionConfig, mask_
 
     ``valid`` [B, L] (False = pad): pads are never masked, get no loss and are hidden from attention,
     unless ``cfg.loss_on_pad`` (the official QM9 recipe), which treats every position as a token.
+
+    ``prompt`` [B, L] (True = prompt token; SFT, LLaDA's recipe): prompt tokens are never masked,
+    carry no loss in either term and stay the clean prompt in the corrector's input y; both terms
+    cover response positions only and are normalised by their count. Attention still sees them.
     """
     if valid is None or cfg.loss_on_pad:  # loss_on_pad: pads are tokens like any other (official QM9)
         valid = torch.ones_like(x, dtype=torch.bool)
+    pad_valid = None if bool(valid.all()) else valid
+    if prompt is not None:  # from here on "valid" is where the loss lives: the response's real tokens
+        valid = valid & ~prompt.to(torch.bool)
     if t is None:
         t = sample_t(x.shape[0], cfg.t_eps, cfg.antithetic, generator, device=x.device)
     if z_t is None:
         z_t = mask_tokens(x, t, mask_id, generator, maskable=valid)
     n_tokens = valid.sum().clamp_min(1)
-    pad_valid = None if bool(valid.all()) else valid
 
     logits1 = denoiser_logits(model_fn(z_t, t, pad_valid), mask_id, inplace=True)
     mdm = mdm_term(logits1, x, z_t, t, mask_id, valid).sum() / n_tokens
@@ -163,6 +170,8 @@ def proseco_loss(model_fn: ModelFn, x: torch.Tensor, cfg: DiffusionConfig, mask_
 
     if cfg.corrector_weight > 0:
         y = corrector_input(logits1, x, z_t, mask_id, cfg.corrector_input)
+        if prompt is not None:  # the prompt is given at inference: the corrector sees it clean
+            y = torch.where(prompt.to(torch.bool), x, y)
         y_accuracy = float(((y == x) & valid).sum() / n_tokens)
         if backward is not None:
             backward(total)

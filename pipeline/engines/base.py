@@ -118,10 +118,13 @@ class Engine:
 
 
 def build_backbone(cfg: Config, vocab: int, device: torch.device) -> nn.Module:
-    """The full model, seeded by ``run.seed``: identical initial weights on every rank."""
-    from pipeline.model import Backbone
+    """The full model, seeded by ``run.seed``: identical initial weights on every rank (a Hugging
+    Face backbone, ``model.init=hf:PATH``, loads the same pretrained weights on every rank)."""
+    from pipeline.model import Backbone, hf
 
     torch.manual_seed(cfg.run.seed)
+    if hf.is_hf(cfg.model.init):
+        return hf.build(cfg.model.init).to(device)
     return Backbone(cfg.model, vocab_size=vocab).to(device)
 
 
