@@ -82,7 +82,9 @@ def _run_ckpt(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "export" and args.format == "hf":
         out = import_stage("pipeline.checkpoint.hf_export").export_hf(args.path, args.out, weights=args.weights,
                                                                       force=args.force)
-        print(f"exported {out} (a transformers model folder; see docs/huggingface.md for how to load it)")
+        how = ("transformers.AutoModelForMaskedLM.from_pretrained({!r}, trust_remote_code=True)"
+               if (out / "modeling_proseco.py").exists() else "model.init=hf:{} (bidirectional, with its mask row)")
+        print(f"exported {out} (load it with {how.format(str(out))}; docs/huggingface.md)")
     elif args.action == "export":
         out = import_stage("pipeline.artifact").export(args.path, args.out, weights=args.weights, force=args.force)
         print(f"exported {out} (load it with `proseco sample {out}` or pipeline.artifact.load_model)")
