@@ -66,6 +66,9 @@ def test_impossible_sequences_score_minus_inf():
         raw = float(M.loglik(big, row[None])[0]) / M.SEQ_LEN
         assert s["loglik"] == pytest.approx((raw + M.IMPOSSIBLE_LOGLIK) / 2, abs=1e-12)
         assert s["nll_gap"] == pytest.approx(-raw - s["entropy"], abs=1e-12)
+        if value != disallowed:  # an invalid id zeroes the factors whose context holds it: t .. t + 2
+            bad = min(3, M.SEQ_LEN - t)
+            assert s["valid_transitions"] == pytest.approx((2 * M.SEQ_LEN - bad) / (2 * M.SEQ_LEN))
 
 
 def test_score_by_hand_on_the_hand_chain():
@@ -77,6 +80,8 @@ def test_score_by_hand_on_the_hand_chain():
     assert s["impossible"] == pytest.approx(1 / 3)
     assert s["nll_gap"] == pytest.approx(-lp - M.entropy_per_token(chain), abs=1e-12)
     assert s["distinct"] == pytest.approx(2 / 3)
+    # graded: every factor of rows 1-2 is allowed, row 3 breaks one of four (trans[0, 1, 1] = 0)
+    assert s["valid_transitions"] == pytest.approx(11 / 12)
     # per-sample unigram entropy: rows 1-2 hold {0: 2, 1: 1, 2: 1}, row 3 {0: 2, 1: 2}
     h12 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     assert s["unigram_entropy"] == pytest.approx((2 * h12 + math.log(2)) / 3, abs=1e-12)

@@ -35,7 +35,8 @@ allowed transition (each is >= FLOOR_MIX / A, about 0.01), so turning an impossi
 one always raises ``loglik``, and among possible samples it is the exact likelihood. A sampler that
 collapses onto the likeliest sequences also scores a high ``loglik``; the other metrics show it:
 ``impossible`` (fraction with probability 0: a disallowed transition, a mask id, an id out of
-range), ``nll_gap`` (mean NLL per token of the possible samples minus the process entropy per
+range), ``valid_transitions`` (graded: the fraction of all positions whose token is allowed after
+its context - it shows a model's progress long before whole samples become possible), ``nll_gap`` (mean NLL per token of the possible samples minus the process entropy per
 token: negative = too-likely samples, positive = unlikely ones; null when no sample is possible),
 ``entropy`` (the exact process entropy per token, :func:`entropy_per_token`), ``distinct``
 (diversity: distinct sequences / samples; ~1.0 for the process) and ``unigram_entropy`` (the
@@ -158,19 +159,28 @@ def sample(chain: Chain, n: int, seed: int) -> torch.Tensor:
     return out
 
 
-def loglik(chain: Chain, tokens: torch.Tensor) -> torch.Tensor:
-    """Exact log-probability (nats, float64) of each row of ``tokens`` [n, seq_len] under
-    ``chain``: -inf for a sequence with a disallowed transition, a mask id or an id out of range."""
+def factors(chain: Chain, tokens: torch.Tensor) -> torch.Tensor:
+    """[n, seq_len] float64: the probability of each token given its context under ``chain``
+    (start, first, then the order-2 transition); 0 for a disallowed transition and wherever a token
+    of the factor's context is a mask id or out of range."""
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2 or tokens.shape[1] != chain.seq_len:
         raise ValueError(f"expected tokens of shape [n, {chain.seq_len}], got {tuple(tokens.shape)}")
     tokens = tokens.long()
-    in_range = ((tokens >= 0) & (tokens < chain.alphabet)).all(dim=1)
-    x = tokens.clamp(0, chain.alphabet - 1)  # rows out of range are -inf below anyway
+    ok = (tokens >= 0) & (tokens < chain.alphabet)
+    x = tokens.clamp(0, chain.alphabet - 1)  # factors touching an out-of-range id are zeroed below
     probs = torch.cat([chain.start[x[:, :1]], chain.first[x[:, 0], x[:, 1]][:, None],
                        chain.trans[x[:, :-2], x[:, 1:-1], x[:, 2:]]], dim=1)
-    out = torch.log(probs).sum(dim=1)  # log(0) = -inf marks a disallowed transition
-    return torch.where(in_range, out, torch.full_like(out, -math.inf))
+    context_ok = ok.clone()
+    context_ok[:, 1:] &= ok[:, :-1]
+    context_ok[:, 2:] &= ok[:, :-2]
+    return torch.where(context_ok, probs, torch.zeros_like(probs))
+
+
+def loglik(chain: Chain, tokens: torch.Tensor) -> torch.Tensor:
+    """Exact log-probability (nats, float64) of each row of ``tokens`` [n, seq_len] under
+    ``chain``: -inf for a sequence with a disallowed transition, a mask id or an id out of range."""
+    return torch.log(factors(chain, tokens)).sum(dim=1)  # log(0) = -inf marks an impossible row
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -303,13 +313,15 @@ def score(tokens: torch.Tensor, chain: Chain | None = None) -> dict[str, float]:
     n, L = len(tokens), chain.seq_len
     if n == 0:
         raise ValueError("no samples to score")
-    raw = loglik(chain, tokens) / L  # per token
+    per_position = factors(chain, tokens)
+    raw = torch.log(per_position).sum(dim=1) / L  # per token
     possible = torch.isfinite(raw)
     stats = _process_stats() if chain is default_chain() else {
         "entropy": entropy_per_token(chain), "process_unigram_entropy": math.nan}
     return {
         "loglik": float(torch.where(possible, raw, torch.full_like(raw, IMPOSSIBLE_LOGLIK)).mean()),
         "impossible": float((~possible).double().mean()),
+        "valid_transitions": float((per_position > 0).double().mean()),
         "nll_gap": float(-raw[possible].mean()) - stats["entropy"] if bool(possible.any()) else math.nan,
         "entropy": stats["entropy"],
         "distinct": int(torch.unique(tokens, dim=0).shape[0]) / n,
@@ -390,7 +402,7 @@ class Task(EvalTask):
     name = NAME
     vocab_size = VOCAB_SIZE
     seq_len = SEQ_LEN
-    version = f"1-a{ALPHABET}-o{ORDER}-k{SUCCESSORS}-s{PROCESS_SEED}-f{FLOOR_MIX}-L{SEQ_LEN}"
+    version = f"2-a{ALPHABET}-o{ORDER}-k{SUCCESSORS}-s{PROCESS_SEED}-f{FLOOR_MIX}-L{SEQ_LEN}"
     primary = "loglik"
     higher_is_better = True
     diversity = "distinct"
