@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 
 NUCLEUS_RULES = ("official", "minimal")
-BLOCK_ELEMENTS = 1 << 18  # rows x V per block of vocabulary-wide work: 1 MiB in float64
-NUCLEUS_SUBBINS_LOG2 = 6  # nucleus bins: 2**4 per octave of probability...
+BLOCK_ELEMENTS = 1 << 18  # rows x V per block of vocabulary-wide work: 2 MiB in float64
+NUCLEUS_SUBBINS_LOG2 = 6  # nucleus bins: 2**6 per octave of probability...
 NUCLEUS_BINS = 2048  # ...over 32 octaves below the top token (the rest share the last bin)
+NUCLEUS_SORT_MAX = 512  # up to this vocabulary a full sort is cheaper than the bins
 
 
 def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor):
@@ -79,8 +80,16 @@ def nucleus_keep(probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
     like their bit patterns, so bins are ordered by probability, 2**NUCLEUS_SUBBINS_LOG2 per
     octave), the bin
     masses give every bin that lies wholly inside or outside the nucleus, and only the one bin
-    that straddles the boundary is sorted. Same set as a full sort, up to the rounding of the sums."""
-    n = probs.shape[0]
+    that straddles the boundary is sorted. Same set as a full sort, up to the rounding of the sums.
+    Vocabularies up to NUCLEUS_SORT_MAX are sorted whole (cheaper there than the bins)."""
+    n, vocab = probs.shape
+    if vocab <= NUCLEUS_SORT_MAX:  # the definition itself: a stable sort and a running sum
+        order = probs.sort(dim=-1, descending=True, stable=True)
+        upto = order.values.cumsum(-1)
+        limit = upto[:, -1:] * p
+        inside = upto <= limit if rule == "official" else (upto - order.values) < limit
+        inside[:, 0] = True
+        return torch.zeros_like(inside).scatter_(1, order.indices, inside)
     bits, mantissa = (torch.int64, 52) if probs.dtype == torch.float64 else (torch.int32, 23)
     key = probs.contiguous().view(bits) >> (mantissa - NUCLEUS_SUBBINS_LOG2)
     bins = (key.amax(-1, keepdim=True) - key).clamp_(max=NUCLEUS_BINS - 1)  # 0 = the top token's bin
