@@ -355,7 +355,8 @@ def test_owt_small_preset():
     assert (d.t_eps, d.corrector_input, d.errors_upweighted) == (0.1, "model_outputs", True)
     assert (d.mdm_weight, d.corrector_weight) == (1.0, 1.0)
     assert (t.lr, t.beta2, t.weight_decay, t.warmup_steps) == (pytest.approx(3e-4), 0.999, 0.0, 2500)
-    assert (t.schedule, t.grad_clip, t.ema, t.batch_size) == ("constant", 1.0, 0.9999, 512)
+    assert (t.schedule, t.grad_clip, t.ema, t.batch_size, t.grad_accum) == ("constant", 1.0, 0.9999, 32, 2)
+    assert t.batch_size * t.grad_accum * 8 == 512  # the paper's global batch on one 8-GPU node
     assert (s.name, s.nucleus_p, s.float64, s.steps) == ("ancestral", 0.9, True, 256)
     assert (cfg.data.seq_len, cfg.data.shards) == (1024, "data/owt")
 

@@ -115,7 +115,7 @@ def test_flops_per_token_owt_small_by_hand():
 
 def test_plan_step_time_and_fit():
     # a vocabulary TP can split (owt_small's 50259 ids are odd: no tp layout)
-    cfg = load_config(["configs/owt_small.yaml"], ["optim.batch_size=32", "model.vocab_size=50304"])
+    cfg = load_config(["configs/owt_small.yaml"], ["optim.batch_size=32", "optim.grad_accum=1", "model.vocab_size=50304"])
     p = plan(cfg, 8, 80 * GIB, 1000.0, 0.5)
     tokens = 32 * 1024 * 8
     assert p.tokens_per_step == tokens
