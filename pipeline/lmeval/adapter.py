@@ -170,16 +170,7 @@ class ProsecoLM(LM):
         for idx in batches([(len(j[0]), j[1]) for j in jobs], self.batch_size):
             width, gen = len(jobs[idx[0]][0]), jobs[idx[0]][1]
             cfg = self.sampler if self.sampler.steps else dataclasses.replace(self.sampler, steps=gen)
-            prompt = torch.full((len(idx), width + gen), self.info.mask_id, dtype=torch.long)
-            prompt[:, :width] = torch.tensor([jobs[i][0] for i in idx], dtype=torch.long)
-            fixed = torch.zeros_like(prompt, dtype=torch.bool)
-            fixed[:, :width] = True
-            t0 = time.perf_counter()
-            res = sample(self.model, cfg, seq_len=width + gen, mask_id=self.info.mask_id,
-                         prompt=prompt.to(self._device), fixed=fixed.to(self._device), seeds=[jobs[i][2] for i in idx],
-                         time_conditioned=self.train_cfg.model.time_conditioning, max_seq_len=self.max_len,
-                         **self.ids)
-            seconds = (time.perf_counter() - t0) / len(idx)
+            res, seconds = self._complete([jobs[i][0] for i in idx], gen, cfg, [jobs[i][2] for i in idx], self.ids)
             for row, i in enumerate(idx):
                 ids = until_eos(res.tokens[row, width:].tolist(), ends)
                 out[i] = cut_at_stops(self.tok.decode(ids), jobs[i][3])
@@ -279,22 +270,28 @@ class ProsecoLM(LM):
             ctx_len, n = len(pairs[idx[0]][0]), len(pairs[idx[0]][1])
             cfg = SamplerConfig(name="confidence", steps=n, temperature=0.0, block_size=0, corrector_steps=0,
                                 seed=self.sampler.seed, nfe_cache=self.sampler.nfe_cache, float64=self.sampler.float64)
-            prompt = torch.full((len(idx), ctx_len + n), self.info.mask_id, dtype=torch.long)
-            prompt[:, :ctx_len] = torch.tensor([pairs[i][0] for i in idx], dtype=torch.long)
-            fixed = torch.zeros_like(prompt, dtype=torch.bool)
-            fixed[:, :ctx_len] = True
-            t0 = time.perf_counter()
-            res = sample(self.model, cfg, seq_len=ctx_len + n, mask_id=self.info.mask_id,
-                         prompt=prompt.to(self._device), fixed=fixed.to(self._device), seeds=[0] * len(idx),
-                         time_conditioned=self.train_cfg.model.time_conditioning, max_seq_len=self.max_len,
-                         **{**self.ids, "eos_id": None})
-            seconds = (time.perf_counter() - t0) / len(idx)
+            res, seconds = self._complete([pairs[i][0] for i in idx], n, cfg, [0] * len(idx),
+                                          {**self.ids, "eos_id": None})
             for row, i in enumerate(idx):
                 out[i] = res.tokens[row, ctx_len:].tolist() == pairs[i][1]
                 self._record(requests[i], "greedy_check", seconds, n, res.nfe_predictor[row], 0)
         return out
 
     # ------------------------------------------------------------------------------ helpers
+    def _complete(self, contexts: list[list[int]], gen: int, cfg: SamplerConfig, seeds: list[int], ids: dict):
+        """Sample ``gen`` tokens after each of ``contexts`` (all of one length, kept fixed) with
+        ``cfg``; returns (the SampleOutput, wall seconds per row)."""
+        width = len(contexts[0])
+        prompt = torch.full((len(contexts), width + gen), self.info.mask_id, dtype=torch.long)
+        prompt[:, :width] = torch.tensor(contexts, dtype=torch.long)
+        fixed = torch.zeros_like(prompt, dtype=torch.bool)
+        fixed[:, :width] = True
+        t0 = time.perf_counter()
+        res = sample(self.model, cfg, seq_len=width + gen, mask_id=self.info.mask_id, prompt=prompt.to(self._device),
+                     fixed=fixed.to(self._device), seeds=seeds, max_seq_len=self.max_len,
+                     time_conditioned=self.train_cfg.model.time_conditioning, **ids)
+        return res, (time.perf_counter() - t0) / len(contexts)
+
     def _head(self) -> list[int]:
         bos = self.tok.bos_id
         return [bos] if self.add_bos and bos is not None and bos >= 0 else []
