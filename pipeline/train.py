@@ -67,7 +67,7 @@ from pipeline.errors import ProsecoError
 from pipeline.io import save_torch
 from pipeline.model import hf
 from pipeline.optim import lr_at
-from pipeline.plan import device_peak_tflops, flops_per_token
+from pipeline.plan import device_peak_tflops, flops_per_token, passes_of
 from pipeline.rundir import RunDir
 from pipeline.runlog import RunLogger
 from pipeline.stopflag import StopFlag
@@ -75,7 +75,6 @@ from pipeline.stopflag import StopFlag
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
 STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this long after each step
 SAVE_DELAY_ENV = "PROSECO_SAVE_DELAY_S"  # fault-injection tests: sleep inside a save, files half-written
-FULL_STATE_BACKENDS = ("torch", "megatron")  # engines whose checkpoints reshard to any layout (full or DCP)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -359,7 +358,7 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
             console.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s)")
 
     # ---- loop --------------------------------------------------------------------------------
-    n_forwards = 2 if cfg.diffusion.corrector_weight > 0 else 1
+    n_forwards = passes_of(cfg)  # network passes per micro-step (ProSeCo 2, MDM 1)
     peak_tflops = device_peak_tflops(cfg, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     last_saved, exit_code, stop_reason = step if latest is not None else -1, 0, "finished"
