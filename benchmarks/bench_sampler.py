@@ -1,6 +1,7 @@
 """Sampler overhead: sampling wall time / (NFE x one bare forward at the same batch).
 
     python benchmarks/bench_sampler.py                 # CPU, 2 threads, batch 64, two model sizes
+    python benchmarks/bench_sampler.py --device cuda   # the same on a GPU (timers synchronise the device)
 
 Three denominators, all "network time the sampler could not avoid":
 * ``ratio``: batched network calls x one bare forward at the full batch (NFE counted per call);
@@ -34,15 +35,23 @@ MODELS = {
 }
 
 
-def bare_forward(model, batch: int, seq: int, vocab: int, repeats: int) -> float:
-    x = torch.randint(0, vocab - 1, (batch, seq))
-    t = torch.ones(batch)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(model, batch: int, seq: int, vocab: int, repeats: int, device: torch.device) -> float:
+    x = torch.randint(0, vocab - 1, (batch, seq), device=device)
+    t = torch.ones(batch, device=device)
     with torch.no_grad():
         model(x, t, None)
         times = []
         for _ in range(repeats):
+            sync(device)
             t0 = time.perf_counter()
             model(x, t, None)
+            sync(device)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -52,13 +61,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
     for name, cfg in MODELS.items():
         torch.manual_seed(0)
-        model = Backbone(cfg).eval()
+        model = Backbone(cfg).eval().to(device)
         mask_id, seq = cfg.vocab_size - 1, cfg.max_seq_len
         for sampler in (SamplerConfig(name="ancestral", steps=seq // 4),
                         SamplerConfig(name="ancestral", steps=seq // 4, nucleus_p=0.9),
@@ -67,21 +78,25 @@ def main() -> None:
                         SamplerConfig(name="remdm", steps=seq // 4)):
             # the bare forward is re-measured next to each sampler, so drift on a shared machine
             # hits numerator and denominator alike; cheap models get more repeats (noisier)
-            fwd = bare_forward(model, args.batch, seq, cfg.vocab_size, 10)
+            fwd = bare_forward(model, args.batch, seq, cfg.vocab_size, 10, device)
             repeats = args.repeats if fwd > 0.05 else max(args.repeats, 15)
             walls, nets, outs = [], [], []
             for r in range(repeats):
                 net = [0.0]
 
                 def timed(x, t, valid, net=net, model=model):
+                    sync(device)
                     t0 = time.perf_counter()
                     out = model(x, t, valid)
+                    sync(device)
                     net[0] += time.perf_counter() - t0
                     return out
 
+                sync(device)
                 t0 = time.perf_counter()
-                out = sample(timed, sampler, seq_len=seq, mask_id=mask_id,
+                out = sample(timed, sampler, seq_len=seq, mask_id=mask_id, device=device,
                              batch=args.batch, seeds=list(range(r * args.batch, (r + 1) * args.batch)))
+                sync(device)
                 walls.append(time.perf_counter() - t0)
                 nets.append(walls[-1] / net[0])
                 outs.append(out)
@@ -91,7 +106,7 @@ def main() -> None:
             ratio, ratio_rows = wall / (calls * fwd), wall / (nfe_rows / args.batch * fwd)
             label = (f"{sampler.name} T={sampler.steps} S={sampler.corrector_steps}"
                      + (f" p={sampler.nucleus_p}" if sampler.nucleus_p < 1 else ""))
-            rows.append({"model": name, "sampler": label, "wall_s": wall, "forward_s": fwd,
+            rows.append({"model": name, "device": str(device), "sampler": label, "wall_s": wall, "forward_s": fwd,
                          "nfe_mean": nfe_rows / args.batch, "calls": calls, "ratio": ratio,
                          "ratio_rows": ratio_rows, "ratio_net": ratio_net})
             print(f"{name:12s} {label:32s} wall {wall * 1e3:8.1f} ms  NFE {nfe_rows / args.batch:5.1f}  "

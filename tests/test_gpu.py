@@ -34,20 +34,10 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     assert result["backends"]["torch"]["tokens_per_s"] > 0 and result["flops_per_token"] > 0
 
 
-@pytest.fixture(scope="module")
-def gpu_shards(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_loader import write_shards
-
-    root = tmp_path_factory.mktemp("gpu") / "shards"
-    write_shards(root, samples=256, shards=4, seq_len=128, vocab=1024)
-    return root
-
-
 def _train(shards: Path, run: Path, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "pipeline", "train", "data.task=text", f"data.shards={shards}", f"run.dir={run}",
-           "data.seq_len=128", "model.max_seq_len=128", "model.hidden=128", "model.layers=2", "model.heads=4",
-           "model.vocab_size=null", "optim.batch_size=8", "optim.steps=6", "log.every=1",
+           "data.seq_len=32", "model.max_seq_len=32", "model.hidden=128", "model.layers=2", "model.heads=4",
+           "model.vocab_size=null", "optim.batch_size=8", "optim.steps=6", "optim.lr=1e-2", "log.every=1",
            "checkpoint.every=3", "optim.ema=0.99", "parallel.bf16=true", "log.val_every=0", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -59,11 +49,13 @@ def _train(shards: Path, run: Path, *extra: str) -> list[dict]:
 @pytest.mark.parametrize("backend", [
     ("parallel.backend=torch",), ("parallel.backend=deepspeed", "parallel.zero_stage=2"),
     ("parallel.backend=deepspeed", "parallel.zero_stage=3"), ("parallel.backend=megatron",)])
-def test_bf16_training_on_cuda_learns_saves_and_resumes(gpu_shards, tmp_path, backend):
-    rows = _train(gpu_shards, tmp_path / "run", *backend)
+def test_bf16_training_on_cuda_learns_saves_and_resumes(shards, tmp_path, backend):
+    """The bundled corpus's shards (conftest ``shards``: real text and its tokenizer, which export needs)."""
+    rows = _train(shards, tmp_path / "run", *backend)
     assert len(rows) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["memory_mb"] > 0
-    rows = _train(gpu_shards, tmp_path / "run", *backend, "optim.steps=8")  # resumes on the GPU
+    losses = [r["loss"] for r in rows]  # one batch's loss is noisy (its t draw): compare thirds
+    assert sum(losses[-3:]) < sum(losses[:3]) and rows[-1]["memory_mb"] > 0
+    rows = _train(shards, tmp_path / "run", *backend, "optim.steps=8")  # resumes on the GPU
     assert [r["step"] for r in rows][-2:] == [7, 8]
     export = tmp_path / "export"
     from pipeline import cli
@@ -73,4 +65,4 @@ def test_bf16_training_on_cuda_learns_saves_and_resumes(gpu_shards, tmp_path, ba
 
     model, _, info = load_model(export)
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randint(0, info.vocab_size, (2, 128)))).all()
+        assert torch.isfinite(model(torch.randint(0, info.vocab_size, (2, 32)))).all()

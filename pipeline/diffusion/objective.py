@@ -74,11 +74,19 @@ def denoiser_logits(logits: torch.Tensor, mask_id: int, inplace: bool = False) -
 
 
 # ----------------------------------------------------------------------------- loss terms
+def token_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[x] per position, [B, L] from logits [B, L, V].
+
+    The classes stay the last, contiguous dimension (rows of [B*L, V]): CUDA's cross-entropy on
+    the transposed [B, V, L] layout runs a strided "spatial" softmax, measured on an H200 at 57 ms
+    forward + 28 ms backward per pass for 16 x 1024 x 50k logits, a third of the whole step."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="none").view(x.shape)
+
+
 def mdm_term(logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, mask_id: int,
              valid: torch.Tensor) -> torch.Tensor:
     """Per-token MDM loss [B, L]: w(t) * CE on masked positions, 0 elsewhere (L_MDM)."""
-    ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
-    return ce * loss_weight(t)[:, None] * ((z_t == mask_id) & valid)
+    return token_nll(logits, x) * loss_weight(t)[:, None] * ((z_t == mask_id) & valid)
 
 
 def correction_term(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
@@ -87,7 +95,7 @@ def correction_term(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, t: t
 
     Plain: w(t) * -log p(x | y). Errors-upweighted: w(t) * -log p(x) where y != x and
     w(t) * -p(x) where y == x (linear and bounded on tokens the input already has right)."""
-    log_p = -F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+    log_p = -token_nll(logits, x)
     if errors_upweighted:
         per_token = torch.where(y != x, -log_p, -log_p.exp())
     else:
