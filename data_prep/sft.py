@@ -161,6 +161,7 @@ def _npy(array: np.ndarray) -> bytes:
 def prep_sft(inputs: list[str], out: str | os.PathLike, init: str, seq_len: int,
              val_fraction: float = 0.0, shard_bytes: int = 64 * 2**20) -> dict:
     """Write SFT shards of ``inputs`` (JSONL) for the model ``init`` into ``out``; returns the manifest."""
+    from data_prep.tokenizer_hf import write_model_tokenizer
     from pipeline.model.hf import vocab_info
 
     files = sorted({Path(p) for p in inputs})
@@ -185,13 +186,17 @@ def prep_sft(inputs: list[str], out: str | os.PathLike, init: str, seq_len: int,
         shards = _write_split(out, split, samples[split], dtype, samples_per_shard(shard_bytes, seq_len + 1, dtype))
         splits[split] = {"samples": len(samples[split]), "tokens": len(samples[split]) * seq_len,
                          "dropped_tokens": 0, "shards": shards}
-    tok.save_pretrained(out / TOKENIZER_DIR)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    special = {"pad": int(pad), "unk": tok.unk_token_id, "bos": tok.bos_token_id, "eos": int(tok.eos_token_id),
-               "mask": mask_id}
+    tok.save_pretrained(out / TOKENIZER_DIR)  # the transformers form, for `ckpt export --format hf`
+    eos = int(tok.eos_token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    special = {"pad": int(pad), "unk": eos if tok.unk_token_id is None else int(tok.unk_token_id),
+               "bos": eos if tok.bos_token_id is None else int(tok.bos_token_id), "eos": eos, "mask": mask_id}
+    # the pipeline's form (tokenizer.json + tokenizer.model, ids = the model's): sampling and eval decode with it
+    sidecar = write_model_tokenizer(tok, vocab, special, out, init)
     manifest = {
         "format": FORMAT, "seq_len": seq_len, "mode": SFT_MODE, "dtype": dtype, "splits": splits,
-        "tokenizer": {"file": TOKENIZER_DIR, "vocab_size": vocab, "special": special},
+        "tokenizer": {"file": "tokenizer.model", "sha256": sidecar["sha256"], "vocab_size": vocab,
+                      "special": special, "transformers": TOKENIZER_DIR},
         "documents": {s: len(samples[s]) for s in SPLITS}, "skipped": skipped,
         "sources": [{"path": str(f), "bytes": f.stat().st_size,
                      "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files],

@@ -245,4 +245,41 @@ def import_hf_tokenizer(src: Path, out: Path) -> dict:
     return sidecar
 
 
-__all__ = ["HFTokenizer", "import_hf_tokenizer", "is_hf_source", "save_sentencepiece_hf"]
+def write_model_tokenizer(fast, vocab_size: int, special: dict, out: Path, source: str) -> dict:
+    """The tokenizer of a Hugging Face backbone (``model.init=hf:...``) as a prepared folder in
+    ``out`` whose ids are the *model's*: every id of the transformers tokenizer ``fast`` kept, and
+    the ids the model has beyond it (an autoregressive model's appended mask row, a diffusion
+    model's padded embedding table) added as special tokens, the mask one named ``<mask>``. So
+    sampling, evaluation and ``decode`` read every id the model can emit (an unused one renders
+    as its ``<|unused_N|>`` name, visibly). ``special``: the five special ids (the data's: an SFT
+    pad is the EOS, LLaDA's recipe). Returns the sidecar."""
+    tokenizers = load_tokenizers()
+    backend = tokenizers.Tokenizer.from_str(fast.backend_tokenizer.to_str())
+    vocab = backend.get_vocab(with_added_tokens=True)
+    original = max(vocab.values()) + 1
+    if original > vocab_size:
+        raise ProsecoError(f"the tokenizer of {source} has {original} ids, more than the model's {vocab_size}")
+    appended = []
+    while len(appended) < vocab_size - original:
+        want = original + len(appended)
+        piece = _free_name(vocab, "<mask>" if want == special["mask"] else f"<|unused_{want}|>")
+        backend.add_special_tokens([tokenizers.AddedToken(piece, special=True, normalized=False)])
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if vocab.get(piece) != want:  # pragma: no cover - a tokenizers behaviour change
+            raise RuntimeError(f"appending {piece!r} gave id {vocab.get(piece)}, not {want}")
+        appended.append({"piece": piece, "id": want})
+    model = backend.to_str().encode("utf-8")
+    sidecar = {
+        "format": FORMAT, "kind": HF_KIND, "model_file": MODEL_FILE, "sha256": sha256_hex(model),
+        "vocab_size": vocab_size, "special": {name: int(special[name]) for name in SPECIALS},
+        "model_type": str(json.loads(model)["model"].get("type", "?")).lower(),
+        "trained_on": {"model": source, "original_vocab_size": original, "appended": appended[:8],
+                       "appended_count": len(appended)},
+        "settings": {},
+    }
+    Tokenizer.from_bytes(model, sidecar)  # it loads as written (ids in range, sizes agree)
+    write_folder(Path(out), model, sidecar)
+    return sidecar
+
+
+__all__ = ["HFTokenizer", "import_hf_tokenizer", "is_hf_source", "save_sentencepiece_hf", "write_model_tokenizer"]

@@ -7,6 +7,10 @@ fingerprint, the copied tokenizer (sha256, vocab size, special ids, dtype rule) 
 samples. Nothing is trusted from the manifest that can be recounted from the bytes. A folder
 without a train sample fails (``prep shards`` refuses to write one). The tars are read with
 :func:`pipeline.data.format.tar_members`, the reader the training loader uses.
+
+SFT shards (mode ``sft``, ``proseco prep sft``) hold ``seq_len + 1`` entries per sample, the prompt
+length first: it must leave room for a response, every one of the ``seq_len`` positions is a real
+token (responses are padded with EOS), and decoded samples show ``prompt => response``.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from pipeline.data.format import (
     FORMAT,
     MANIFEST,
     SAMPLE_MEMBER,
+    SFT_MODE,
     SHARD_NAME,
     SPLITS,
     dtype_for,
     manifest_fingerprint,
     sample_key,
+    sample_length,
     tar_members,
 )
 from pipeline.errors import ProsecoError
@@ -88,14 +94,19 @@ def _check_shard(out: Path, split: str, entry: dict, ctx: dict, problems: list[s
             ctx["next"][(split, partition)] = index + 1
             raw = data[member.offset:member.offset + member.size]
             array = np.load(io.BytesIO(raw), allow_pickle=False)
-            if array.dtype != dtype or array.shape != (seq_len,):
+            length = sample_length(seq_len, ctx["mode"])  # sft: the prompt length, then the tokens
+            if array.dtype != dtype or array.shape != (length,):
                 problems.append(f"{name}: {member.name} is {array.dtype}{list(array.shape)}, "
-                                f"expected {dtype}[{seq_len}]")
+                                f"expected {dtype}[{length}]")
                 continue
-            if vocab is not None and array.size and int(array.max()) >= vocab:
-                problems.append(f"{name}: {member.name} holds id {int(array.max())} >= vocab_size {vocab}")
+            ids = array[1:] if ctx["sft"] else array
+            if ctx["sft"] and not 0 <= int(array[0]) < seq_len:
+                problems.append(f"{name}: {member.name} has prompt length {int(array[0])}, which leaves no "
+                                f"response in {seq_len} tokens")
+            if vocab is not None and ids.size and int(ids.max()) >= vocab:
+                problems.append(f"{name}: {member.name} holds id {int(ids.max())} >= vocab_size {vocab}")
             samples += 1
-            tokens += int(np.count_nonzero(array != pad))
+            tokens += seq_len if ctx["sft"] else int(np.count_nonzero(array != pad))
             if not first:
                 first.append(array)
     except ProsecoError as exc:  # the tar itself is damaged (the message names the shard)
@@ -127,7 +138,8 @@ def _verify(out_dir: str | os.PathLike, decode_samples: int) -> tuple[list[str],
     try:
         ctx = {"seq_len": int(manifest["seq_len"]), "dtype": np.dtype(manifest["dtype"]),
                "pad": int(manifest["tokenizer"]["special"]["pad"]),
-               "vocab": int(manifest["tokenizer"]["vocab_size"]), "next": {},
+               "vocab": int(manifest["tokenizer"]["vocab_size"]), "next": {}, "mode": manifest.get("mode"),
+               "sft": manifest.get("mode") == SFT_MODE,
                "seen": {split: [0, 0] for split in manifest["splits"]}}
         splits = manifest["splits"]
     except (KeyError, TypeError, ValueError) as exc:
@@ -160,7 +172,11 @@ def _verify(out_dir: str | os.PathLike, decode_samples: int) -> tuple[list[str],
         step = max(1, len(firsts) // decode_samples)
         for name, array in firsts[::step][:decode_samples]:
             try:
-                text = tok.decode(array[array != ctx["pad"]].tolist())
+                if ctx["sft"]:
+                    n = int(array[0])
+                    text = f"{tok.decode(array[1:n + 1].tolist())} => {tok.decode(array[n + 1:].tolist())}"
+                else:
+                    text = tok.decode(array[array != ctx["pad"]].tolist())
             except Exception as exc:  # noqa: BLE001 - any decode failure is a finding, not a crash
                 problems.append(f"{name}: first sample does not decode ({exc})")
                 continue

@@ -158,12 +158,26 @@ def load_model(path: str | os.PathLike, *, weights: str = "auto",
     vocab_size, mask_id = int(sizes["vocab_size"]), int(sizes["mask_id"])
     model = _backbone(saved_cfg, vocab_size, state, folder)
     tokenizer = None
-    if saved_cfg.data.task == "text" and not saved_cfg.model.init:  # HF backbones: the model's own tokenizer
+    if saved_cfg.data.task == "text" and has_tokenizer(saved_cfg, kind, folder, data):
         where = folder / TOKENIZER_DIR if kind == "export" else _shards_folder(folder, data)
         tokenizer = load_tokenizer(where, data.get("tokenizer_sha256"), folder)
     info = ArtifactInfo(kind, folder, vocab_size, mask_id, step, which,
                      model_identity(folder), data, tokenizer, extra)
     return model.eval(), saved_cfg, info
+
+
+def has_tokenizer(cfg: Config, kind: str, folder: Path, data: dict) -> bool:
+    """Whether a text model comes with a pipeline tokenizer. A native model always does (a missing
+    one is an error). An HF backbone's does where its shards were written by a `prep sft` that
+    saves the model's tokenizer in the pipeline's form (older SFT shards carry only the transformers
+    folder: such a model loads without one and cannot decode text)."""
+    from data_prep.tokenizer import SIDECAR
+
+    if not cfg.model.init:
+        return True
+    if kind == "export":
+        return (folder / TOKENIZER_DIR / SIDECAR).is_file()
+    return bool(data.get("tokenizer_sha256"))
 
 
 def load_tokenizer(where: Path, sha256: str | None, owner: Path):
@@ -307,7 +321,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike | None = None, weight
     cfg = config_from_dict(meta["config"])
     data = _checkpoint_data(meta)
     tokenizer_dir = None
-    if cfg.data.task == "text" and not cfg.model.init:  # HF backbones: `--format hf` carries their tokenizer
+    if cfg.data.task == "text" and has_tokenizer(cfg, "checkpoint", ckpt, data):
         tokenizer_dir = _shards_folder(ckpt, data)
         load_tokenizer(tokenizer_dir, data.get("tokenizer_sha256"), ckpt)  # the reason, before writing anything
     return write_export(out, states, cfg, meta["model"]["vocab_size"], meta["model"]["mask_id"],

@@ -63,9 +63,10 @@ def _indent(text: str) -> str:
 
 def _run_text(cfg: Config, model, info, num: int, out: str | None) -> int:
     """Generate ``num`` sequences of ``data.seq_len`` tokens from scratch and decode them."""
-    if info.tokenizer is None:  # Hugging Face backbones: their transformers tokenizer is not wired in here
-        raise ProsecoError(f"{info.path} has no project tokenizer to decode text with (a model.init=hf: model); "
-                           "export it with `proseco ckpt export --format hf` and sample with transformers")
+    if info.tokenizer is None:  # an HF backbone trained on SFT shards from before they carried it
+        raise ProsecoError(f"{info.path} has no pipeline tokenizer to decode text with (a model.init=hf: model "
+                           "whose shards predate it: rerun `proseco prep sft`, or export it with `proseco ckpt "
+                           "export --format hf` and sample with transformers)")
     if cfg.parallel.threads:
         torch.set_num_threads(cfg.parallel.threads)
     result = sample(model, cfg.sampler, seq_len=cfg.data.seq_len, mask_id=info.mask_id, batch=num,

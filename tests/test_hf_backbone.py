@@ -159,7 +159,52 @@ def test_train_kill_9_and_resume_is_bitwise_and_the_hf_export_round_trips(llama,
         assert torch.allclose(mine, theirs(x, attention_mask=torch.ones_like(x)).logits, atol=1e-5)
         assert torch.equal(mine, hf.build(f"hf:{out}").eval()(x))  # our loader reads it back as it was
     assert (out / "tokenizer.json").is_file()
-    assert cli.main(["sample", str(reference), "--num", "1"]) == cli.EXIT_USER_ERROR  # says how, in one line
+    assert info.tokenizer is not None  # `prep sft` saved the model's tokenizer with the shards
+    assert info.tokenizer.sha256 == json.loads((shards / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert cli.main(["sample", str(reference), "--num", "2", "sampler.steps=4"]) == 0
+
+
+def test_sft_shards_carry_the_models_tokenizer_with_its_ids(llama):
+    """`prep sft` saves the model's tokenizer in the pipeline's form: the transformers ids, plus the
+    appended mask row as ``<mask>`` (the kill -9 test samples text from a run with it)."""
+    from data_prep.tokenizer import Tokenizer
+
+    tok, shards = llama["tok"], llama["shards"]
+    ours = Tokenizer.load(shards)
+    mask_id = hf.vocab_info(llama["init"].split("=", 1)[1])[1]
+    assert ours.vocab_size == mask_id + 1 == len(tok) + 1 and ours.mask_id == mask_id
+    assert (ours.eos_id, ours.bos_id, ours.pad_id) == (tok.eos_token_id, tok.bos_token_id, tok.eos_token_id)
+    for record in llama["records"][:8]:
+        ids = tok.encode(record["prompt"], add_special_tokens=False)
+        assert ours.encode(record["prompt"]) == ids and ours.decode(ids + [mask_id, tok.eos_token_id]) == record["prompt"]
+
+
+def test_prep_verify_checks_sft_shards(llama, tmp_path):
+    """Prompt lengths and ids recounted from the bytes; samples decode as prompt => response; a sample
+    whose prompt leaves no response is found."""
+    import shutil
+
+    from data_prep.sft import _write_split
+    from data_prep.verify import verify, verify_report
+
+    report, ok = verify_report(llama["shards"])
+    assert ok and " => " in report, report
+    bad = tmp_path / "shards"
+    shutil.copytree(llama["shards"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    shards = manifest["splits"]["val"]["shards"]
+    for entry in shards:
+        (bad / entry["name"]).unlink()
+    row = torch.full((SEQ_LEN + 1,), llama["tok"].eos_token_id)
+    row[0] = SEQ_LEN  # all prompt: no room for a response
+    manifest["splits"]["val"]["shards"] = _write_split(bad, "val", [row.numpy()], manifest["dtype"], 8)
+    manifest["splits"]["val"].update(samples=1, tokens=SEQ_LEN)
+    from pipeline.data.format import manifest_fingerprint
+
+    manifest["fingerprint"] = manifest_fingerprint(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify(bad)
+    assert len(problems) == 1 and "leaves no response" in problems[0], problems
 
 
 @pytest.mark.parametrize("extra", [
