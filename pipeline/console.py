@@ -136,6 +136,8 @@ def train_header(cfg, engine, world: int, device, vocab: int, run_id: str, folde
         precision += ", blocks compiled (torch.compile)"
     objective = (f"ProSeCo (mdm + {cfg.diffusion.corrector_weight:g} x correction)"
                  if cfg.diffusion.corrector_weight > 0 else "MDM (no correction term)")
+    if cfg.diffusion.corrector_weight > 0 and cfg.diffusion.corrector_start_step > 0:
+        objective += f", plain MDM for the first {cfg.diffusion.corrector_start_step} steps"
     start = f"resuming from {resumed} (step {step})" if resumed is not None else "new run"
     return [
         f"proseco train: {folder} (run id {run_id}): {start}",

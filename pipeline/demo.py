@@ -53,6 +53,13 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def mdm_steps(cfg: Config) -> int:
+    """MDM steps at ProSeCo's training compute: its plain-MDM steps before
+    ``diffusion.corrector_start_step`` count once, the ProSeCo steps after ``demo.mdm_step_ratio`` times."""
+    warm = min(cfg.diffusion.corrector_start_step, cfg.demo.proseco_steps)
+    return warm + round((cfg.demo.proseco_steps - warm) * cfg.demo.mdm_step_ratio)
+
+
 def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log,
                   task: ModuleType = sudoku) -> tuple[torch.nn.Module, dict]:
     """Train one model (or load it when this exact config + data was trained before).
@@ -64,7 +71,7 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log,
     (VOCAB_SIZE, MASK_ID) the training data ``data`` (its ``load``) is in."""
     diffusion = dataclasses.replace(cfg.diffusion, corrector_weight=0.0 if kind == "mdm" else
                                     (cfg.diffusion.corrector_weight or 1.0))
-    steps = cfg.demo.proseco_steps if kind == "proseco" else round(cfg.demo.proseco_steps * cfg.demo.mdm_step_ratio)
+    steps = cfg.demo.proseco_steps if kind == "proseco" else mdm_steps(cfg)
     key = _fingerprint({"model": to_dict(cfg)["model"], "diffusion": dataclasses.asdict(diffusion),
                         "optim": to_dict(cfg)["optim"], "seed": cfg.run.seed, "log_every": cfg.log.every,
                         "steps": steps, "data": data["manifest"]["fingerprint"]})

@@ -106,9 +106,13 @@ def device_peak_tflops(cfg: Config, device_name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
-def passes_of(cfg: Config) -> int:
-    """Network passes per trained sequence: 2 for ProSeCo, 1 for plain MDM (corrector weight 0)."""
-    return 2 if cfg.diffusion.corrector_weight > 0 else 1
+def passes_of(cfg: Config, step: int | None = None) -> int:
+    """Network passes per trained sequence: 2 for ProSeCo, 1 for plain MDM (corrector weight 0);
+    with ``step``, at that optimizer step (1 before ``diffusion.corrector_start_step``)."""
+    from pipeline.diffusion.objective import objective_at
+
+    diffusion = cfg.diffusion if step is None else objective_at(cfg.diffusion, step)
+    return 2 if diffusion.corrector_weight > 0 else 1
 
 
 # ------------------------------------------------------------------------------------ layouts

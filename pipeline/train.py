@@ -60,7 +60,7 @@ from pipeline.console import Console, train_header
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import Manifest
 from pipeline.data.memory import MemoryData, TensorLoader
-from pipeline.diffusion.objective import proseco_loss
+from pipeline.diffusion.objective import objective_at, proseco_loss
 from pipeline.distributed import init_process_group, world_from_env
 from pipeline.engines import Engine, build_engine
 from pipeline.errors import ProsecoError
@@ -358,7 +358,6 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
             console.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s)")
 
     # ---- loop --------------------------------------------------------------------------------
-    n_forwards = passes_of(cfg)  # network passes per micro-step (ProSeCo 2, MDM 1)
     peak_tflops = device_peak_tflops(cfg, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     last_saved, exit_code, stop_reason = step if latest is not None else -1, 0, "finished"
@@ -373,6 +372,8 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
                 engine.set_lr(lr)
                 engine.zero_grad()
                 sums, step_tokens = [0.0, 0.0, 0.0], 0
+                objective = objective_at(cfg.diffusion, step)  # plain MDM before diffusion.corrector_start_step
+                n_forwards = passes_of(cfg, step)  # network passes per micro-step (ProSeCo 2, MDM 1)
                 for micro in range(cfg.optim.grad_accum):
                     wait = time.perf_counter()
                     batch = next(batches)
@@ -384,15 +385,15 @@ def _loop(cfg: Config, engine: Engine, data: Manifest | MemoryData, vocab: int, 
                     torch.manual_seed(_seed_of(cfg.run.seed, d_rank, step, micro, 1))
                     last_micro, calls = micro == cfg.optim.grad_accum - 1, [0]
 
-                    def model_fn(z, tt, v, _last=last_micro, _calls=calls):
+                    def model_fn(z, tt, v, _last=last_micro, _calls=calls, _passes=n_forwards):
                         # Reduce gradients in the backward of the last forward of the step only.
                         _calls[0] += 1
-                        return engine.forward(z, tt, v, sync=_last and _calls[0] == n_forwards)
+                        return engine.forward(z, tt, v, sync=_last and _calls[0] == _passes)
 
                     def backward(loss):
                         engine.backward(loss / cfg.optim.grad_accum)
 
-                    terms = proseco_loss(model_fn, x, cfg.diffusion, mask_id, valid=valid,
+                    terms = proseco_loss(model_fn, x, objective, mask_id, valid=valid,
                                          generator=_step_generator(cfg.run.seed, d_rank, step, micro, device),
                                          backward=backward if cfg.diffusion.split_backward else None,
                                          prompt=prompt)

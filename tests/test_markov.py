@@ -82,6 +82,9 @@ def test_score_by_hand_on_the_hand_chain():
     assert s["distinct"] == pytest.approx(2 / 3)
     # graded: every factor of rows 1-2 is allowed, row 3 breaks one of four (trans[0, 1, 1] = 0)
     assert s["valid_transitions"] == pytest.approx(11 / 12)
+    # per factor: rows 1-2 exact; row 3 = log of its three allowed factors + one floored factor
+    row3 = math.log(chain.start[0] * chain.first[0, 1] * chain.trans[1, 1, 0]) + M.IMPOSSIBLE_LOGLIK
+    assert s["token_loglik"] == pytest.approx((2 * 4 * lp + row3) / 12, abs=1e-12)
     # per-sample unigram entropy: rows 1-2 hold {0: 2, 1: 1, 2: 1}, row 3 {0: 2, 1: 2}
     h12 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     assert s["unigram_entropy"] == pytest.approx((2 * h12 + math.log(2)) / 3, abs=1e-12)
@@ -151,7 +154,7 @@ def test_chain_is_sparse_regular_and_mixes():
 def test_parallel_decoding_error_exact_and_by_simulation():
     c = M.default_chain()
     err = M.independent_pair_error(c)
-    assert err > 0.3
+    assert err == pytest.approx(0.366, abs=0.001)  # the module docstring's figure
     # Monte Carlo of the definition: a context from the process, then X_t and X_{t+1} drawn
     # independently from their exact marginals given it
     x = M.sample(c, 4000, seed=9)
@@ -200,7 +203,7 @@ def test_prepare_and_load(tmp_path):
 
 def test_eval_task_registration_and_layout():
     cls = task_class("markov")
-    assert cls is M.Task and cls.primary == "loglik" and cls.higher_is_better and cls.diversity == "distinct"
+    assert cls is M.Task and cls.primary == "token_loglik" and cls.higher_is_better and cls.diversity == "unigram_entropy"
     assert str(M.PROCESS_SEED) in cls.version and M.SUITE_TASKS[0] == "markov"
     cfg = _cfg()
     with pytest.raises(ProsecoError, match="needs a model of its layout"):
@@ -243,5 +246,7 @@ def test_oracle_decoding_is_exact_one_token_per_step_and_fails_in_one_step():
     one_step = M.oracle_decode(M.default_chain(), 200, steps=1, seed=1)
     assert M.score(one_step)["impossible"] > 0.99  # one step, exact marginals: almost always impossible
     assert M.score(one_step)["loglik"] < M.IMPOSSIBLE_LOGLIK + 0.2
-    assert M.score(M.sample(M.default_chain(), 200, seed=4))["loglik"] > -1.1  # the process: -H = -0.985
+    process = M.score(M.sample(M.default_chain(), 200, seed=4))  # the process: -H = -0.977 per token
+    assert process["loglik"] == pytest.approx(process["token_loglik"], abs=1e-12) and process["impossible"] == 0.0
+    assert process["token_loglik"] > -1.1
     assert torch.equal(M.oracle_decode(chain, 5, steps=2, seed=3), M.oracle_decode(chain, 5, steps=2, seed=3))

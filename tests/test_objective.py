@@ -349,3 +349,22 @@ def test_denoiser_logits_keep_float64_values():
     out = denoiser_logits(logits, MASK)
     assert out.dtype == torch.float64
     assert torch.equal(out[..., :MASK], logits[..., :MASK])
+
+
+def test_the_correction_term_starts_at_corrector_start_step():
+    """objective_at: plain MDM before diffusion.corrector_start_step, the configured objective after;
+    the MDM steps of equal compute count the warm-up once and the rest mdm_step_ratio times."""
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.demo import mdm_steps
+    from pipeline.diffusion.objective import objective_at
+    from pipeline.plan import passes_of
+
+    cfg = DiffusionConfig(corrector_weight=0.5, corrector_start_step=3, errors_upweighted=True)
+    assert [objective_at(cfg, s).corrector_weight for s in range(5)] == [0.0, 0.0, 0.0, 0.5, 0.5]
+    assert objective_at(cfg, 1) == dataclasses.replace(cfg, corrector_weight=0.0)  # nothing else changes
+    full = load_config(None, ["diffusion.corrector_start_step=3", "demo.proseco_steps=10", "demo.mdm_step_ratio=2"])
+    assert [passes_of(full, s) for s in (0, 2, 3)] == [1, 1, 2] and passes_of(full) == 2
+    assert mdm_steps(full) == 3 + 2 * 7
+    assert mdm_steps(dataclasses.replace(full, diffusion=dataclasses.replace(full.diffusion, corrector_start_step=50))) == 10

@@ -124,17 +124,21 @@ def test_an_unreadable_run_json_is_rebuilt(shards, reference, tmp_path, capsys):
 
 def test_the_log_is_plain_lines_a_person_can_read(shards, tmp_path):
     run = tmp_path / "run"
-    out = _finish(_train(shards, run, "optim.steps=4", "log.val_every=4", "log.val_batches=1"))
+    out = _finish(_train(shards, run, "optim.steps=4", "log.val_every=4", "log.val_batches=1",
+                         "diffusion.corrector_start_step=2"))
     assert "\r" not in out  # a pipe / SLURM log gets no progress-bar stream
     lines = out.splitlines()
     assert lines[0].startswith(f"proseco train: {run} (run id ") and lines[0].endswith(": new run")
     header = "\n".join(lines[1:8])
-    for needle in ("parameters (1 layers x hidden 32", "objective ProSeCo", "layout     torch (single process)",
+    first_two = "objective ProSeCo (mdm + 1 x correction), plain MDM for the first 2 steps"
+    for needle in ("parameters (1 layers x hidden 32", first_two, "layout     torch (single process)",
                    "precision fp32", "batch      4 sequences x 32 tokens = 128 tokens per step",
                    "steps 0 -> 4", "checkpoint every 2", "wandb disabled"):
         assert needle in header, (needle, header)
     steps = [line for line in lines if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in steps] == [f"step {i}/4" for i in range(1, 5)]
+    corrections = [float(line.split(" | ")[3].split()[1]) for line in steps]  # diffusion.corrector_start_step=2
+    assert corrections[:2] == [0.0, 0.0] and min(corrections[2:]) > 0, corrections
     assert all(k in steps[-1] for k in ("loss ", "mdm ", "corr ", "lr ", "gnorm ", "tok/s", "s/step", "mem ",
                                         "eta 0:00:00"))
     assert sum(line.startswith("val  4/4 | mdm nelbo ") for line in lines) == 1

@@ -44,6 +44,11 @@ class DiffusionConfig:
     corrector_weight: float = 1.0  # 0.0 = plain MDLM
     corrector_input: str = "model_outputs"  # model_outputs | masked_only
     errors_upweighted: bool = False
+    # optimizer steps of plain MDM before the correction term starts (the official code's
+    # corrector_training_start_step; 0: from the first step). From scratch, the first argmax inputs
+    # are one repeated token, and the correction term on every position can lock the network into
+    # ignoring its input (measured on the markov task: the MDM term stuck at the unigram entropy).
+    corrector_start_step: int = 0
     split_backward: bool = True  # pass 1 backward before pass 2: same gradient, ~half the activations
     # pads are masked, predicted, attended to and get loss like any token (the official QM9 recipe,
     # compute_loss_on_pad_tokens=True); False: pads are never masked, get no loss, hidden from attention.

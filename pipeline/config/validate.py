@@ -27,7 +27,7 @@ _RANGES: dict[str, str] = {
     "sampler.corrector_steps sampler.corrector_start sampler.remdm_eta sampler.seed optim.weight_decay "
     "optim.warmup_steps optim.grad_clip parallel.threads run.seed data.split_seed data.puzzle_clues "
     "prep.workers prep.seed prep.input_sentence_size checkpoint.permanent_every run.max_time_s log.val_every "
-    "data.loader_workers cluster.retries_on_failure eval.lm_eval_limit eval.lm_eval_gen_length log.peak_tflops",
+    "data.loader_workers diffusion.corrector_start_step cluster.retries_on_failure eval.lm_eval_limit eval.lm_eval_gen_length log.peak_tflops",
     "(0, 1)": "diffusion.t_eps data.holdout_fraction",
     "[0, 1)": "model.dropout optim.beta1 optim.beta2 optim.ema prep.val_fraction",
     "(0, 1]": "sampler.nucleus_p prep.character_coverage",

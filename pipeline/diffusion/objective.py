@@ -18,6 +18,7 @@ official code's ``(loss * mask).sum() / mask.sum()``), so both terms share one n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,6 +117,15 @@ def corrector_input(logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, ma
 
 
 # ----------------------------------------------------------------------------- the step
+def objective_at(cfg: DiffusionConfig, step: int) -> DiffusionConfig:
+    """The objective of optimizer step ``step`` (0-based): plain MDM (corrector weight 0) before
+    ``cfg.corrector_start_step``, ``cfg`` itself from then on (the official code's
+    ``corrector_training_start_step``)."""
+    if step < cfg.corrector_start_step and cfg.corrector_weight > 0:
+        return dataclasses.replace(cfg, corrector_weight=0.0)
+    return cfg
+
+
 @dataclass
 class LossTerms:
     """Named loss terms of one step. ``loss`` carries the graph unless the backward already ran."""
