@@ -19,6 +19,7 @@ from pipeline.artifact import load_model, write_export
 from pipeline.checkpoint.hf_export import write_hf_export
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.errors import ProsecoError
 from pipeline.model import Backbone
 
 transformers = pytest.importorskip("transformers")
@@ -120,3 +121,38 @@ def test_hf_export_mistakes_are_one_line_errors(text_export, tmp_path, capsys):
     assert "no model at" in capsys.readouterr().err
     assert main(["ckpt", "info", str(path), "--format", "hf"]) == 2
     assert "--format applies to export only" in capsys.readouterr().err
+
+
+def test_a_remote_code_diffusion_model_is_used_as_it_is(text_export, tmp_path):
+    """``model.init=hf:FOLDER`` of a diffusion LM with its own modelling code (here a proseco HF
+    export: auto_map + mask_token_id, the LLaDA / Dream shape) loads through its auto_map with its
+    own mask id, unchanged (same logits, no row added), and trains: a ProSeCo step has finite gradients."""
+    from pipeline.config import DiffusionConfig
+    from pipeline.diffusion.objective import proseco_loss
+    from pipeline.model import hf as hf_backbones
+
+    path, tok = text_export
+    out = tmp_path / "hf"
+    assert main(["ckpt", "export", str(path), "--format", "hf", "--weights", "raw", "--out", str(out)]) == 0
+    backbone = hf_backbones.build(f"hf:{out}")
+    assert backbone.diffusion and backbone.mask_id == tok.mask_id == json.loads((out / "config.json").read_text())[
+        "mask_token_id"]
+    assert hf_backbones.vocab_info(f"hf:{out}") == (tok.vocab_size, tok.mask_id)
+    ours, _, _ = load_model(path, weights="raw")
+    ids, _ = _batch(tok.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(backbone.eval()(ids), ours(ids))
+    x = ids.clamp(max=tok.mask_id - 1)
+    terms = proseco_loss(lambda z, t, v: backbone.train()(z, t, v), x, DiffusionConfig(), tok.mask_id,
+                         generator=torch.Generator().manual_seed(0))
+    terms.loss.backward()
+    grads = [p.grad for p in backbone.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and terms.correction > 0
+    import shutil
+
+    broken = shutil.copytree(out, tmp_path / "broken")  # configs are cached per folder and process
+    config = json.loads((broken / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": config["auto_map"]["AutoConfig"]}  # no model class registered
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ProsecoError, match="auto_map names none of AutoModelForMaskedLM, AutoModel"):
+        hf_backbones.build(f"hf:{broken}")

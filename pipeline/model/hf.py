@@ -163,6 +163,23 @@ class HFBackbone(nn.Module):
         return self.model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
 
 
+# the auto classes a diffusion LM's own modelling code may register, in the order tried: LLaDA and
+# Dream register AutoModel (their model returns logits), a proseco HF export AutoModelForMaskedLM
+REMOTE_AUTO_CLASSES = ("AutoModelForMaskedLM", "AutoModel", "AutoModelForCausalLM")
+
+
+def remote_auto_class(config, init: str):
+    """The transformers auto class that builds a remote-code diffusion LM: the first of
+    :data:`REMOTE_AUTO_CLASSES` its config's ``auto_map`` names; a one-line error when none is."""
+    import transformers
+
+    names = [name for name in REMOTE_AUTO_CLASSES if name in (getattr(config, "auto_map", None) or {})]
+    if not names:
+        raise ProsecoError(f"{init[len(PREFIX):]}: its config's auto_map names none of {', '.join(REMOTE_AUTO_CLASSES)} "
+                           f"(it has {', '.join(config.auto_map)}): no model class with logits to load")
+    return getattr(transformers, names[0])
+
+
 def build(init: str, *, pretrained: bool = True) -> HFBackbone:
     """The backbone of ``model.init=hf:PATH`` in fp32: pretrained weights (``pretrained``) or the
     architecture only (randomly initialised; a checkpoint's state dict fills it)."""
@@ -172,7 +189,7 @@ def build(init: str, *, pretrained: bool = True) -> HFBackbone:
     src = source_of(init)
     config = load_config(src)
     diffusion = is_diffusion_config(config)
-    auto = transformers.AutoModel if diffusion else transformers.AutoModelForCausalLM
+    auto = remote_auto_class(config, init) if diffusion else transformers.AutoModelForCausalLM
     try:
         if pretrained:
             model = auto.from_pretrained(src.folder, dtype=torch.float32, trust_remote_code=diffusion, **src.kwargs)
