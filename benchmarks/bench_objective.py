@@ -40,16 +40,21 @@ def step_fn(model, x, diffusion, mask_id, seed):
     return run
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work, so a wall-clock timer measures it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps(run, repeats: int, device) -> float:
+    """Median wall seconds of ``run()`` over ``repeats`` calls after one warm-up, device synchronised."""
     run()  # warm-up
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

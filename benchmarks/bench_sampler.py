@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from bench_objective import sync, time_steps
 
 from pipeline.config import ModelConfig, SamplerConfig
 from pipeline.diffusion.sampling import sample
@@ -35,25 +36,11 @@ MODELS = {
 }
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a wall-clock timer measures it (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bare_forward(model, batch: int, seq: int, vocab: int, repeats: int, device: torch.device) -> float:
     x = torch.randint(0, vocab - 1, (batch, seq), device=device)
     t = torch.ones(batch, device=device)
     with torch.no_grad():
-        model(x, t, None)
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            model(x, t, None)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time_steps(lambda: model(x, t, None), repeats, device)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.wordproblems import write_sets
+from pipeline.evaluation.report import load_results, usable
 
 
 def default_model() -> str:
@@ -49,19 +50,6 @@ def proseco(*args: str, check: bool = True) -> int:
     if check and rc != 0:
         raise SystemExit(f"stopped: that command failed (exit {rc}); rerun this script to continue")
     return rc
-
-
-def results(folder: Path) -> list[dict]:
-    """The finished result JSONs under ``folder`` (one per model x setting x task)."""
-    rows = []
-    for path in sorted(folder.rglob("*.json")):
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(r, dict) and r.get("status") == "ok" and "metrics" in r:
-            rows.append(r)
-    return rows
 
 
 def main() -> int:
@@ -99,13 +87,14 @@ def main() -> int:
                 f"eval.gsm8k_questions={sets['heldout']}", "eval.samplers=[confidence]",
                 f"eval.steps=[{args.steps_grid}]", "eval.corrector_steps=[0,1]", "eval.corrector_every=[1]",
                 f"eval.num_samples={args.questions}", f"sampler.block_size={args.block}", "--out", str(evals), check=False)
-    rows = results(evals)
-    print(f"\n{init}: exact match on {args.questions} held-out questions (ProSeCo {args.steps} steps, "
-          f"MDM SFT {2 * args.steps} steps, batch {args.batch} x {args.seq})")
-    print(f"{'model':8s} {'T':>3s} {'S':>2s} {'NFE':>6s} {'exact_match':>12s} {'answer_found':>13s}")
+    rows = [r for r in load_results(evals) if usable(r)]  # the finished items, as `proseco report` reads them
+
     def kind_of(r: dict) -> str:
         return "proseco" if str(r["model"]["path"]).startswith(str(out / "runs" / "proseco")) else "mdm"
 
+    print(f"\n{init}: exact match on {args.questions} held-out questions (ProSeCo {args.steps} steps, "
+          f"MDM SFT {2 * args.steps} steps, batch {args.batch} x {args.seq})")
+    print(f"{'model':8s} {'T':>3s} {'S':>2s} {'NFE':>6s} {'exact_match':>12s} {'answer_found':>13s}")
     for r in sorted(rows, key=lambda r: (kind_of(r), r["setting"]["steps"], r["setting"]["corrector_steps"])):
         kind, m = kind_of(r), r["metrics"]
         print(f"{kind:8s} {r['setting']['steps']:>3d} {r['setting']['corrector_steps']:>2d} {r['nfe']:>6.1f} "

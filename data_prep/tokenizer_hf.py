@@ -222,26 +222,31 @@ def import_hf_tokenizer(src: Path, out: Path) -> dict:
     """Adopt a Hugging Face tokenizer (``tokenizer.json``, transformers folder or ``.gguf``) into the
     prepared folder ``out``: every id kept, missing specials appended. Returns the sidecar."""
     backend, declared = _read_source(src)
-    original_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+    original_size = _size(backend)
     special, appended = resolve_specials(backend, declared)
-    model = backend.to_str().encode("utf-8")
-    sidecar = {
-        "format": FORMAT,
-        "kind": HF_KIND,
-        "model_file": MODEL_FILE,
-        "sha256": sha256_hex(model),
-        "vocab_size": 0,
-        "special": {name: int(special[name]) for name in SPECIALS},
-        "model_type": str(json.loads(model)["model"].get("type", "?")).lower(),
-        "trained_on": {"imported_from": str(src), "original_vocab_size": original_size, "appended": appended,
-                       "declared": declared},
-        "settings": {},
-    }
     if any(item["id"] < original_size for item in appended):  # pragma: no cover - a tokenizers behaviour change
         raise RuntimeError(f"appended special tokens {appended} did not go after the last id {original_size - 1}")
-    sidecar["vocab_size"] = max(backend.get_vocab(with_added_tokens=True).values()) + 1
-    Tokenizer.from_bytes(model, sidecar)  # it loads as written
-    write_folder(out, model, sidecar)
+    return _write_prepared(backend, special, out, {"imported_from": str(src), "original_vocab_size": original_size,
+                                                   "appended": appended, "declared": declared})
+
+
+def _size(backend) -> int:
+    """Number of ids of a ``tokenizers`` model (its largest id + 1, added tokens included)."""
+    return max(backend.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def _write_prepared(backend, special: dict, out: Path, trained_on: dict) -> dict:
+    """Write ``backend`` with the five ``special`` ids as a prepared ``hf-tokenizers`` folder in
+    ``out`` (checked to load as written); returns the sidecar."""
+    model = backend.to_str().encode("utf-8")
+    sidecar = {
+        "format": FORMAT, "kind": HF_KIND, "model_file": MODEL_FILE, "sha256": sha256_hex(model),
+        "vocab_size": _size(backend), "special": {name: int(special[name]) for name in SPECIALS},
+        "model_type": str(json.loads(model)["model"].get("type", "?")).lower(),
+        "trained_on": trained_on, "settings": {},
+    }
+    Tokenizer.from_bytes(model, sidecar)  # it loads as written (ids in range, sizes agree)
+    write_folder(Path(out), model, sidecar)
     return sidecar
 
 
@@ -256,7 +261,7 @@ def write_model_tokenizer(fast, vocab_size: int, special: dict, out: Path, sourc
     tokenizers = load_tokenizers()
     backend = tokenizers.Tokenizer.from_str(fast.backend_tokenizer.to_str())
     vocab = backend.get_vocab(with_added_tokens=True)
-    original = max(vocab.values()) + 1
+    original = _size(backend)
     if original > vocab_size:
         raise ProsecoError(f"the tokenizer of {source} has {original} ids, more than the model's {vocab_size}")
     appended = []
@@ -268,18 +273,8 @@ def write_model_tokenizer(fast, vocab_size: int, special: dict, out: Path, sourc
         if vocab.get(piece) != want:  # pragma: no cover - a tokenizers behaviour change
             raise RuntimeError(f"appending {piece!r} gave id {vocab.get(piece)}, not {want}")
         appended.append({"piece": piece, "id": want})
-    model = backend.to_str().encode("utf-8")
-    sidecar = {
-        "format": FORMAT, "kind": HF_KIND, "model_file": MODEL_FILE, "sha256": sha256_hex(model),
-        "vocab_size": vocab_size, "special": {name: int(special[name]) for name in SPECIALS},
-        "model_type": str(json.loads(model)["model"].get("type", "?")).lower(),
-        "trained_on": {"model": source, "original_vocab_size": original, "appended": appended[:8],
-                       "appended_count": len(appended)},
-        "settings": {},
-    }
-    Tokenizer.from_bytes(model, sidecar)  # it loads as written (ids in range, sizes agree)
-    write_folder(Path(out), model, sidecar)
-    return sidecar
+    return _write_prepared(backend, special, out, {"model": source, "original_vocab_size": original,
+                                                   "appended": appended[:8], "appended_count": len(appended)})
 
 
 __all__ = ["HFTokenizer", "import_hf_tokenizer", "is_hf_source", "save_sentencepiece_hf", "write_model_tokenizer"]

@@ -94,7 +94,7 @@ def _check_shard(out: Path, split: str, entry: dict, ctx: dict, problems: list[s
             ctx["next"][(split, partition)] = index + 1
             raw = data[member.offset:member.offset + member.size]
             array = np.load(io.BytesIO(raw), allow_pickle=False)
-            length = sample_length(seq_len, ctx["mode"])  # sft: the prompt length, then the tokens
+            length = ctx["sample_length"]  # sft: the prompt length, then the tokens
             if array.dtype != dtype or array.shape != (length,):
                 problems.append(f"{name}: {member.name} is {array.dtype}{list(array.shape)}, "
                                 f"expected {dtype}[{length}]")
@@ -138,8 +138,8 @@ def _verify(out_dir: str | os.PathLike, decode_samples: int) -> tuple[list[str],
     try:
         ctx = {"seq_len": int(manifest["seq_len"]), "dtype": np.dtype(manifest["dtype"]),
                "pad": int(manifest["tokenizer"]["special"]["pad"]),
-               "vocab": int(manifest["tokenizer"]["vocab_size"]), "next": {}, "mode": manifest.get("mode"),
-               "sft": manifest.get("mode") == SFT_MODE,
+               "vocab": int(manifest["tokenizer"]["vocab_size"]), "next": {}, "sft": manifest.get("mode") == SFT_MODE,
+               "sample_length": sample_length(int(manifest["seq_len"]), manifest.get("mode")),
                "seen": {split: [0, 0] for split in manifest["splits"]}}
         splits = manifest["splits"]
     except (KeyError, TypeError, ValueError) as exc:
