@@ -49,12 +49,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    for name, cfg in MODELS.items():
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    for name in args.models.split(","):
+        cfg = MODELS[name]
         torch.manual_seed(0)
         model = Backbone(cfg).eval().to(device)
         mask_id, seq = cfg.vocab_size - 1, cfg.max_seq_len

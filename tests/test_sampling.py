@@ -425,6 +425,53 @@ def test_categorical_with_nucleus_samples_only_the_top_set():
     assert categorical(logits, u, p=0.6).tolist() == [1, 1, 1, 1]  # official: 0.5 + 0.3 > 0.6
 
 
+@pytest.mark.parametrize("vocab", [1024, 1100, 8192])
+def test_row_argmax_is_torch_argmax(vocab):
+    """The chunked CPU argmax returns torch.argmax's index: random rows, maxima tied across
+    chunks and inside one (the first wins), a max in the ragged last chunk, all -inf rows, a NaN
+    (argmax counts it as the maximum), bfloat16 and 3-D input."""
+    from pipeline.diffusion.decoding import row_argmax
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, vocab, generator=gen)
+    x[1, [700, 3, 900]] = 50.0  # tie across chunks: 3 is first
+    x[2, [130, 129]] = 50.0  # tie inside one chunk
+    x[3, -1] = 50.0  # the ragged tail (vocab 1100) or the last column
+    x[4] = float("-inf")
+    x[5, 17] = float("nan")
+    x[6, :] = 0.0  # all tied: index 0
+    x[7, 1000:] = 99.0  # a run of ties spanning a chunk boundary
+    for t in (x, x.to(torch.bfloat16), x.double(), x.reshape(4, 10, vocab)):
+        assert torch.equal(row_argmax(t), t.argmax(-1)), t.dtype
+
+
+@pytest.mark.parametrize("vocab", [1024, 3000, 8192])
+def test_two_level_cdf_inversion_is_the_running_sum(vocab):
+    """categorical inverts the CDF in two levels (chunk masses, then one chunk's running sum):
+    the same token as the plain one-level inversion, written out here, for random u; u = 0 and
+    u -> 1 land on tokens with mass; stratified u over a known distribution draws each token
+    in proportion to its probability."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, vocab, generator=gen, dtype=torch.float64) * torch.linspace(0.3, 12, 64)[:, None]
+    logits[:8, vocab // 3:] = float("-inf")  # mass in the first chunks only
+    logits[8:16, : vocab - 5] = float("-inf")  # mass in the ragged tail only
+    logits[:, 777] = float("-inf")
+    u = torch.rand(64, 1, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(logits, -1)
+    cdf = probs.cumsum(-1)
+    plain = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)  # u < 1: never past the end
+    assert torch.equal(categorical(logits, u), plain)
+    for edge in (0.0, 1.0, 1.0 - 1e-16):
+        got = categorical(logits, torch.full((64, 1), edge, dtype=torch.float64))
+        assert bool((probs.gather(1, got[:, None]) > 0).all()), edge
+    # stratified u: token v is drawn for the u in its CDF interval, n * p_v of them (+-1)
+    n = 20_000
+    target = torch.softmax(torch.randn(vocab, generator=gen, dtype=torch.float64) * 2, -1)
+    draws = categorical(target.log().expand(n, vocab), ((torch.arange(n) + 0.5) / n).double()[:, None])
+    counts = torch.bincount(draws, minlength=vocab).double()
+    assert float((counts - n * target).abs().max()) <= 1.0 + 1e-9
+
+
 def _sorted_keep(probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
     """The nucleus by its definition: a full stable sort (ties by index) and a running sum."""
     order = probs.sort(dim=-1, descending=True, stable=True)

@@ -20,6 +20,8 @@ BLOCK_ELEMENTS = 1 << 18  # rows x V per block of vocabulary-wide work: 2 MiB in
 NUCLEUS_SUBBINS_LOG2 = 6  # nucleus bins: 2**6 per octave of probability...
 NUCLEUS_BINS = 2048  # ...over 32 octaves below the top token (the rest share the last bin)
 NUCLEUS_SORT_MAX = 512  # up to this vocabulary a full sort is cheaper than the bins
+LOG2_E = 1.4426950408889634  # 1 / ln 2
+ARGMAX_CHUNK = 128  # row_argmax on CPU: the vocabulary in chunks of this many tokens
 
 
 def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor):
@@ -35,7 +37,7 @@ def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torc
     else:
         idx = where.reshape(-1).nonzero().squeeze(1)
         n, values = len(idx), [v.reshape(-1)[idx] for v in per_position]
-        def block(i): return flat[idx[i:i + step]]
+        def block(i): return flat.index_select(0, idx[i:i + step])  # 5x faster than flat[idx] on CPU
     parts = [fn(block(i), *(v[i:i + step] for v in values)) for i in range(0, n, step)]
     if not parts:  # no row: fn's own empty output
         return fn(flat[:0], *(v[:0] for v in values))
@@ -44,13 +46,34 @@ def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torc
     return torch.cat(parts)
 
 
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` (the first index of the maximum, NaN counting as the maximum), 3-5x faster
+    on CPU at vocabulary widths: torch's CPU argmax over a long last dimension runs at a fraction
+    of the vectorised ``amax``. So: the maximum of each chunk of ARGMAX_CHUNK tokens (``amax``),
+    the first chunk holding the row's maximum, and the argmax within that chunk only. The first
+    chunk holding it holds its first occurrence, so ties resolve as ``argmax``'s. Other devices
+    (one fused kernel there) and narrow rows call ``argmax`` itself."""
+    vocab = x.shape[-1]
+    if x.device.type != "cpu" or vocab < 8 * ARGMAX_CHUNK or x.dtype.is_complex:
+        return x.argmax(-1)
+    rows = x.reshape(-1, vocab)
+    whole = vocab // ARGMAX_CHUNK * ARGMAX_CHUNK
+    peaks = rows[:, :whole].unflatten(1, (whole // ARGMAX_CHUNK, ARGMAX_CHUNK)).amax(-1)
+    if whole < vocab:  # the ragged last chunk
+        peaks = torch.cat([peaks, rows[:, whole:].amax(-1, keepdim=True)], 1)
+    start = peaks.argmax(-1, keepdim=True) * ARGMAX_CHUNK
+    # the chunk's columns; the ragged last chunk repeats its last column (a repeat is never first)
+    columns = (start + torch.arange(ARGMAX_CHUNK, device=x.device)).clamp_(max=vocab - 1)
+    return (start + rows.gather(1, columns).argmax(-1, keepdim=True)).reshape(x.shape[:-1])
+
+
 def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """argmax of the rows of ``logits`` [..., V] at ``where`` [...], as ``logits[where].argmax(-1)``.
     A selection of at least half the rows runs over the whole tensor where it lies (gathering
     the rows would copy them, and costs more than the rows it skips); a sparse one gathers."""
     if 2 * int(where.sum()) >= where.numel():
-        return logits.argmax(-1)[where]
-    return over_rows(lambda rows: rows.argmax(-1), logits, where)
+        return row_argmax(logits)[where]
+    return over_rows(row_argmax, logits, where)
 
 
 class Noise:
@@ -90,16 +113,18 @@ def nucleus_keep(probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
         inside = upto <= limit if rule == "official" else (upto - order.values) < limit
         inside[:, 0] = True
         return torch.zeros_like(inside).scatter_(1, order.indices, inside)
-    bits, mantissa = (torch.int64, 52) if probs.dtype == torch.float64 else (torch.int32, 23)
-    key = probs.contiguous().view(bits) >> (mantissa - NUCLEUS_SUBBINS_LOG2)
-    bins = (key.amax(-1, keepdim=True) - key).clamp_(max=NUCLEUS_BINS - 1)  # 0 = the top token's bin
-    mass = torch.zeros(n, NUCLEUS_BINS, dtype=probs.dtype, device=probs.device).scatter_add_(1, bins, probs)
+    # the bins come from the float32 pattern even for float64 probs: rounding to float32 keeps the
+    # order (ties may merge, which only moves tokens into one bin); 32-bit passes, in place, cost
+    # half the bytes and no fresh allocations (whose page faults cost as much as the passes)
+    bins = probs.to(torch.float32, copy=True).view(torch.int32).bitwise_right_shift_(23 - NUCLEUS_SUBBINS_LOG2)
+    bins = torch.sub(bins.amax(-1, keepdim=True), bins, out=bins).clamp_(max=NUCLEUS_BINS - 1)  # 0: the top's bin
+    mass = torch.zeros(n, NUCLEUS_BINS, dtype=probs.dtype, device=probs.device).scatter_add_(1, bins.long(), probs)
     cum = mass.cumsum(-1)
     limit = cum[:, -1:] * p
     boundary = ((cum <= limit) if rule == "official" else (cum < limit)).sum(-1, keepdim=True)  # bins before: kept
-    keep = bins < boundary
+    keep = bins < boundary.to(bins.dtype)
     before = (cum - mass).gather(1, boundary.clamp(max=NUCLEUS_BINS - 1)).squeeze(1)  # mass of kept bins
-    rows, cols = (bins == boundary).nonzero(as_tuple=True)  # the straddling bin, row by row
+    rows, cols = (bins == boundary.to(bins.dtype)).nonzero(as_tuple=True)  # the straddling bin, row by row
     if len(rows):
         values = probs[rows, cols]
         order = values.sort(descending=True, stable=True).indices  # ties keep index order...
@@ -128,10 +153,13 @@ def nucleus_log_probs(logits: torch.Tensor, p: float, float64: bool = True, rule
 
 def _exp_weights(logits: torch.Tensor, float64: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(exp(logits - max), max [N, 1]) in a fresh float64 (or float32) tensor: the unnormalised
-    softmax. Sampling never needs the normalisation pass: a CDF is inverted at u x its total."""
+    softmax. Sampling never needs the normalisation pass: a CDF is inverted at u x its total.
+    exp(d) is computed as exp2(d log2 e): within a few ulps of exp, and about twice as fast on CPU
+    (where this is the sampler's largest cost)."""
+    top = logits.amax(-1, keepdim=True)  # in the logits' own dtype (exact; half the bytes)
     weights = logits.to(torch.float64 if float64 else torch.float32, copy=True)
-    top = weights.amax(-1, keepdim=True)
-    return weights.sub_(top).exp_(), top
+    top = top.to(weights.dtype)
+    return weights.sub_(top).mul_(LOG2_E).exp2_(), top
 
 
 def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: bool = True,
@@ -142,29 +170,55 @@ def categorical(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: 
     temperature (Zheng et al. 2024, the fix ReMDM made to MDLM's sampler). The CDF runs in
     vocabulary order over the kept tokens (the nucleus only zeroes the others), so no sort is
     needed; the official code draws from the same distribution by the Gumbel-max trick."""
-    return categorical_scored(logits, u, p, float64, rule)[0]
+    return _draw(logits, u, p, float64, rule, score=False)[0]
 
 
 def categorical_scored(logits: torch.Tensor, u: torch.Tensor, p: float = 1.0, float64: bool = True,
                        rule: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
     """(``categorical``'s draw, its float64 log-probability under the full softmax(logits)) from
     one exponentiation of the rows: LLaDA's confidence of a sampled token costs no second pass."""
+    return _draw(logits, u, p, float64, rule, score=True)
+
+
+def _draw(logits, u, p: float, float64: bool, rule: str, score: bool):
     weights, top = _exp_weights(logits, float64)
-    log_total = weights.sum(-1).log().double()
+    log_total = weights.sum(-1).log().double() if score else None
     if p < 1.0:
         weights.mul_(nucleus_keep(weights, p, rule))
     token = _invert_cdf(weights, u)
-    logp = logits.gather(-1, token).squeeze(-1).double() - top.squeeze(-1).double() - log_total
+    logp = logits.gather(-1, token).squeeze(-1).double() - top.squeeze(-1).double() - log_total if score else None
     return token.squeeze(-1), logp
 
 
 def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Position [N, 1] of the first entry of cumsum(``probs``) above ``u`` x total mass. The target
-    stays below the total, so the position is never past the last token with mass (u = 1, rounding)."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    target = torch.minimum(u.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target.contiguous(), right=True)
+    """Position [N, 1] of the first entry of cumsum(``probs``) above ``u`` x total mass: never a
+    token without mass (the target stays below the total, u = 1 and rounding included).
+
+    Wide rows on CPU are inverted in two levels, which skips the vocabulary-wide running sum (a
+    slow, sequential pass there): the masses of chunks of ARGMAX_CHUNK tokens (a vectorised sum), the
+    first chunk whose cumulative mass passes the target, then the running sum inside that chunk
+    only. The same position as the one-level inversion up to the rounding of the sums."""
+    vocab = probs.shape[-1]
+    if vocab < 8 * ARGMAX_CHUNK or probs.device.type != "cpu":  # a GPU scans in one kernel
+        cdf = probs.cumsum(-1)
+        return torch.searchsorted(cdf, _below(u.to(cdf.dtype) * cdf[:, -1:], cdf[:, -1:]), right=True)
+    whole = vocab // ARGMAX_CHUNK * ARGMAX_CHUNK
+    chunk_mass = probs[:, :whole].unflatten(1, (whole // ARGMAX_CHUNK, ARGMAX_CHUNK)).sum(-1)
+    if whole < vocab:  # the ragged last chunk
+        chunk_mass = torch.cat([chunk_mass, probs[:, whole:].sum(-1, keepdim=True)], 1)
+    chunk_cdf = torch.nn.functional.pad(chunk_mass.cumsum(-1), (1, 0))  # mass before each chunk; total
+    target = _below(u.to(chunk_cdf.dtype) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])
+    chunk = torch.searchsorted(chunk_cdf, target, right=True) - 1  # a chunk with mass: it passes target
+    columns = chunk * ARGMAX_CHUNK + torch.arange(ARGMAX_CHUNK, device=probs.device)
+    weights = probs.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, 0.0)
+    inner = weights.cumsum(-1).add_(chunk_cdf.gather(1, chunk))
+    # rounding can leave the chunk's own running sum at or below the target: its last token with mass
+    return columns.gather(1, torch.searchsorted(inner, _below(target, inner[:, -1:]), right=True))
+
+
+def _below(target: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``target`` [N, 1] kept strictly below ``total``, so the inversion lands on a token with mass."""
+    return torch.minimum(target, torch.nextafter(total, torch.zeros_like(total))).contiguous()
 
 
 def draw_where(where: torch.Tensor, logits: torch.Tensor, u: torch.Tensor, z: torch.Tensor,
@@ -277,7 +331,7 @@ def confidence_step(logits, z, mask_id: int, noise: Noise, temperature: float, c
     def draw_and_score(rows, u_):  # only masked candidates are drawn and scored: rows [n, V]
         if temperature == 1:  # one exponentiation serves the draw and the score
             return categorical_scored(rows, u_[:, None], p, float64, rule)
-        token = rows.argmax(-1) if temperature == 0 else categorical(rows / temperature, u_[:, None], p, float64, rule)
+        token = row_argmax(rows) if temperature == 0 else categorical(rows / temperature, u_[:, None], p, float64, rule)
         # log p(token) = logit - logsumexp: a ranking needs no float64 softmax over the vocabulary
         return token, rows.gather(-1, token[:, None]).squeeze(-1).double() - torch.logsumexp(rows.double(), dim=-1)
 

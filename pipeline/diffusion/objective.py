@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DiffusionConfig
+from pipeline.diffusion.decoding import row_argmax
 
 # model_fn(tokens [B, L], t [B], valid [B, L] | None) -> raw logits [B, L, V]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -108,7 +109,7 @@ def corrector_input(logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor, ma
                     mode: str) -> torch.Tensor:
     """y = sg(argmax x_theta(z_t)) (Alg. 1 line 3). ``masked_only`` keeps x where z_t is visible."""
     with torch.no_grad():
-        y = logits.detach().argmax(dim=-1)
+        y = row_argmax(logits.detach())
         if mode == "masked_only":
             y = torch.where(z_t == mask_id, y, x)
         elif mode != "model_outputs":
