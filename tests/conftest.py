@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,11 @@ from pipeline.config import ModelConfig
 from pipeline.model import Backbone
 
 torch.set_num_threads(1)
+# DeepSpeed JIT-builds its CPU shared-memory op (two C++ compiles, ~1 min of both cores) into
+# TORCH_EXTENSIONS_DIR: one folder for the in-process runs and the subprocesses (train_utils), so
+# a checkout builds it once (the default, ~/.cache, is shared by every checkout's venv and rebuilt
+# whenever another checkout used it)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks into node ids
