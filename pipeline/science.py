@@ -157,6 +157,10 @@ def ratio_line(rows: list[dict], task: str) -> str:
     if r is None:
         return f"{task}: no (a) and (d) results to compare"
     metric = mine[0]["primary"]
+    flat = {x["quality"] for x in _rated(mine) if x["method"] == "a"}
+    if len(flat) == 1:  # e.g. no valid grid at any setting: "reaching" that is no achievement
+        return (f"{task}: MDM (a) scores {_fmt(r['mdm_best'])} {metric} at every setting, so there is no "
+                f"NFE ratio; compare (d)'s column")
     if r["ratio"] is None:
         return f"{task}: ProSeCo (d) does not reach MDM's best {metric} ({_fmt(r['mdm_best'])}) in this sweep"
     verdict = "fewer network evaluations" if r["ratio"] >= 1 else "(ProSeCo needs more network evaluations)"
