@@ -15,7 +15,7 @@ from pipeline.model import Backbone
 
 torch.set_num_threads(1)
 # DeepSpeed JIT-builds its CPU shared-memory op (two C++ compiles, ~1 min of both cores) into
-# TORCH_EXTENSIONS_DIR: one folder for the in-process runs and the subprocesses (train_utils), so
+# TORCH_EXTENSIONS_DIR: one folder for the in-process runs and every subprocess (they inherit it), so
 # a checkout builds it once (the default, ~/.cache, is shared by every checkout's venv and rebuilt
 # whenever another checkout used it)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))

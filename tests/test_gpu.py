@@ -21,8 +21,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # TORCH_EXTENSIONS_DIR: conftest
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):

@@ -28,7 +28,6 @@ def _env(delay: float = 0.0, save_delay: float = 0.0) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # set in this process by an in-process DeepSpeed run: not for the child's launcher
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
     for key, value in ((STEP_DELAY_ENV, delay), (SAVE_DELAY_ENV, save_delay)):
         env.pop(key, None)
         if value:

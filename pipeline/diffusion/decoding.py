@@ -21,7 +21,7 @@ NUCLEUS_SUBBINS_LOG2 = 6  # nucleus bins: 2**6 per octave of probability...
 NUCLEUS_BINS = 2048  # ...over 32 octaves below the top token (the rest share the last bin)
 NUCLEUS_SORT_MAX = 512  # up to this vocabulary a full sort is cheaper than the bins
 LOG2_E = 1.4426950408889634  # 1 / ln 2
-ARGMAX_CHUNK = 128  # row_argmax on CPU: the vocabulary in chunks of this many tokens
+VOCAB_CHUNK = 128  # on CPU, row_argmax and the CDF inversion reduce wide rows chunk by chunk of this many tokens
 
 
 def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torch.Tensor):
@@ -46,25 +46,41 @@ def over_rows(fn, logits: torch.Tensor, where: torch.Tensor, *per_position: torc
     return torch.cat(parts)
 
 
+def _chunked(x: torch.Tensor) -> bool:
+    """Whether the rows of ``x`` take the chunked CPU paths (row_argmax, the CDF inversion): on CPU
+    and at least 8 chunks wide. A GPU does each in one kernel, where the chunks would only add launches."""
+    return x.device.type == "cpu" and x.shape[-1] >= 8 * VOCAB_CHUNK
+
+
+def _per_chunk(rows: torch.Tensor, reduce) -> torch.Tensor:
+    """``reduce(chunk, -1)`` of every chunk of VOCAB_CHUNK tokens of ``rows`` [N, V] (``torch.amax``,
+    ``torch.sum``), the ragged last chunk included: [N, ceil(V / VOCAB_CHUNK)]."""
+    vocab = rows.shape[-1]
+    whole = vocab // VOCAB_CHUNK * VOCAB_CHUNK
+    out = reduce(rows[:, :whole].unflatten(1, (whole // VOCAB_CHUNK, VOCAB_CHUNK)), -1)
+    return torch.cat([out, reduce(rows[:, whole:], -1, keepdim=True)], 1) if whole < vocab else out
+
+
+def _chunk_columns(chunk: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns [N, VOCAB_CHUNK] of chunk ``chunk`` [N, 1] of each row, and which lie inside the
+    vocabulary: past its end (the ragged last chunk) the columns repeat the last one."""
+    columns = chunk * VOCAB_CHUNK + torch.arange(VOCAB_CHUNK, device=chunk.device)
+    return columns.clamp(max=vocab - 1), columns < vocab
+
+
 def row_argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` (the first index of the maximum, NaN counting as the maximum), 2.7-5x faster
     on CPU at vocabulary widths: torch's CPU argmax over a long last dimension runs at a fraction
-    of the vectorised ``amax``. So: the maximum of each chunk of ARGMAX_CHUNK tokens (``amax``),
+    of the vectorised ``amax``. So: the maximum of each chunk of VOCAB_CHUNK tokens (``amax``),
     the first chunk holding the row's maximum, and the argmax within that chunk only. The first
-    chunk holding it holds its first occurrence, so ties resolve as ``argmax``'s. Other devices
-    (one fused kernel there) and narrow rows call ``argmax`` itself."""
-    vocab = x.shape[-1]
-    if x.device.type != "cpu" or vocab < 8 * ARGMAX_CHUNK:
+    chunk holding it holds its first occurrence, so ties resolve as ``argmax``'s (a repeated last
+    column is never first). Other devices and narrow rows call ``argmax`` itself."""
+    if not _chunked(x):
         return x.argmax(-1)
-    rows = x.reshape(-1, vocab)
-    whole = vocab // ARGMAX_CHUNK * ARGMAX_CHUNK
-    peaks = rows[:, :whole].unflatten(1, (whole // ARGMAX_CHUNK, ARGMAX_CHUNK)).amax(-1)
-    if whole < vocab:  # the ragged last chunk
-        peaks = torch.cat([peaks, rows[:, whole:].amax(-1, keepdim=True)], 1)
-    start = peaks.argmax(-1, keepdim=True) * ARGMAX_CHUNK
-    # the chunk's columns; the ragged last chunk repeats its last column (a repeat is never first)
-    columns = (start + torch.arange(ARGMAX_CHUNK, device=x.device)).clamp_(max=vocab - 1)
-    return (start + rows.gather(1, columns).argmax(-1, keepdim=True)).reshape(x.shape[:-1])
+    rows = x.reshape(-1, x.shape[-1])
+    chunk = _per_chunk(rows, torch.amax).argmax(-1, keepdim=True)
+    columns, _ = _chunk_columns(chunk, x.shape[-1])
+    return columns.gather(1, rows.gather(1, columns).argmax(-1, keepdim=True)).reshape(x.shape[:-1])
 
 
 def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -122,9 +138,10 @@ def nucleus_keep(probs: torch.Tensor, p: float, rule: str) -> torch.Tensor:
     cum = mass.cumsum(-1)
     limit = cum[:, -1:] * p
     boundary = ((cum <= limit) if rule == "official" else (cum < limit)).sum(-1, keepdim=True)  # bins before: kept
-    keep = bins < boundary.to(bins.dtype)
+    edge = boundary.to(bins.dtype)
+    keep = bins < edge
     before = (cum - mass).gather(1, boundary.clamp(max=NUCLEUS_BINS - 1)).squeeze(1)  # mass of kept bins
-    rows, cols = (bins == boundary.to(bins.dtype)).nonzero(as_tuple=True)  # the straddling bin, row by row
+    rows, cols = (bins == edge).nonzero(as_tuple=True)  # the straddling bin, row by row
     if len(rows):
         values = probs[rows, cols]
         order = values.sort(descending=True, stable=True).indices  # ties keep index order...
@@ -196,22 +213,17 @@ def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     token without mass (the target stays below the total, u = 1 and rounding included).
 
     Wide rows on CPU are inverted in two levels, which skips the vocabulary-wide running sum (a
-    slow, sequential pass there): the masses of chunks of ARGMAX_CHUNK tokens (a vectorised sum), the
+    slow, sequential pass there): the masses of chunks of VOCAB_CHUNK tokens (a vectorised sum), the
     first chunk whose cumulative mass passes the target, then the running sum inside that chunk
     only. The same position as the one-level inversion up to the rounding of the sums."""
-    vocab = probs.shape[-1]
-    if vocab < 8 * ARGMAX_CHUNK or probs.device.type != "cpu":  # a GPU scans in one kernel
+    if not _chunked(probs):
         cdf = probs.cumsum(-1)
         return torch.searchsorted(cdf, _below(u.to(cdf.dtype) * cdf[:, -1:], cdf[:, -1:]), right=True)
-    whole = vocab // ARGMAX_CHUNK * ARGMAX_CHUNK
-    chunk_mass = probs[:, :whole].unflatten(1, (whole // ARGMAX_CHUNK, ARGMAX_CHUNK)).sum(-1)
-    if whole < vocab:  # the ragged last chunk
-        chunk_mass = torch.cat([chunk_mass, probs[:, whole:].sum(-1, keepdim=True)], 1)
-    chunk_cdf = torch.nn.functional.pad(chunk_mass.cumsum(-1), (1, 0))  # mass before each chunk; total
+    chunk_cdf = torch.nn.functional.pad(_per_chunk(probs, torch.sum).cumsum(-1), (1, 0))  # mass before each chunk; total
     target = _below(u.to(chunk_cdf.dtype) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])
     chunk = torch.searchsorted(chunk_cdf, target, right=True) - 1  # a chunk with mass: it passes target
-    columns = chunk * ARGMAX_CHUNK + torch.arange(ARGMAX_CHUNK, device=probs.device)
-    weights = probs.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, 0.0)
+    columns, inside = _chunk_columns(chunk, probs.shape[-1])
+    weights = probs.gather(1, columns).masked_fill_(~inside, 0.0)
     inner = weights.cumsum(-1).add_(chunk_cdf.gather(1, chunk))
     # rounding can leave the chunk's own running sum at or below the target: its last token with mass
     return columns.gather(1, torch.searchsorted(inner, _below(target, inner[:, -1:]), right=True))
