@@ -61,11 +61,10 @@ def _per_chunk(rows: torch.Tensor, reduce) -> torch.Tensor:
     return torch.cat([out, reduce(rows[:, whole:], -1, keepdim=True)], 1) if whole < vocab else out
 
 
-def _chunk_columns(chunk: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The columns [N, VOCAB_CHUNK] of chunk ``chunk`` [N, 1] of each row, and which lie inside the
-    vocabulary: past its end (the ragged last chunk) the columns repeat the last one."""
-    columns = chunk * VOCAB_CHUNK + torch.arange(VOCAB_CHUNK, device=chunk.device)
-    return columns.clamp(max=vocab - 1), columns < vocab
+def _chunk_columns(start: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The columns [N, VOCAB_CHUNK] of the chunk starting at column ``start`` [N, 1] of each row;
+    past the vocabulary's end (the ragged last chunk) they repeat its last column."""
+    return (start + torch.arange(VOCAB_CHUNK, device=start.device)).clamp_(max=vocab - 1)
 
 
 def row_argmax(x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +77,8 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     if not _chunked(x):
         return x.argmax(-1)
     rows = x.reshape(-1, x.shape[-1])
-    chunk = _per_chunk(rows, torch.amax).argmax(-1, keepdim=True)
-    columns, _ = _chunk_columns(chunk, x.shape[-1])
-    return columns.gather(1, rows.gather(1, columns).argmax(-1, keepdim=True)).reshape(x.shape[:-1])
+    start = _per_chunk(rows, torch.amax).argmax(-1, keepdim=True) * VOCAB_CHUNK
+    return (start + rows.gather(1, _chunk_columns(start, x.shape[-1])).argmax(-1, keepdim=True)).reshape(x.shape[:-1])
 
 
 def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -222,8 +220,10 @@ def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     chunk_cdf = torch.nn.functional.pad(_per_chunk(probs, torch.sum).cumsum(-1), (1, 0))  # mass before each chunk; total
     target = _below(u.to(chunk_cdf.dtype) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])
     chunk = torch.searchsorted(chunk_cdf, target, right=True) - 1  # a chunk with mass: it passes target
-    columns, inside = _chunk_columns(chunk, probs.shape[-1])
-    weights = probs.gather(1, columns).masked_fill_(~inside, 0.0)
+    start = chunk * VOCAB_CHUNK
+    columns = _chunk_columns(start, probs.shape[-1])
+    past_end = torch.arange(VOCAB_CHUNK, device=probs.device) >= probs.shape[-1] - start  # repeated columns
+    weights = probs.gather(1, columns).masked_fill_(past_end, 0.0)
     inner = weights.cumsum(-1).add_(chunk_cdf.gather(1, chunk))
     # rounding can leave the chunk's own running sum at or below the target: its last token with mass
     return columns.gather(1, torch.searchsorted(inner, _below(target, inner[:, -1:]), right=True))
