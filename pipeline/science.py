@@ -19,7 +19,8 @@ from ``cfg.data``) and ``load(out_dir)`` (``train`` [N, SEQ_LEN] and a ``manifes
 
 Written under ``<demo.out_dir>/<task>/``: ``data/``, the models (``mdm/``, ``proseco/``, their run
 folders in ``runs/``), ``eval/`` (the evaluator's results and report), ``results.json`` (every
-point), ``report.md`` (NFE-matched tables with diversity beside quality, the NFE ratio) and one
+point), ``report.md`` (NFE-matched tables with diversity beside quality, the NFE ratio; the same for the
+task's graded metric where it has one: :class:`pipeline.tasks.base.EvalTask`) and one
 quality-and-diversity-vs-NFE PNG per evaluation task; ``<demo.out_dir>/science.md`` summarises
 all tasks. A rerun reuses the trained models (same config and data) and every finished result.
 """
@@ -107,7 +108,9 @@ def to_row(kind: str, item, result: dict) -> dict:
             "nfe": result["nfe"], "nfe_predictor": result["nfe_predictor"], "nfe_corrector": result["nfe_corrector"],
             "primary": result["primary"], "quality": m.get(result["primary"]),
             "higher_is_better": result["higher_is_better"], "diversity_metric": result["diversity"],
-            "diversity": m.get(result["diversity"]) if result["diversity"] else None, "metrics": m}
+            "diversity": m.get(result["diversity"]) if result["diversity"] else None,
+            "graded_metric": result.get("graded"), "graded": m.get(result["graded"]) if result.get("graded") else None,
+            "metrics": m}
 
 
 def evaluate(cfg: Config, module: ModuleType, folder: Path, trained: dict, log) -> list[dict]:
@@ -140,24 +143,36 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _rated(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["quality"] is not None]
+def _rated(rows: list[dict], key: str = "quality") -> list[dict]:
+    return [r for r in rows if r.get(key) is not None]
 
 
-def ratio(rows: list[dict], task: str) -> dict | None:
-    """:func:`pipeline.demo.nfe_ratio` of one evaluation task's rows, in its metric's direction."""
-    mine = _rated([r for r in rows if r["task"] == task])
-    return demo.nfe_ratio(mine, "quality", "nfe", mine[0]["higher_is_better"]) if mine else None
+def _scale(rows: list[dict], task: str, graded: bool) -> tuple[list[dict], str, str, bool]:
+    """``task``'s rows that have the compared metric, its row key, its name and direction: the
+    primary metric, or (``graded``) the task's graded metric, higher is better."""
+    mine = [r for r in rows if r["task"] == task]
+    key = "graded" if graded else "quality"
+    mine = _rated(mine, key)
+    if not mine:
+        return [], key, "", True
+    return (mine, key, mine[0]["graded_metric"], True) if graded else (
+        mine, key, mine[0]["primary"], mine[0]["higher_is_better"])
 
 
-def ratio_line(rows: list[dict], task: str) -> str:
+def ratio(rows: list[dict], task: str, graded: bool = False) -> dict | None:
+    """:func:`pipeline.demo.nfe_ratio` of one evaluation task's rows, in its metric's direction
+    (``graded``: on the task's graded metric instead of its primary)."""
+    mine, key, _, higher = _scale(rows, task, graded)
+    return demo.nfe_ratio(mine, key, "nfe", higher) if mine else None
+
+
+def ratio_line(rows: list[dict], task: str, graded: bool = False) -> str:
     """The NFE ratio at which (d) reaches (a)'s best quality on ``task``, as a sentence."""
-    r = ratio(rows, task)
-    mine = [x for x in rows if x["task"] == task]
+    r = ratio(rows, task, graded)
     if r is None:
-        return f"{task}: no (a) and (d) results to compare"
-    metric = mine[0]["primary"]
-    flat = {x["quality"] for x in _rated(mine) if x["method"] == "a"}
+        return f"{task}: no (a) and (d) results to compare" + (" on a graded metric" if graded else "")
+    mine, key, metric, _ = _scale(rows, task, graded)
+    flat = {x[key] for x in mine if x["method"] == "a"}
     if len(flat) == 1:  # e.g. no valid grid at any setting: "reaching" that is no achievement
         return (f"{task}: MDM (a) scores {_fmt(r['mdm_best'])} {metric} at every setting, so there is no "
                 f"NFE ratio; compare (d)'s column")
@@ -168,30 +183,45 @@ def ratio_line(rows: list[dict], task: str) -> str:
             f"at {r['proseco_nfe']:.1f} NFE: {r['ratio']:.2f}x {verdict}")
 
 
+def ratio_lines(rows: list[dict], task: str) -> list[str]:
+    """:func:`ratio_line` of ``task``'s primary metric, and of its graded metric when it has one."""
+    graded = _has_graded(rows, task)
+    return [ratio_line(rows, task)] + ([ratio_line(rows, task, graded=True) + " (graded metric)"] if graded else [])
+
+
+def _has_graded(rows: list[dict], task: str) -> bool:
+    return any(r["task"] == task and r.get("graded") is not None for r in rows)
+
+
 def _setting(r: dict) -> str:
     corrector = f" S={r['corrector_steps']} ω={r['corrector_every']}" if r["corrector_steps"] else ""
     return f"T={r['steps']}{corrector}"
 
 
-def table(rows: list[dict], task: str) -> list[str]:
+def table(rows: list[dict], task: str, graded: bool = False) -> list[str]:
     """Markdown NFE-matched table of ``task``: per budget and method, the best setting within the
-    budget (its metric's direction) as ``quality / diversity (T, S, omega)``."""
-    mine = [r for r in rows if r["task"] == task]
+    budget (its metric's direction) as ``quality / diversity (T, S, omega)``; ``graded``: of the
+    task's graded metric instead of its primary."""
+    mine, key, metric, hib = _scale(rows, task, graded)
     if not mine:
         return [f"(no results for {task})"]
-    first, hib = mine[0], mine[0]["higher_is_better"]
-    best = nfe_matched(mine, demo.budgets_for(r["nfe"] for r in mine), lambda r: r["quality"], hib,
+    best = nfe_matched(mine, demo.budgets_for(r["nfe"] for r in mine), lambda r: r[key], hib,
                        label="method", labels=METHOD_NAMES)
-    div = first["diversity_metric"] or "no diversity metric"
-    lines = [(f"{task}: {first['primary']} ({'higher' if hib else 'lower'} is better) / {div}, best setting "
+    div = mine[0]["diversity_metric"] or "no diversity metric"
+    lines = [(f"{task}: {metric} ({'higher' if hib else 'lower'} is better) / {div}, best setting "
               "with mean NFE <= budget (T steps, S corrector passes, ω corrector every ω steps)"), "",
              "| NFE <= | " + " | ".join(f"({k}) {n}" for k, n in METHOD_NAMES.items()) + " |",
              "|---:|" + "---|" * len(METHOD_NAMES)]
     for budget in next(iter(best.values())):
         cells = [("-" if (r := best[k][budget]) is None else
-                  f"{_fmt(r['quality'])} / {_fmt(r['diversity'])} ({_setting(r)})") for k in METHOD_NAMES]
+                  f"{_fmt(r[key])} / {_fmt(r['diversity'])} ({_setting(r)})") for k in METHOD_NAMES]
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return lines
+
+
+def tables(rows: list[dict], task: str) -> list[str]:
+    """:func:`table` of ``task``'s primary metric, then of its graded metric when it has one."""
+    return table(rows, task) + (["", *table(rows, task, graded=True)] if _has_graded(rows, task) else [])
 
 
 def frontier(rows: list[dict], higher: bool) -> list[Point]:
@@ -227,7 +257,7 @@ def task_report(name: str, module: ModuleType, rows: list[dict], trained: dict, 
              "(a)-(e) as in pipeline/science.py; each cell: quality / diversity (setting).", "",
              _times(trained, stages)]
     for task in module.SUITE_TASKS:
-        lines += ["", f"## {task}", "", *table(rows, task), "", ratio_line(rows, task), "", f"![{task}]({task}.png)"]
+        lines += ["", f"## {task}", "", *tables(rows, task), "", *ratio_lines(rows, task), "", f"![{task}]({task}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -260,12 +290,14 @@ def run_task(cfg: Config, name: str, out: Path, log) -> dict:
     for task in module.SUITE_TASKS:
         plot(rows, task, folder / f"{task}.png", f"{name}: {task} against NFE")
     ratios = {task: ratio(rows, task) for task in module.SUITE_TASKS}
+    graded = {task: r for task in module.SUITE_TASKS if (r := ratio(rows, task, graded=True))}
     lap("report")
     (folder / "results.json").write_text(json.dumps(
         {"task": name, "suite_tasks": list(module.SUITE_TASKS), "config": to_dict(tcfg), "trained": trained,
-         "results": rows, "ratios": ratios, "stage_seconds": stages}, indent=1))
+         "results": rows, "ratios": ratios, "graded_ratios": graded, "stage_seconds": stages}, indent=1))
     (folder / "report.md").write_text(task_report(name, module, rows, trained, stages))
-    log(f"[{name}] 4/4 report: {folder / 'report.md'}; " + "; ".join(ratio_line(rows, t) for t in module.SUITE_TASKS))
+    log(f"[{name}] 4/4 report: {folder / 'report.md'}; "
+        + "; ".join(line for t in module.SUITE_TASKS for line in ratio_lines(rows, t)))
     return {"name": name, "module": module, "rows": rows, "trained": trained, "stages": stages}
 
 
@@ -277,8 +309,9 @@ def summary(tasks: list[dict], seconds: float) -> str:
               "Each cell: quality / diversity (best setting within the NFE budget).")]
     for t in tasks:
         suite = t["module"].SUITE_TASKS
-        lines += ["", f"## {t['name']}", "", *table(t["rows"], suite[0]), "",
-                  *(f"- {ratio_line(t['rows'], task)}" for task in suite), "", _times(t["trained"], t["stages"]),
+        lines += ["", f"## {t['name']}", "", *tables(t["rows"], suite[0]), "",
+                  *(f"- {line}" for task in suite for line in ratio_lines(t["rows"], task)), "",
+                  _times(t["trained"], t["stages"]),
                   f"(full tables and plots: {t['name']}/report.md)"]
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,30 @@ def test_nfe_ratio_follows_the_metrics_direction():
     assert "no NFE ratio" in line and "x fewer" not in line and "0.80x" not in line
 
 
+def test_graded_metric_gets_its_own_ratio_where_the_primary_is_flat():
+    # valid grids: (a) 0 everywhere; constraints (graded): (a) best 0.40 at 46 NFE, (d) passes it
+    # first at 12 NFE (0.49; the 10-NFE setting has 0.33): 46 / 12 in the graded line only
+    def graded(method, nfe, valid, constraints, corr=0):
+        return {**row(method, nfe, valid, corr=corr), "graded_metric": "constraints", "graded": constraints}
+    rows = [graded("a", 8.0, 0.0, 0.22), graded("a", 46.0, 0.0, 0.40), graded("a", 30.0, 0.0, 0.33),
+            graded("d", 10.0, 0.0, 0.33, corr=1), graded("d", 12.0, 0.0, 0.49, corr=2),
+            graded("d", 23.0, 0.06, 0.74, corr=2), graded("e", 59.0, 0.0, 0.39)]
+    assert science.ratio(rows, "gen", graded=True) == {"mdm_best": 0.40, "mdm_nfe": 46.0, "proseco_nfe": 12.0,
+                                                      "ratio": 46.0 / 12.0}
+    primary, line = science.ratio_lines(rows, "gen")
+    assert "no NFE ratio" in primary
+    assert line == ("gen: ProSeCo (d) reaches MDM's best constraints (0.4 at 46.0 NFE) at 12.0 NFE: "
+                    "3.83x fewer network evaluations (graded metric)")
+    graded_table = science.table(rows, "gen", graded=True)
+    assert graded_table[0].startswith("gen: constraints (higher is better)")
+    at_16 = next(line for line in graded_table if line.startswith("| 16 |")).split(" | ")
+    assert at_16[1] == "0.22 / - (T=8)" and at_16[4] == "0.49 / - (T=8 S=2 ω=1)"  # (a) at 46 NFE is past 16
+    assert science.tables(rows, "gen") == [*science.table(rows, "gen"), "", *graded_table]
+    assert science.ratio_lines(LOWER, "gen") == [science.ratio_line(LOWER, "gen")]  # no graded metric: one line
+    assert science.tables(LOWER, "gen") == science.table(LOWER, "gen")
+    assert science.ratio(LOWER, "gen", graded=True) is None
+
+
 def test_table_puts_diversity_beside_quality_and_picks_by_direction():
     rows = [row("a", 3.0, 0.5, 40), row("a", 7.0, 0.7, 30), row("d", 6.0, 0.9, 35, corr=2, every=4),
             row("e", 4.0, 0.6, 12), row("c", 3.0, 0.4, 50), row("a", 3.0, 1.0, None, task="other")]

@@ -104,7 +104,41 @@ def test_hand_grid_is_valid_and_broken_grids_are_not():
     assert [naive_valid(row) for row in batch.tolist()] == expected
     assert S.is_valid(batch).tolist() == expected
     scores = S.score_generated(torch.stack([good, good, swapped, masked]))
-    assert scores == {"valid": 0.5, "distinct_valid": 1, "distinct": 3, "n": 4}
+    # constraints: swapped breaks columns 1 and 2 (25 of 27 units hold), masked breaks r5, c5, box 5 (24)
+    assert scores == {"valid": 0.5, "constraints": pytest.approx((2 + 25 / 27 + 24 / 27) / 4), "distinct_valid": 1,
+                      "distinct": 3, "n": 4}
+
+
+def naive_units_held(cells: list[int]) -> int:
+    """How many of the 27 rows, columns and boxes hold the tokens 0..8 once (plain lists)."""
+    rows = [cells[9 * r: 9 * r + 9] for r in range(9)]
+    cols = [[cells[9 * r + c] for r in range(9)] for c in range(9)]
+    boxes = [[cells[9 * (3 * b + r) + 3 * s + c] for r in range(3) for c in range(3)]
+             for b in range(3) for s in range(3)]
+    return sum(sorted(g) == list(range(9)) for g in rows + cols + boxes)
+
+
+def test_constraints_grade_how_close_a_grid_comes():
+    good = grid(VALID)
+    one_off = good.clone()
+    one_off[0] = 7  # r1c1 3 -> 8: row 1, column 1 and box 1 now hold two 8s (and no 3)
+    rect = good.clone()  # r1c1 <-> r1c4 (3, 7): row 1 still holds 1-9; columns 1 and 4, boxes 1 and 2 break
+    rect[[0, 3]] = rect[[3, 0]]
+    hand = {"valid": (good, 27), "one digit changed": (one_off, 24), "swap across boxes": (rect, 23),
+            "empty": (torch.full((81,), S.MASK_ID), 0), "all ones": (torch.zeros(81, dtype=torch.long), 0)}
+    for name, (g, held) in hand.items():
+        assert naive_units_held(g.tolist()) == held, name
+        assert S.constraints(g[None]).item() == pytest.approx(held / 27), name
+    gen = torch.Generator().manual_seed(0)  # random damage to the valid grid, checked against the plain count
+    batch = good.repeat(200, 1)
+    for row in batch:
+        cells = torch.randint(0, 81, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen)
+        row[cells] = torch.randint(0, 10, (len(cells),), generator=gen)
+    want = torch.tensor([naive_units_held(r) / 27 for r in batch.tolist()])
+    assert torch.allclose(S.constraints(batch), want) and len(set(want.tolist())) > 5
+    assert torch.equal(S.is_valid(batch), S.constraints(batch) == 1)
+    with pytest.raises(ValueError, match="expected grids of shape"):
+        S.constraints(good)
 
 
 def test_score_solutions_counts_a_rewritten_clue():
@@ -117,7 +151,7 @@ def test_score_solutions_counts_a_rewritten_clue():
     unfinished[1] = S.MASK_ID  # r1c2 is not a clue
     s = S.score_solutions(torch.stack([solution, swapped, unfinished, solution]),
                           puzzle.repeat(4, 1), given.repeat(4, 1))
-    assert s == {"solved": 0.5, "clue_violations": 0.25, "n": 4}
+    assert s == {"solved": 0.5, "constraints": pytest.approx((3 + 24 / 27) / 4), "clue_violations": 0.25, "n": 4}
 
 
 def test_to_text():
@@ -201,7 +235,7 @@ def test_heldout_puzzles_are_unique_disjoint_from_train_and_cycled(tmp_path, mon
     assert torch.equal(cond_puzzles[:40], puzzles) and torch.equal(cond_puzzles[80:], puzzles[:20])
     assert torch.equal(cond_given[40:80], given)
     scores = task.score(torch.cat([held, held, held[:20]]), (cond_puzzles, cond_given))
-    assert scores == {"solved": 1.0, "clue_violations": 0.0}
+    assert scores == {"solved": 1.0, "constraints": 1.0, "clue_violations": 0.0}
     with pytest.raises(ProsecoError, match="different prepared data"):
         S.prepare_data(cfg("data.split_seed=6", "data.puzzle_clues=30"), tmp_path / "d")
 
@@ -215,7 +249,8 @@ def test_eval_tasks_refuse_another_layout():
             with pytest.raises(ProsecoError, match="needs a 9x9 Sudoku model"):
                 task_class(name)(c, {}, bad)
     gen = task_class("sudoku9")(c, {}, info())
-    assert gen.score(grid(VALID)[None], None) == {"valid": 1.0, "distinct_valid": 1.0}
+    assert gen.score(grid(VALID)[None], None) == {"valid": 1.0, "constraints": 1.0, "distinct_valid": 1.0}
+    assert (gen.graded, task_class("sudoku9-solve").graded) == ("constraints", "constraints")
     assert gen.decode(grid(VALID)[None])[0].startswith("389|761|452/764|")
 
 

@@ -345,7 +345,7 @@ def _native_item(loaded: Loaded, item: Item, cfg: Config, out: Path, base: dict,
     samples_file = _write_samples(out, item, [{"i": i, "nfe": int(gen["nfe"][i]), "text": t}
                                               for i, t in enumerate(texts)])
     return {**base, "status": "ok", "weights": loaded.info.weights, "primary": task.primary,
-            "higher_is_better": task.higher_is_better, "diversity": task.diversity,
+            "higher_is_better": task.higher_is_better, "diversity": task.diversity, "graded": task.graded,
             "metrics": metrics, "nfe": float(gen["nfe"].mean()),
             "nfe_predictor": float(gen["nfe_predictor"].mean()),
             "nfe_corrector": float(gen["nfe_corrector"].mean()),

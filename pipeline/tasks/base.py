@@ -16,7 +16,10 @@ Contract (:class:`EvalTask`):
 * ``version``: the scorer's version, part of every result's key: bump it when ``score`` or
   ``conditioning`` changes what they compute, so that old results are recomputed, not reused.
 * ``primary``: the quality metric the report plots against NFE; ``higher_is_better`` says its
-  direction. ``diversity``: the diversity metric shown beside it (or None).
+  direction. ``diversity``: the diversity metric shown beside it (or None). ``graded``: for a task
+  whose primary is all-or-nothing (a complete valid grid), a metric of how close each sample
+  comes, higher is better (or None); the science suite gives its NFE ratio beside the primary's,
+  so that a baseline scoring 0 at every setting still leaves a slope to compare.
 * ``eval_options``: which ``eval.*`` keys set which of the task's options (``proseco eval`` builds
   ``options`` from them).
 * ``__init__(cfg, options, model)``: ``cfg`` is the checkpoint's training config (data.seq_len,
@@ -63,6 +66,7 @@ class EvalTask:
     primary = "?"
     higher_is_better = True
     diversity: str | None = None
+    graded: str | None = None
     eval_options: ClassVar[dict[str, str]] = {}  # option name -> the eval.* key that sets it (empty values are left out)
 
     def __init__(self, cfg: Config, options: dict, model: ModelInfo):

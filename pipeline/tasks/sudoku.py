@@ -339,7 +339,8 @@ class GenerateTask(EvalTask):
 
     def score(self, tokens, conditioning):
         g = self.score_grids(tokens)
-        return {"valid": g["valid"], "distinct_valid": float(g["distinct_valid"])}
+        graded = {self.graded: g[self.graded]} if self.graded else {}
+        return {"valid": g["valid"], **graded, "distinct_valid": float(g["distinct_valid"])}
 
     def decode(self, tokens):
         return [self.grid_text(row).replace("\n", "/") for row in tokens]

@@ -73,13 +73,31 @@ def is_valid(grids: torch.Tensor) -> torch.Tensor:
     Every row, column and box must hold each of the tokens 0..8 once; a row holding the mask id
     or any other id outside 0..8 is invalid (an unfinished sample never counts as a success).
     """
+    return _units_ok(grids).all(dim=1)  # every cell lies in a unit: all units held => all cells are digits
+
+
+def _units_ok(grids: torch.Tensor) -> torch.Tensor:
+    """Which of the 27 units of each row of ``grids`` [N, 81] hold each of the tokens 0..8 once -> Bool [N, 27].
+
+    A cell outside 0..8 (the mask) contributes no bit, so its units fail. Nine powers of two (or
+    zeros) sum to 0b111111111 only when they are the nine distinct powers: a sum with a repeat
+    carries and has fewer than nine bits set.
+    """
     grids = torch.as_tensor(grids).long()
     if grids.dim() != 2 or grids.shape[1] != SEQ_LEN:
         raise ValueError(f"expected grids of shape [N, {SEQ_LEN}], got {tuple(grids.shape)}")
-    digits_ok = ((grids >= 0) & (grids < NUM_DIGITS)).all(dim=1)
     bits = torch.where((grids >= 0) & (grids < NUM_DIGITS), 1 << grids.clamp(0, NUM_DIGITS - 1), 0)
-    group_bits = bits[:, torch.from_numpy(UNITS)].sum(dim=2)  # all-different <=> the sum is 0b111111111
-    return digits_ok & (group_bits == FULL).all(dim=1)
+    return bits[:, torch.from_numpy(UNITS)].sum(dim=2) == FULL
+
+
+def constraints(grids: torch.Tensor) -> torch.Tensor:
+    """The graded score of each row of ``grids`` [N, 81]: the fraction of its 27 units (rows, columns,
+    boxes) that hold each digit once -> FloatTensor[N] (1 exactly for a valid grid, 0 for an empty one).
+
+    Validity is all-or-nothing, and a weak sampler can score 0 valid grids at every setting; this
+    measures how close it comes, so that quality-vs-NFE still has a slope to compare.
+    """
+    return _units_ok(grids).float().mean(dim=1)
 
 
 # ------------------------------------------------------------------------------------ solver
@@ -282,17 +300,19 @@ def _distinct(rows: torch.Tensor) -> int:
 
 
 def score_generated(samples: torch.Tensor) -> dict:
-    """``valid`` (fraction of complete valid grids), ``distinct_valid`` and ``distinct`` of ``samples``
-    [N, 81]: a sampler that collapses onto a few grids shows it in ``distinct_valid``."""
+    """``valid`` (fraction of complete valid grids), ``constraints`` (mean :func:`constraints`),
+    ``distinct_valid`` and ``distinct`` of ``samples`` [N, 81]: a sampler that collapses onto a few
+    grids shows it in ``distinct_valid``."""
     samples = torch.as_tensor(samples).long()
-    ok = is_valid(samples)
-    return {"valid": ok.float().mean().item() if len(samples) else 0.0,
+    ok, mean = is_valid(samples), (lambda x: x.float().mean().item() if len(samples) else 0.0)
+    return {"valid": mean(ok), "constraints": mean(constraints(samples)),
             "distinct_valid": _distinct(samples[ok]), "distinct": _distinct(samples), "n": len(samples)}
 
 
 def score_solutions(solutions: torch.Tensor, puzzles: torch.Tensor, given: torch.Tensor) -> dict:
     """``solved``: fraction of ``solutions`` that are valid grids keeping every given of their puzzle
-    (the puzzles are unique, so this is the puzzle's solution); ``clue_violations``: fraction that
+    (the puzzles are unique, so this is the puzzle's solution); ``constraints``: mean
+    :func:`constraints`; ``clue_violations``: fraction that
     rewrote a given (a sampler bug, not a weakness: givens are never masked). All [N, 81]."""
     solutions, puzzles = torch.as_tensor(solutions).long(), torch.as_tensor(puzzles).long()
     given = torch.as_tensor(given).bool()
@@ -302,7 +322,8 @@ def score_solutions(solutions: torch.Tensor, puzzles: torch.Tensor, given: torch
     rewrote = (given & (solutions != puzzles)).any(dim=1)
     solved = is_valid(solutions) & ~rewrote
     frac = (lambda x: x.float().mean().item()) if len(solutions) else (lambda x: 0.0)
-    return {"solved": frac(solved), "clue_violations": frac(rewrote), "n": len(solutions)}
+    return {"solved": frac(solved), "constraints": frac(constraints(solutions)), "clue_violations": frac(rewrote),
+            "n": len(solutions)}
 
 
 def to_text(grid: torch.Tensor | list[int]) -> str:
@@ -387,11 +408,14 @@ def load(out_dir: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------ evaluation
 class GenerateTask(sudoku.GenerateTask):
     """``sudoku9``: grids generated from scratch, scored by validity and distinct valid grids (the
-    4x4 task's evaluation with this module's layout, scorer and text form)."""
+    4x4 task's evaluation with this module's layout, scorer and text form), and graded by
+    ``constraints`` (version 2 added it)."""
 
     name = NAME
     vocab_size = VOCAB_SIZE
     seq_len = SEQ_LEN
+    version = 2
+    graded = "constraints"
     layout = "a 9x9 Sudoku model"
     score_grids = staticmethod(score_generated)
     grid_text = staticmethod(to_text)
@@ -399,7 +423,7 @@ class GenerateTask(sudoku.GenerateTask):
 
 class SolveTask(GenerateTask):
     """``sudoku9-solve``: the held-out puzzles of ``cfg.data`` (regenerated, cycled to ``n``), scored
-    by ``solved``; ``clue_violations`` must stay 0."""
+    by ``solved`` and graded by ``constraints``; ``clue_violations`` must stay 0."""
 
     name = "sudoku9-solve"
     primary = "solved"
@@ -413,4 +437,4 @@ class SolveTask(GenerateTask):
 
     def score(self, tokens, conditioning):
         s = score_solutions(tokens, *conditioning)
-        return {"solved": s["solved"], "clue_violations": s["clue_violations"]}
+        return {"solved": s["solved"], "constraints": s["constraints"], "clue_violations": s["clue_violations"]}
