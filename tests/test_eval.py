@@ -96,6 +96,19 @@ def test_eval_writes_results_skips_done_items_and_records_failures(model_export,
     assert "NFE-matched" in md.read_text() and "proseco eval" in md.read_text()
 
 
+def test_overrides_of_what_the_model_carries_are_refused_not_ignored(model_export, tmp_path, capsys):
+    # the tasks read data.* (e.g. the puzzles' clue count) from the model's own config: an override
+    # would be dropped without a word and the results labelled as if it had applied
+    for argv in (["eval", str(model_export), "data.puzzle_clues=3", "eval.steps=[2]"],
+                 ["eval", str(model_export), "model.hidden=8"],
+                 ["launch", "eval", "--target", str(model_export), "diffusion.corrector_start_step=5", "--dry-run"]):
+        assert cli.main(argv) == cli.EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert "settings it was trained with" in err and "would change nothing" in err and "Traceback" not in err
+    assert not (model_export / "eval").exists()
+    assert cli.main(["eval", str(model_export), "sampler.seed=3", "eval.steps=[2]", "--dry-run"]) == 0
+
+
 def test_unknown_task_and_incomplete_checkpoint_are_one_line_errors(model_export, tmp_path, capsys):
     assert cli.main(["eval", str(model_export), "eval.tasks=[sudoku16]", "--out", str(tmp_path)]) == cli.EXIT_USER_ERROR
     assert "unknown evaluation task(s) sudoku16" in capsys.readouterr().err

@@ -52,11 +52,28 @@ def _resolve(args: argparse.Namespace) -> Config:
 
         base = config_from_dict(saved_config(args.model))
         return load_config(_preset_paths(args.config), args.overrides, base=base)
+    if args.verb == "eval" or (args.verb == "launch" and args.stage == "eval"):
+        _refuse_model_overrides(args.overrides)
     if args.verb == "demo" and args.suite not in SUITES:
         raise ProsecoError(f"--suite must be one of {', '.join(SUITES)}; got {args.suite!r}")
     default = default_preset(args)
     names = args.config or ([str(default)] if default is not None and default.is_file() else [])
     return load_config(_preset_paths(names), args.overrides)
+
+
+# what a trained model carries: evaluation reads these from the model's own config.yaml
+MODEL_SECTIONS = ("model", "diffusion", "optim", "data", "prep", "checkpoint")
+
+
+def _refuse_model_overrides(overrides: Sequence[str]) -> None:
+    """Evaluation scores a model with the settings it was trained with (data.*, model.*, ... come
+    from its config.yaml), so an override of those sections would silently change nothing."""
+    ignored = [o for o in overrides if o.split(".", 1)[0] in MODEL_SECTIONS]
+    if ignored:
+        raise ProsecoError(
+            f"{', '.join(ignored)}: a model is evaluated with the {'/'.join(MODEL_SECTIONS)} settings it was "
+            "trained with (its config.yaml), so this would change nothing; evaluation is set by eval.*, "
+            "sampler.* and parallel.* (task settings: eval.task_options)")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -54,13 +54,13 @@ def _describe(text: str) -> str:
     return textwrap.fill(" ".join(text.split()), width=88)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
     """Options shared by every verb; added after the verb's own positionals."""
     p.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
-        help="config overrides, e.g. model.hidden=128 optim.steps=500",
+        help=f"config overrides, e.g. {example}",
     )
     p.add_argument(
         "-c",
@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
             (--force: all). A failing item is recorded, the rest still runs, and the exit code is 1.
             --shard i/n runs every n-th item (SLURM arrays: `proseco launch eval --parts n`).
             --dry-run prints the work list and what would run. Models are read with their EMA
-            weights when they have them (eval.weights)."""
+            weights when they have them (eval.weights). Overrides set eval.*, sampler.* and
+            parallel.*; a model brings its own data.*, model.*, diffusion.* and optim.* (overriding
+            those is refused: it would change nothing)."""
         ),
         epilog=_epilog("proseco eval runs/demo/proseco eval.steps=[4,8,16] eval.corrector_steps=[0,1,2]",
                        "proseco eval runs/exp1 eval.tasks=[text] eval.reference_lm=/models/gpt2-large",
@@ -351,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog("proseco config --config owt_small sampler.steps=128 > my_preset.yaml"),
         formatter_class=fmt,
     )
-    for verb_parser in sub.choices.values():  # every verb takes --config, overrides, --dry-run, --debug
-        _add_config_args(verb_parser)
+    for name, verb_parser in sub.choices.items():  # every verb takes --config, overrides, --dry-run, --debug
+        _add_config_args(verb_parser, "eval.steps=[8,16] sampler.nucleus_p=0.9" if name == "eval"
+                         else "model.hidden=128 optim.steps=500")
         verb_parser.set_defaults(verb_parser=verb_parser)
     return parser
 
