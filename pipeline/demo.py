@@ -110,13 +110,17 @@ def train_or_load(kind: str, cfg: Config, data: dict, out: Path, log,
 def nfe_ratio(results: list[dict], metric: str, nfe_key: str, higher: bool = True) -> dict | None:
     """NFE MDM (a) needs for its best quality / NFE ProSeCo (d) needs to reach that quality (the
     paper's headline: the same quality with 2-3x fewer network evaluations). ``higher``: whether a
-    larger ``metric`` is better (False for e.g. a fraction of impossible sequences)."""
+    larger ``metric`` is better (False for e.g. a fraction of impossible sequences). No ratio
+    (``ratio`` None, ``flat`` True) when MDM scores the same at every setting: more NFE buys it
+    nothing, so "reaching its best" compares nothing."""
     sign = 1 if higher else -1
     base = [r for r in results if r["method"] == "a"]
     ours = [r for r in results if r["method"] == "d"]
     if not base or not ours:
         return None
     best = max(base, key=lambda r: (sign * r[metric], -r[nfe_key]))
+    if len({r[metric] for r in base}) == 1:  # e.g. no valid grid at any setting: reaching that is no result
+        return {"mdm_best": best[metric], "mdm_nfe": best[nfe_key], "proseco_nfe": None, "ratio": None, "flat": True}
     reach = [r for r in ours if sign * r[metric] >= sign * best[metric]]
     if not reach:
         return {"mdm_best": best[metric], "mdm_nfe": best[nfe_key], "proseco_nfe": None, "ratio": None}
@@ -146,6 +150,8 @@ def format_report(results: list[dict], budgets: list[int], trained: dict) -> str
         if ratio and ratio["ratio"]:
             lines.append(f"  ProSeCo (d) reaches MDM's best {metric} ({ratio['mdm_best']:.1%} at {ratio['mdm_nfe']:.1f} NFE)"
                          f" at {ratio['proseco_nfe']:.1f} NFE: {ratio['ratio']:.2f}x fewer network evaluations")
+        elif ratio and ratio.get("flat"):
+            lines.append(f"  MDM (a) scores {ratio['mdm_best']:.1%} {metric} at every setting: no NFE ratio")
         elif ratio:
             lines.append(f"  ProSeCo (d) does not reach MDM's best {metric} ({ratio['mdm_best']:.1%}) in this sweep")
     lines.append("\ntraining: " + ", ".join(f"{k} {v['steps']} steps / {v['seconds']:.0f} s" for k, v in trained.items()))

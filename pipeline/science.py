@@ -171,9 +171,8 @@ def ratio_line(rows: list[dict], task: str, graded: bool = False) -> str:
     r = ratio(rows, task, graded)
     if r is None:
         return f"{task}: no (a) and (d) results to compare" + (" on a graded metric" if graded else "")
-    mine, key, metric, _ = _scale(rows, task, graded)
-    flat = {x[key] for x in mine if x["method"] == "a"}
-    if len(flat) == 1:  # e.g. no valid grid at any setting: "reaching" that is no achievement
+    metric = _scale(rows, task, graded)[2]
+    if r.get("flat"):
         return (f"{task}: MDM (a) scores {_fmt(r['mdm_best'])} {metric} at every setting, so there is no "
                 f"NFE ratio; compare (d)'s column")
     if r["ratio"] is None:

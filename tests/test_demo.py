@@ -38,6 +38,13 @@ def test_nfe_ratio_is_mdm_best_nfe_over_proseco_nfe_to_match_it():
     assert ratio == {"mdm_best": 0.55, "mdm_nfe": 13.0, "proseco_nfe": 9.0, "ratio": pytest.approx(13 / 9)}
     never = [r for r in RESULTS if not (r["method"] == "d" and r["valid"] > 0.5)]
     assert demo.nfe_ratio(never, "valid", "nfe")["ratio"] is None
+    # MDM at 0 everywhere: (d) "reaching" 0 at 6 NFE would read as 4 / 6; there is no ratio, and the report says so
+    flat = [{**r, "valid": 0.0} if r["method"] == "a" else r for r in RESULTS]
+    assert demo.nfe_ratio(flat, "valid", "nfe") == {"mdm_best": 0.0, "mdm_nfe": 4.0, "proseco_nfe": None,
+                                                    "ratio": None, "flat": True}
+    text = demo.format_report([{**r, "solved": r["valid"], "solve_nfe": r["nfe"], "distinct_valid": 1} for r in flat],
+                              [4, 8, 16], {"mdm": {"steps": 2, "seconds": 1.0}, "proseco": {"steps": 1, "seconds": 1.0}})
+    assert "MDM (a) scores 0.0% valid at every setting: no NFE ratio" in text and "fewer network" not in text
 
 
 def test_report_names_every_method_and_budget():
