@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.wordproblems import write_sets
+from pipeline.cli import MODEL_SECTIONS
 from pipeline.evaluation.report import load_results, usable
 
 
@@ -70,8 +71,11 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out).resolve()
     init = args.model or default_model()
-    common = ["--config", "text", f"model.init={init}", "model.vocab_size=null", f"data.seq_len={args.seq}",
-              f"model.max_seq_len={args.seq}", "log.wandb=disabled", *args.extra]
+    # eval takes the model's own model.* / data.* from its run (and refuses them as overrides)
+    evaluated = [o for o in args.extra if o.split(".", 1)[0] not in MODEL_SECTIONS]
+    shared = ["--config", "text", "log.wandb=disabled"]
+    common = [*shared, f"model.init={init}", "model.vocab_size=null", f"data.seq_len={args.seq}",
+              f"model.max_seq_len={args.seq}", *args.extra]
     sets = write_sets(out / "data", args.train, args.questions, seed=0)
     print(f"data: {sets['n_train']} training problems, {sets['n_heldout']} held-out questions in {out / 'data'}")
     shards = out / "shards"
@@ -83,7 +87,7 @@ def main() -> int:
                 f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.ema=0", "log.every=1", "log.val_every=0", f"checkpoint.every={steps}")
     evals = out / "eval"
     for kind in ("mdm", "proseco"):  # a failed item is reported and the table shows the rest
-        proseco("eval", str(out / "runs" / kind), *common, "eval.tasks=[gsm8k]",
+        proseco("eval", str(out / "runs" / kind), *shared, *evaluated, "eval.tasks=[gsm8k]",
                 f"eval.gsm8k_questions={sets['heldout']}", "eval.samplers=[confidence]",
                 f"eval.steps=[{args.steps_grid}]", "eval.corrector_steps=[0,1]", "eval.corrector_every=[1]",
                 f"eval.num_samples={args.questions}", f"sampler.block_size={args.block}", "--out", str(evals), check=False)
