@@ -162,7 +162,7 @@ def test_prep_dry_run_shows_the_array_each_partition_and_the_dependent_merge(tmp
     assert not out.with_name("shards.jobs").exists()
 
 
-def test_eval_dry_run_shows_the_array_and_each_shard(tmp_path, capsys):
+def test_eval_dry_run_shows_the_array_and_each_shard(tmp_path, capsys, monkeypatch):
     from pipeline.artifact import write_export
     from pipeline.model import Backbone
     from pipeline.tasks import sudoku
@@ -177,6 +177,19 @@ def test_eval_dry_run_shows_the_array_and_each_shard(tmp_path, capsys):
     assert "#SBATCH --array=0-1%2" in array
     assert f"proseco eval {model} --shard 1/2 --out {out}" in tasks
     assert not out.exists()
+
+    # the array tasks start in the repository: files named relative to where launch ran become absolute
+    (tmp_path / "q.jsonl").write_text("{}\n")
+    (tmp_path / "yaml_a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["launch", "eval", "--target", "tiny", "--parts", "2", "--config", "cluster_local",
+                     "eval.out=eval", "eval.gsm8k_questions=q.jsonl", f"eval.lm_eval_include=yaml_a{os.pathsep}gone",
+                     "--dry-run"]) == 0
+    _, tasks, config = _sections(capsys.readouterr().out).values()
+    e = yaml.safe_load(config)["eval"]
+    assert e["gsm8k_questions"] == str(tmp_path / "q.jsonl") and e["reference_lm"] == "smollm2"
+    assert e["lm_eval_include"] == f"{tmp_path / 'yaml_a'}{os.pathsep}gone"  # a missing folder stays for eval's own error
+    assert f"proseco eval {model} --shard 0/2 --out {out}" in tasks
 
 
 def test_a_gpu_sized_run_without_gpus_warns_and_cluster_gpu_asks_for_eight(tmp_path, capsys):

@@ -110,6 +110,22 @@ def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     return 0
 
 
+EVAL_FILES = ("reference_lm", "mauve_reference", "gsm8k_questions", "qm9_train_smiles")  # eval.* that name files
+
+
+def _absolute_eval_files(cfg: Config) -> None:
+    """The eval.* files and folders that exist from here, made absolute: the array tasks start in
+    the repository, where a relative path would name another file or none. Values that are not
+    paths here (``smollm2``, ``none``) are left as they are."""
+    def absolute(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    e = cfg.eval
+    for key in EVAL_FILES:
+        setattr(e, key, absolute(getattr(e, key)))
+    e.lm_eval_include = os.pathsep.join(absolute(p) for p in e.lm_eval_include.split(os.pathsep) if p)
+
+
 def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> int:
     """``proseco eval`` as an array job of ``parts`` shards; results land in one folder."""
     from pipeline.evaluation import runner
@@ -118,6 +134,7 @@ def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> in
     runner.resolve_models(spec)  # a bad spec fails here, before anything is submitted
     out = (Path(cfg.eval.out) if cfg.eval.out else runner.default_out(spec, cfg)).resolve()
     spec = str(Path(spec).resolve()) if not any(c in spec for c in "*?[") else spec
+    _absolute_eval_files(cfg)
     params = _one_process(cfg, cfg.cluster.job_name or "proseco-eval")
     script = job_script(cfg, out / "slurm", params, array=parts)
     if dry_run:
