@@ -48,13 +48,18 @@ def grid(text: str) -> torch.Tensor:
     return torch.tensor(cells, dtype=torch.long)
 
 
-def naive_valid(cells: list[int]) -> bool:
-    """Every row, column and box holds the tokens 0..8 once (independent of the code under test)."""
+def naive_units(cells: list[int]) -> list[list[int]]:
+    """The 9 rows, 9 columns and 9 boxes of ``cells`` as plain lists (independent of the code under test)."""
     rows = [cells[9 * r: 9 * r + 9] for r in range(9)]
     cols = [[cells[9 * r + c] for r in range(9)] for c in range(9)]
     boxes = [[cells[9 * (3 * b + r) + 3 * s + c] for r in range(3) for c in range(3)]
              for b in range(3) for s in range(3)]
-    return all(sorted(g) == list(range(9)) for g in rows + cols + boxes)
+    return rows + cols + boxes
+
+
+def naive_valid(cells: list[int]) -> bool:
+    """Every row, column and box holds the tokens 0..8 once."""
+    return all(sorted(g) == list(range(9)) for g in naive_units(cells))
 
 
 def naive_count(cells: list[int], limit: int = 2) -> int:
@@ -110,12 +115,8 @@ def test_hand_grid_is_valid_and_broken_grids_are_not():
 
 
 def naive_units_held(cells: list[int]) -> int:
-    """How many of the 27 rows, columns and boxes hold the tokens 0..8 once (plain lists)."""
-    rows = [cells[9 * r: 9 * r + 9] for r in range(9)]
-    cols = [[cells[9 * r + c] for r in range(9)] for c in range(9)]
-    boxes = [[cells[9 * (3 * b + r) + 3 * s + c] for r in range(3) for c in range(3)]
-             for b in range(3) for s in range(3)]
-    return sum(sorted(g) == list(range(9)) for g in rows + cols + boxes)
+    """How many of the 27 rows, columns and boxes hold the tokens 0..8 once."""
+    return sum(sorted(g) == list(range(9)) for g in naive_units(cells))
 
 
 def test_constraints_grade_how_close_a_grid_comes():
