@@ -37,10 +37,12 @@ under activation checkpointing is not counted). Step time = FLOPs of the step pe
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
 from pipeline.config import Config
+from pipeline.config.validate import validate
 from pipeline.errors import ProsecoError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -125,6 +127,18 @@ class Layout:
     dp: int  # data-parallel size
     tp: int = 1  # tensor-parallel size
     shard: int = 0  # ZeRO stage: 0 nothing, 1 optimizer, 2 + gradients, 3 + weights (FSDP2 = 3)
+
+    def applied(self, cfg: Config, checkpointing: bool) -> Config:
+        """``cfg`` with this layout (and ``parallel.activation_checkpointing=checkpointing``) selected."""
+        par = dataclasses.replace(cfg.parallel, activation_checkpointing=checkpointing)
+        if self.backend == "deepspeed":
+            par = dataclasses.replace(par, backend="deepspeed", zero_stage=self.shard)
+        elif self.backend == "megatron":
+            par = dataclasses.replace(par, backend="megatron", tp_size=self.tp)
+        else:
+            par = dataclasses.replace(par, backend="torch",
+                                      distributed="fsdp" if self.shard else "ddp" if self.dp > 1 else "none")
+        return dataclasses.replace(cfg, parallel=par)
 
     @property
     def overrides(self) -> str:
@@ -273,6 +287,8 @@ class PlanRow:
     memory_ckpt: Memory  # the same with activation checkpointing
     fits: bool
     fits_ckpt: bool
+    refused: str | None = None  # why `proseco train` would refuse this layout for the config (None: it runs)
+    refused_ckpt: str | None = None  # the same with activation checkpointing
 
 
 @dataclass(frozen=True)
@@ -308,7 +324,8 @@ def plan(cfg: Config, gpus: int, gpu_mem: int, peak_tflops: float, mfu: float) -
     rows = []
     for lay in layouts(cfg, vocab, gpus):
         mem, mem_ck = memory(cfg, vocab, lay, False), memory(cfg, vocab, lay, True)
-        rows.append(PlanRow(lay, mem, mem_ck, mem.total <= gpu_mem, mem_ck.total <= gpu_mem))
+        rows.append(PlanRow(lay, mem, mem_ck, mem.total <= gpu_mem, mem_ck.total <= gpu_mem,
+                            refusal(lay.applied(cfg, False)), refusal(lay.applied(cfg, True))))
     chosen = layout_of(cfg, gpus)
     fpt = flops_per_token(cfg.model, vocab, cfg.data.seq_len, passes_of(cfg))
     tokens = cfg.optim.batch_size * cfg.optim.grad_accum * cfg.data.seq_len * chosen.dp  # per optimizer step
@@ -317,8 +334,22 @@ def plan(cfg: Config, gpus: int, gpu_mem: int, peak_tflops: float, mfu: float) -
                 tokens / gpus / step_s, mfu, peak_tflops)
 
 
+def refusal(cfg: Config) -> str | None:
+    """The configuration check's message when ``cfg`` would be refused (the planner lists only what
+    `proseco train` runs: one owner, :func:`pipeline.config.validate.validate`, decides)."""
+    try:
+        validate(cfg)
+    except ProsecoError as exc:
+        return str(exc)
+    return None
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
+
+
+def _fits(fits: bool, refused: str | None) -> str:
+    return "refused" if refused else "yes" if fits else "NO"
 
 
 def format_plan(p: Plan, cfg: Config) -> str:
@@ -334,18 +365,25 @@ def format_plan(p: Plan, cfg: Config) -> str:
         "(act ckpt: with parallel.activation_checkpointing=true)"),
         "",
         (f"{'layout':<8} {'weights':>8} {'grads':>7} {'optim':>7} {'ema':>6} {'other':>6} {'activ':>7} {'logits':>7} "
-        f"{'total':>7} {'fits':>5} | {'act ckpt':>8} {'fits':>5}  overrides"),
+        f"{'total':>7} {'fits':>7} | {'act ckpt':>8} {'fits':>7}  overrides"),
     ]
     for r in p.rows:
         mem, ck = r.memory, r.memory_ckpt
         lines.append(
             f"{r.layout.name + ('*' if r.layout == p.chosen else ''):<8} {_gib(mem.weights):>8} {_gib(mem.grads):>7} {_gib(mem.optimizer):>7} "
             f"{_gib(mem.ema):>6} {_gib(mem.buckets + mem.gathered):>6} {_gib(mem.activations):>7} "
-            f"{_gib(mem.logits):>7} {_gib(mem.total):>7} {'yes' if r.fits else 'NO':>5} | {_gib(ck.total):>8} "
-            f"{'yes' if r.fits_ckpt else 'NO':>5}  {r.layout.overrides}")
+            f"{_gib(mem.logits):>7} {_gib(mem.total):>7} {_fits(r.fits, r.refused):>7} | {_gib(ck.total):>8} "
+            f"{_fits(r.fits_ckpt, r.refused_ckpt):>7}  {r.layout.overrides}")
+    refused = {}
+    for r in p.rows:
+        if r.refused:
+            refused[r.layout.name + (" (both)" if r.refused_ckpt == r.refused else "")] = r.refused
+        if r.refused_ckpt and r.refused_ckpt != r.refused:
+            refused[f"{r.layout.name} with act ckpt"] = r.refused_ckpt
     lines += [
         "",
         f"* = the layout of the config ({p.chosen.overrides})",
+        *(f"refused: {name}: {why}" for name, why in refused.items()),
         (f"throughput {p.flops_per_token / 1e9:.3f} GFLOP per token ({'both passes, ' if passes_of(cfg) == 2 else ''}"
         f"6N + attention), {p.tokens_per_step:,} tokens per optimizer step on {p.gpus} devices"),
         (f"           at MFU {p.mfu:.0%} of {p.peak_tflops:g} TFLOP/s: {p.step_s:.3g} s per step, "

@@ -12,6 +12,7 @@ from pipeline.plan import (
     GIB,
     Layout,
     flops_per_token,
+    format_plan,
     layout_of,
     layouts,
     memory,
@@ -124,6 +125,24 @@ def test_plan_step_time_and_fit():
     assert [r.layout.name for r in p.rows] == ["ddp", "fsdp", "zero1", "zero2", "zero3", "tp2", "tp4"]
     assert all(r.fits == (r.memory.total <= 80 * GIB) for r in p.rows)
     assert not plan(cfg, 8, 1 * GIB, 1000.0, 0.5).rows[0].fits
+
+
+def test_layouts_the_config_check_refuses_are_marked_with_its_reason():
+    # ZeRO-3 cannot run with activation checkpointing, nor at all with a tied embedding/head
+    # (pipeline/config/validate.py): the plan must not offer them as fitting
+    untied = plan(_cfg("model.vocab_size=16", "model.tie_embeddings=false"), 8, 80 * GIB, 1000.0, 0.5)
+    rows = {r.layout.name: r for r in untied.rows}
+    assert rows["zero3"].refused is None and "activation_checkpointing" in rows["zero3"].refused_ckpt
+    assert all(r.refused is None and r.refused_ckpt is None for n, r in rows.items() if n != "zero3")
+    tied = plan(_cfg("model.vocab_size=16", "model.tie_embeddings=true"), 8, 80 * GIB, 1000.0, 0.5)
+    zero3 = next(r for r in tied.rows if r.layout.name == "zero3")
+    assert "tie_embeddings" in zero3.refused and zero3.refused == zero3.refused_ckpt
+    text = format_plan(tied, _cfg("model.vocab_size=16", "model.tie_embeddings=true"))
+    line = next(x for x in text.splitlines() if x.startswith("zero3"))
+    assert line.count("refused") == 2 and " yes " not in line
+    assert "refused: zero3 (both): parallel.zero_stage=3 cannot partition the tied embedding" in text
+    assert "refused: zero3 with act ckpt: parallel.activation_checkpointing=true" in format_plan(
+        untied, _cfg("model.vocab_size=16", "model.tie_embeddings=false"))
 
 
 def test_layouts_and_layout_of():
