@@ -425,6 +425,27 @@ def test_categorical_with_nucleus_samples_only_the_top_set():
     assert categorical(logits, u, p=0.6).tolist() == [1, 1, 1, 1]  # official: 0.5 + 0.3 > 0.6
 
 
+def test_split_logits_read_like_the_merged_tensor_and_settle_only_what_is_kept():
+    """The row cache's SplitLogits (sequences 1 and 3 recomputed) against a merged tensor built by
+    hand: every reader sees the same rows, and settling writes only the kept fresh sequences."""
+    from pipeline.diffusion.decoding import SplitLogits, argmax_at, over_rows
+
+    gen = torch.Generator().manual_seed(0)
+    base, fresh = torch.randn(4, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    hand = base.clone()
+    hand[1], hand[3] = fresh[0], fresh[1]
+    split = SplitLogits(base.clone(), fresh, torch.tensor([1, 3]))
+    assert torch.equal(split.merged(), hand) and split.shape == hand.shape
+    for where in (torch.rand(4, 5, generator=gen) < 0.5, torch.ones(4, 5, dtype=torch.bool),
+                  torch.zeros(4, 5, dtype=torch.bool), torch.eye(4, 5, dtype=torch.bool)):
+        assert torch.equal(over_rows(lambda r: r * 2, split, where), hand[where] * 2)
+        assert torch.equal(argmax_at(split, where), hand[where].argmax(-1))
+    assert torch.equal(split.take(torch.tensor([16, 0, 5, 19, 7])), hand.reshape(20, 7)[[16, 0, 5, 19, 7]])
+    keep = torch.tensor([True, False, True, True])  # sequence 3 keeps its fresh logits, 1 will be recomputed
+    settled = split.settle(keep)
+    assert torch.equal(settled[3], fresh[1]) and torch.equal(settled[1], base[1]) and torch.equal(settled[0], base[0])
+
+
 @pytest.mark.parametrize("vocab", [1024, 1100, 8192])
 def test_row_argmax_is_torch_argmax(vocab):
     """The chunked CPU argmax returns torch.argmax's index: random rows, maxima tied across

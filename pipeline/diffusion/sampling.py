@@ -44,6 +44,7 @@ from pipeline.config import SamplerConfig
 from pipeline.diffusion.decoding import (  # noqa: F401  (re-exported: the sampler's public pieces)
     NUCLEUS_RULES,
     Noise,
+    SplitLogits,
     ancestral_step,
     argmax_at,
     categorical,
@@ -107,9 +108,11 @@ class Denoiser:
         return logits
 
     def __call__(self, tokens: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, kind: str,
-                 previous: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
-        """Logits (mask logit -inf) for ``rows``; other rows keep ``previous`` (updated in place
-        when ``inplace``: the caller owns it and no longer needs the old rows)."""
+                 previous: torch.Tensor | SplitLogits | None, inplace: bool = False) -> torch.Tensor | SplitLogits:
+        """Logits (mask logit -inf) for ``rows``; other rows keep ``previous``. ``inplace``: the
+        caller owns ``previous`` and no longer needs it, so the result may reuse its storage: a
+        :class:`SplitLogits` over it and the new rows, with no copy of the new rows. Otherwise a
+        new tensor."""
         if previous is None or bool(rows.all()):
             self.nfe[kind] += 1
             return self._run(tokens, t)
@@ -119,9 +122,10 @@ class Denoiser:
         fresh = self._run(tokens[idx], t[idx])
         self.nfe[kind][idx] += 1
         if inplace:
-            previous[idx] = fresh
-            return previous
-        return previous.index_put((idx,), fresh)
+            base = previous.settle(~rows) if isinstance(previous, SplitLogits) else previous
+            return SplitLogits(base, fresh, idx)
+        merged = previous.merged() if isinstance(previous, SplitLogits) else previous
+        return merged.index_put_((idx,), fresh) if merged is not previous else merged.index_put((idx,), fresh)
 
 
 # ----------------------------------------------------------------------------- the corrector loop
