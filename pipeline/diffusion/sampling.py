@@ -110,9 +110,9 @@ class Denoiser:
     def __call__(self, tokens: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, kind: str,
                  previous: torch.Tensor | SplitLogits | None, inplace: bool = False) -> torch.Tensor | SplitLogits:
         """Logits (mask logit -inf) for ``rows``; other rows keep ``previous``. ``inplace``: the
-        caller owns ``previous`` and no longer needs it, so the result may reuse its storage: a
-        :class:`SplitLogits` over it and the new rows, with no copy of the new rows. Otherwise a
-        new tensor."""
+        caller owns ``previous`` and no longer needs it, so the result may reuse its storage: on
+        CPU a :class:`SplitLogits` over it and the new rows (no copy of the new rows), on a GPU
+        ``previous`` with the new rows copied in (one kernel). Otherwise a new tensor."""
         if previous is None or bool(rows.all()):
             self.nfe[kind] += 1
             return self._run(tokens, t)
@@ -121,6 +121,9 @@ class Denoiser:
         idx = rows.nonzero().squeeze(1)
         fresh = self._run(tokens[idx], t[idx])
         self.nfe[kind][idx] += 1
+        if inplace and fresh.device.type != "cpu":  # one copy kernel; a SplitLogits read adds launches and syncs
+            previous[idx] = fresh
+            return previous
         if inplace:
             base = previous.settle(~rows) if isinstance(previous, SplitLogits) else previous
             return SplitLogits(base, fresh, idx)
