@@ -223,26 +223,27 @@ def tables(rows: list[dict], task: str) -> list[str]:
     return table(rows, task) + (["", *table(rows, task, graded=True)] if _has_graded(rows, task) else [])
 
 
-def frontier(rows: list[dict], higher: bool) -> list[Point]:
+def frontier(rows: list[dict], higher: bool, key: str = "quality") -> list[Point]:
     """A method's quality-vs-NFE frontier: the settings better than every cheaper one (the best
-    quality the method reaches within each NFE), with their diversity."""
+    quality the method reaches within each NFE), with their diversity; ``key``: the row's metric
+    (``quality``, or ``graded``)."""
     sign, out, top = (1 if higher else -1), [], None
-    for r in sorted(_rated(rows), key=lambda r: (r["nfe"], -sign * r["quality"])):
-        if top is None or sign * r["quality"] > sign * top:
-            out.append(Point(r["nfe"], r["quality"], r["diversity"]))
-            top = r["quality"]
+    for r in sorted(_rated(rows, key), key=lambda r: (r["nfe"], -sign * r[key])):
+        if top is None or sign * r[key] > sign * top:
+            out.append(Point(r["nfe"], r[key], r["diversity"]))
+            top = r[key]
     return out
 
 
-def plot(rows: list[dict], task: str, path: Path, title: str) -> None:
-    """Quality (and diversity, second panel) against NFE for ``task``: one line per method (a)-(e)."""
-    mine = [r for r in rows if r["task"] == task]
+def plot(rows: list[dict], task: str, path: Path, title: str, graded: bool = False) -> None:
+    """Quality (and diversity, second panel) against NFE for ``task``: one line per method (a)-(e);
+    ``graded``: of the task's graded metric."""
+    mine, key, metric, higher = _scale(rows, task, graded)
     if not mine:
         return
-    first = mine[0]
-    lines = {f"({k}) {n}": frontier([r for r in mine if r["method"] == k], first["higher_is_better"])
+    lines = {f"({k}) {n}": frontier([r for r in mine if r["method"] == k], higher, key)
              for k, n in METHOD_NAMES.items() if any(r["method"] == k for r in mine)}
-    save(quality_figure(lines, first["primary"], first["higher_is_better"], first["diversity_metric"], title), path)
+    save(quality_figure(lines, metric, higher, mine[0]["diversity_metric"], title), path)
 
 
 def _times(trained: dict, stages: dict) -> str:
@@ -256,7 +257,9 @@ def task_report(name: str, module: ModuleType, rows: list[dict], trained: dict, 
              "(a)-(e) as in pipeline/science.py; each cell: quality / diversity (setting).", "",
              _times(trained, stages)]
     for task in module.SUITE_TASKS:
-        lines += ["", f"## {task}", "", *tables(rows, task), "", *ratio_lines(rows, task), "", f"![{task}]({task}.png)"]
+        graded = [f"![{task}, graded]({task}-graded.png)"] if _has_graded(rows, task) else []
+        lines += ["", f"## {task}", "", *tables(rows, task), "", *ratio_lines(rows, task), "", f"![{task}]({task}.png)",
+                  *graded]
     return "\n".join(lines) + "\n"
 
 
@@ -288,6 +291,8 @@ def run_task(cfg: Config, name: str, out: Path, log) -> dict:
     lap("eval")
     for task in module.SUITE_TASKS:
         plot(rows, task, folder / f"{task}.png", f"{name}: {task} against NFE")
+        if _has_graded(rows, task):
+            plot(rows, task, folder / f"{task}-graded.png", f"{name}: {task}, graded metric, against NFE", graded=True)
     ratios = {task: ratio(rows, task) for task in module.SUITE_TASKS}
     graded = {task: r for task in module.SUITE_TASKS if (r := ratio(rows, task, graded=True))}
     lap("report")

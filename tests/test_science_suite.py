@@ -46,7 +46,7 @@ def test_nfe_ratio_follows_the_metrics_direction():
     assert "no NFE ratio" in line and "x fewer" not in line and "0.80x" not in line
 
 
-def test_graded_metric_gets_its_own_ratio_where_the_primary_is_flat():
+def test_graded_metric_gets_its_own_ratio_where_the_primary_is_flat(tmp_path):
     # valid grids: (a) 0 everywhere; constraints (graded): (a) best 0.40 at 46 NFE, (d) passes it
     # first at 12 NFE (0.49; the 10-NFE setting has 0.33): 46 / 12 in the graded line only
     def graded(method, nfe, valid, constraints, corr=0):
@@ -67,6 +67,11 @@ def test_graded_metric_gets_its_own_ratio_where_the_primary_is_flat():
     assert science.tables(rows, "gen") == [*science.table(rows, "gen"), "", *graded_table]
     assert science.ratio_lines(LOWER, "gen") == [science.ratio_line(LOWER, "gen")]  # no graded metric: one line
     assert science.tables(LOWER, "gen") == science.table(LOWER, "gen")
+    d = [r for r in rows if r["method"] == "d"]  # graded frontier: 0.33 @ 10, 0.49 @ 12, 0.74 @ 23
+    assert [(p.nfe, p.quality) for p in science.frontier(d, True, "graded")] == [(10.0, 0.33), (12.0, 0.49), (23.0, 0.74)]
+    assert [(p.nfe, p.quality) for p in science.frontier(d, True)] == [(10.0, 0.0), (23.0, 0.06)]
+    science.plot(rows, "gen", tmp_path / "gen-graded.png", "t", graded=True)
+    assert (tmp_path / "gen-graded.png").stat().st_size > 1000
     assert science.ratio(LOWER, "gen", graded=True) is None
 
 
