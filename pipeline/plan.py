@@ -128,26 +128,25 @@ class Layout:
     tp: int = 1  # tensor-parallel size
     shard: int = 0  # ZeRO stage: 0 nothing, 1 optimizer, 2 + gradients, 3 + weights (FSDP2 = 3)
 
+    @property
+    def settings(self) -> dict:
+        """The parallel.* values besides the backend that select this layout."""
+        if self.backend == "deepspeed":
+            return {"zero_stage": self.shard}
+        if self.backend == "megatron":
+            return {"tp_size": self.tp}
+        return {"distributed": "fsdp" if self.shard else "ddp" if self.dp > 1 else "none"}
+
     def applied(self, cfg: Config, checkpointing: bool) -> Config:
         """``cfg`` with this layout (and ``parallel.activation_checkpointing=checkpointing``) selected."""
-        par = dataclasses.replace(cfg.parallel, activation_checkpointing=checkpointing)
-        if self.backend == "deepspeed":
-            par = dataclasses.replace(par, backend="deepspeed", zero_stage=self.shard)
-        elif self.backend == "megatron":
-            par = dataclasses.replace(par, backend="megatron", tp_size=self.tp)
-        else:
-            par = dataclasses.replace(par, backend="torch",
-                                      distributed="fsdp" if self.shard else "ddp" if self.dp > 1 else "none")
-        return dataclasses.replace(cfg, parallel=par)
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, backend=self.backend, activation_checkpointing=checkpointing, **self.settings))
 
     @property
     def overrides(self) -> str:
         """The config overrides that select this layout."""
-        if self.backend == "deepspeed":
-            return f"parallel.backend=deepspeed parallel.zero_stage={self.shard}"
-        if self.backend == "megatron":
-            return f"parallel.backend=megatron parallel.tp_size={self.tp}"
-        return f"parallel.distributed={'fsdp' if self.shard else 'ddp' if self.dp > 1 else 'none'}"
+        keys = ({} if self.backend == "torch" else {"backend": self.backend}) | self.settings
+        return " ".join(f"parallel.{k}={v}" for k, v in keys.items())
 
 
 def layouts(cfg: Config, vocab: int, gpus: int) -> list[Layout]:

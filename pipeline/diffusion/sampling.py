@@ -127,8 +127,9 @@ class Denoiser:
         if inplace:
             base = previous.settle(~rows) if isinstance(previous, SplitLogits) else previous
             return SplitLogits(base, fresh, idx)
-        merged = previous.merged() if isinstance(previous, SplitLogits) else previous
-        return merged.index_put_((idx,), fresh) if merged is not previous else merged.index_put((idx,), fresh)
+        if isinstance(previous, SplitLogits):
+            return previous.merged().index_put_((idx,), fresh)  # merged() is already a new tensor
+        return previous.index_put((idx,), fresh)
 
 
 # ----------------------------------------------------------------------------- the corrector loop

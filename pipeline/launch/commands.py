@@ -70,13 +70,19 @@ def prep_jobs_dir(out: Path) -> Path:
     return out.with_name(out.name + ".jobs")
 
 
+def _absolute(value: str) -> str:
+    """``value`` made absolute when it names a file or folder that exists from here (the jobs start
+    in the repository); anything else (a name like ``smollm2``, a missing path) is left as it is."""
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
 def launch_prep(cfg: Config, parts: int, dry_run: bool = False) -> int:
     """``proseco launch prep``: an array job of ``parts`` shard partitions, then a dependent merge job."""
     _check_parts(parts)
     out = Path(cfg.data.shards).resolve()
     cfg.data.shards = str(out)
     cfg.prep.tokenizer_dir = str(Path(cfg.prep.tokenizer_dir).resolve())
-    cfg.prep.inputs = [str(Path(i).resolve()) if Path(i).exists() else i for i in cfg.prep.inputs]
+    cfg.prep.inputs = [_absolute(i) for i in cfg.prep.inputs]
     jobs_dir = prep_jobs_dir(out)  # next to the shards: their folder takes shard output only
     name = cfg.cluster.job_name or "proseco-prep"
     params, merge_params = _one_process(cfg, name), _one_process(cfg, f"{name}-merge")
@@ -114,16 +120,11 @@ EVAL_FILES = ("reference_lm", "mauve_reference", "gsm8k_questions", "qm9_train_s
 
 
 def _absolute_eval_files(cfg: Config) -> None:
-    """The eval.* files and folders that exist from here, made absolute: the array tasks start in
-    the repository, where a relative path would name another file or none. Values that are not
-    paths here (``smollm2``, ``none``) are left as they are."""
-    def absolute(value: str) -> str:
-        return str(Path(value).resolve()) if value and Path(value).exists() else value
-
+    """The eval.* files and folders made :func:`_absolute` (lm_eval_include is a path list)."""
     e = cfg.eval
     for key in EVAL_FILES:
-        setattr(e, key, absolute(getattr(e, key)))
-    e.lm_eval_include = os.pathsep.join(absolute(p) for p in e.lm_eval_include.split(os.pathsep) if p)
+        setattr(e, key, _absolute(getattr(e, key)))
+    e.lm_eval_include = os.pathsep.join(_absolute(p) for p in e.lm_eval_include.split(os.pathsep) if p)
 
 
 def launch_eval(cfg: Config, spec: str, parts: int, dry_run: bool = False) -> int:
