@@ -39,7 +39,7 @@ from pipeline.data.format import (
     shard_name,
 )
 from pipeline.errors import ProsecoError
-from pipeline.io import AtomicFile
+from pipeline.io import AtomicFile, is_temporary
 
 PARTS = ".parts"
 STATE = "state.json"
@@ -126,8 +126,8 @@ def check_out_folder(out: Path, key: str) -> dict | None:
         raise ProsecoError(f"{out} exists and is not a folder; choose another output folder")
     if not out.is_dir():
         return None
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES
-                     and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    # a sibling array task's write in flight (the tokenizer copy) is not foreign
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES and not is_temporary(p.name))
     if foreign:
         raise ProsecoError(f"{out} holds files that are not shard output ({', '.join(foreign[:5])}); "
                            "choose a new or empty output folder")

@@ -128,6 +128,12 @@ class AtomicFile:
             self.discard()
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the temporary names this module writes under (``.NAME.tmp``,
+    ``.NAME.tmp-XXXXXXXX``): another process's write in flight, not a foreign file."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``path`` to fill; when the block ends without an error it

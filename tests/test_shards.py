@@ -474,6 +474,13 @@ def test_folder_of_another_run_is_refused(corpus, tokdir, reference, tmp_path):
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ProsecoError, match="not shard output"):
         build_shards(_settings(corpus, tokdir, other), progress=False)
+    # a sibling array task's write in flight (pipeline.io's unique temporary name) is not foreign:
+    # `launch prep` task 1 once refused the folder while task 0 was copying the tokenizer into it
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".tokenizer.model.tmp-l7_14_q_").write_bytes(b"half")
+    assert build_shards(_settings(corpus, tokdir, busy), progress=False)["fingerprint"] == \
+        json.loads((reference / "manifest.json").read_text())["fingerprint"]
 
 
 def test_bad_settings_are_one_clear_error(corpus, tokdir, tmp_path):
