@@ -21,6 +21,16 @@ torch.set_num_threads(1)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A stage run in-process with parallel.threads=N sets torch's threads for the whole worker:
+    put it back, or every later test on that worker would share 2 cores with the other worker
+    at N threads (oversubscribed, several times slower)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks into node ids
 def pytest_collection_modifyitems(config, items):
     """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): each test file runs in one worker, so
