@@ -65,3 +65,27 @@ def test_bf16_training_on_cuda_learns_saves_and_resumes(shards, tmp_path, backen
     model, _, info = load_model(export)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, info.vocab_size, (2, 32)))).all()
+
+
+
+def test_sampler_launch_count_falls_with_one_block_per_step(monkeypatch):
+    """``benchmarks/sampler_launches.py``'s count (the GPU path's kernel launches, counted on CPU)
+    moves the way its README table says: fewer launches with the accelerator's blocks, in every
+    setting, and the host syncs never rise."""
+    from pipeline.config import ModelConfig, SamplerConfig
+    from pipeline.diffusion import decoding
+    from pipeline.model import Backbone
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import sampler_launches
+
+    monkeypatch.setattr(decoding, "_chunked", lambda x: False)
+    model = Backbone(ModelConfig(vocab_size=8192, hidden=32, layers=1, heads=2, max_seq_len=32)).eval()
+    sizes = decoding.BLOCK_ELEMENTS, decoding.BLOCK_ELEMENTS_ACCELERATOR
+    for kw in sampler_launches.SETTINGS.values():
+        counts = []
+        for elements in sizes:
+            monkeypatch.setattr(decoding, "BLOCK_ELEMENTS", elements)
+            counts.append(sampler_launches.count(model, SamplerConfig(steps=8, **kw), 16, 32, 8191))
+        (many, many_syncs), (one, one_syncs) = counts
+        assert 0 < one < many and one_syncs <= many_syncs, (kw, counts)

@@ -295,6 +295,23 @@ def test_batched_output_equals_per_example_output(tiny_model, name):
         assert int(alone.nfe_corrector[0]) == int(batched.nfe_corrector[i])
 
 
+@pytest.mark.parametrize("kw", [{"name": "ancestral", "corrector_steps": 2, "nucleus_p": 0.8},
+                                {"name": "ancestral", "corrector_steps": 2, "corrector_mode": "select_top_k"},
+                                {"name": "confidence", "corrector_steps": 2}, {"name": "confidence", "temperature": 0.5},
+                                {"name": "remdm", "remdm_strategy": "conf", "nucleus_p": 0.9}])
+def test_output_does_not_depend_on_the_block_size_of_the_vocabulary_wide_work(tiny_model, monkeypatch, kw):
+    """over_rows cuts its rows into blocks (cache-sized on CPU, one per step on a GPU): one row
+    per block and every row in one block give the same tokens and NFE."""
+    from pipeline.diffusion import decoding
+
+    fn, prompt, fixed = backbone_fn(tiny_model), *infill_problem(batch=6, seed=3)
+    outs = []
+    for elements in (1, decoding.BLOCK_ELEMENTS_ACCELERATOR):
+        monkeypatch.setattr(decoding, "BLOCK_ELEMENTS", elements)
+        outs.append(sample(fn, config(steps=10, **kw), seq_len=L, mask_id=MASK, prompt=prompt, fixed=fixed))
+    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].nfe, outs[1].nfe)
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_same_seeds_same_output_different_seeds_different(tiny_model, name):
     fn = backbone_fn(tiny_model)

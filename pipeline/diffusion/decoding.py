@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 
 NUCLEUS_RULES = ("official", "minimal")
-BLOCK_ELEMENTS = 1 << 18  # rows x V per block of vocabulary-wide work: 2 MiB in float64
+BLOCK_ELEMENTS = 1 << 18  # CPU: rows x V per block of vocabulary-wide work, 2 MiB in float64 (stays in cache)
+# a GPU gains nothing from cache-sized blocks and pays ~20 kernel launches and a few host syncs per
+# block (a launch-bound loop there): one block per step up to 128 MiB per float64 temporary
+BLOCK_ELEMENTS_ACCELERATOR = 1 << 24
 NUCLEUS_SUBBINS_LOG2 = 6  # nucleus bins: 2**6 per octave of probability...
 NUCLEUS_BINS = 2048  # ...over 32 octaves below the top token (the rest share the last bin)
 NUCLEUS_SORT_MAX = 512  # up to this vocabulary a full sort is cheaper than the bins
@@ -70,10 +73,10 @@ class SplitLogits:
 def over_rows(fn, logits: torch.Tensor | SplitLogits, where: torch.Tensor, *per_position: torch.Tensor):
     """``fn(rows [n, V], *values [n])`` (a tensor or a tuple of them) on the rows of ``logits``
     [..., V] (or a :class:`SplitLogits`) at ``where`` [...], in ``where``'s row-major order (as
-    ``logits[where]``), block by block of about BLOCK_ELEMENTS: neither the [n, V] gather nor its
-    float64 copies are ever materialised whole."""
+    ``logits[where]``), block by block of about BLOCK_ELEMENTS (BLOCK_ELEMENTS_ACCELERATOR off the
+    CPU): neither the [n, V] gather nor its float64 copies are ever materialised whole."""
     vocab = logits.shape[-1]
-    step = max(1, BLOCK_ELEMENTS // vocab)
+    step = max(1, (BLOCK_ELEMENTS if logits.device.type == "cpu" else BLOCK_ELEMENTS_ACCELERATOR) // vocab)
     if isinstance(logits, SplitLogits):
         idx = where.reshape(-1).nonzero().squeeze(1)
         n, values = len(idx), [v.reshape(-1)[idx] for v in per_position]
