@@ -71,6 +71,22 @@ def test_dry_run_prints_the_job_script_matching_the_golden_file_and_what_each_ta
     assert not run.exists()  # a dry run writes nothing
 
 
+
+def test_a_hugging_face_init_named_from_here_is_made_absolute(shards, tmp_path, capsys, monkeypatch):
+    """The tasks start in the repository: model.init=hf:PATH relative to where launch ran becomes
+    absolute (a folder that does not exist is left for the run's own error)."""
+    from hf_utils import arithmetic_records, build_llama_folder, build_tokenizer
+
+    tok = build_tokenizer([r["prompt"] + r["response"] for r in arithmetic_records(8)])
+    build_llama_folder(tmp_path / "llama", tok)
+    monkeypatch.chdir(tmp_path)
+    args = [*_launch_args(shards, tmp_path / "run"), "model.vocab_size=null", "--dry-run"]
+    assert cli.main([*args, "model.init=hf:llama"]) == 0
+    out = capsys.readouterr().out  # reading the folder imported transformers, and DeepSpeed printed a line
+    config = _sections(out[out.index("# ===== "):])["the resolved config"]
+    assert yaml.safe_load(config)["model"]["init"] == f"hf:{tmp_path / 'llama'}"
+
+
 def test_retries_on_failure_add_the_requeue_lines_and_kill_on_bad_exit_can_be_turned_off(shards, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main([*_launch_args(shards, run, "cluster.retries_on_failure=2"), "--dry-run"]) == 0

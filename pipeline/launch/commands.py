@@ -46,6 +46,8 @@ def launch_train(cfg: Config, dry_run: bool = False) -> int:
     run = RunDir.of(cfg).path.resolve()
     cfg.run.dir = str(run)  # the job starts in the repository: paths are made absolute here
     cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    if cfg.model.init.startswith("hf:"):  # a Hugging Face folder or .gguf named from here
+        cfg.model.init = "hf:" + _absolute(cfg.model.init[3:])
     name = cfg.cluster.job_name or f"proseco-train-{cfg.run.name}"
     params = train_parameters(cfg, run, name)
     script = job_script(cfg, RunDir(run).slurm, params)
