@@ -334,6 +334,9 @@ def test_proseco_eval_runs_lm_eval_items_sharded_resumable_and_reported(env, tmp
               "eval.corrector_steps=[0,1]", "eval.corrector_every=[2]", "sampler.block_size=8",
               "sampler.temperature=0", "eval.lm_eval_mc_samples=4", "eval.batch_size=8", "eval.lm_eval_pad_to=16"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(["eval", str(env["model"]), "--out", str(whole), *common, "eval.lm_eval_limit=2", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "lm_eval" in line and "[" in line]
+    assert len(listed) == 4 and all(line.endswith(", 2 documents]") for line in listed), listed  # not "N samples"
     assert cli.main(["eval", str(env["model"]), "--out", str(whole), *common]) == 0
     assert "4 done, 0 already done, 0 failed" in capsys.readouterr().out
     for i in (1, 0):

@@ -400,8 +400,7 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
         todo = {i.relpath: why for i, _, why in plan(items, cfg, folder, force)}
         print(f"eval (dry run): {summary}; {len(todo)} to run, {len(items) - len(todo)} already done")
         for item in items:
-            print(f"  {todo.get(item.relpath, 'done (skipped)'):<16} {item.relpath}  "
-                  f"[{item.model.path}, {cfg.eval.num_samples} samples]")
+            print(f"  {todo.get(item.relpath, 'done (skipped)'):<16} {item.relpath}  [{item.model.path}, {_size(item, cfg)}]")
         return 0
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "commands.txt", "a") as f:  # the report quotes the commands that made it
@@ -418,6 +417,13 @@ def run(cfg: Config, spec: str, *, shard_spec: str | None = None, out: str | Non
               file=sys.stderr)
         return 1
     return 0
+
+
+def _size(item: Item, cfg: Config) -> str:
+    """How much an item evaluates, for the dry run: samples drawn, or an lm-eval task's documents."""
+    if lm_items.is_lm_eval(item.task):
+        return f"{cfg.eval.lm_eval_limit} documents" if cfg.eval.lm_eval_limit else "every document"
+    return f"{cfg.eval.num_samples} samples"
 
 
 def _own_task(ref: ModelRef) -> str:
