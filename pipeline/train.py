@@ -75,6 +75,8 @@ from pipeline.stopflag import StopFlag
 EXIT_REQUEUE = 3  # stopped early (signal or time budget) after saving: requeue the job to continue
 STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this long after each step
 SAVE_DELAY_ENV = "PROSECO_SAVE_DELAY_S"  # fault-injection tests: sleep inside a save, files half-written
+# the loader state's reader layout, by the setting that sets it: resuming under another restarts the epoch
+READER_LAYOUT = {"world_size": "world size", "num_workers": "data.loader_workers", "batch_size": "optim.batch_size"}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -257,7 +259,15 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
     except Exception as exc:  # truncated or foreign files raise many types
         raise ProsecoError(f"cannot load checkpoint {latest} ({type(exc).__name__}: {exc}); it is corrupt or "
                            "from another model config. Move it aside to resume from the one before") from exc
-    loader.load_state_dict(mine["loader"], allow_new_world_size=not same_layout)
+    saved_reader = {k: v for k, v in mine["loader"].items() if k in READER_LAYOUT}
+    reader = {k: v for k, v in loader.state_dict().items() if k in READER_LAYOUT}
+    # another reader layout (world size, loader workers, per-rank batch size): the interrupted epoch restarts
+    loader.load_state_dict(mine["loader"], allow_new_world_size=True)
+    if same_layout and saved_reader != reader and rank == 0:
+        changes = ", ".join(f"{READER_LAYOUT[k]} {saved_reader.get(k)} -> {v}" for k, v in reader.items()
+                            if saved_reader.get(k) != v)
+        print(f"resuming {latest.name} with another data layout ({changes}): the data loader restarts the "
+              "interrupted epoch from its beginning", flush=True)
     if same_layout:
         set_rng_state(mine["rng"])
         local_tokens = int(mine["local_tokens"])

@@ -164,6 +164,23 @@ def test_full_state_checkpoint_resumes_under_another_layout(shards, reference, t
     assert sorted(_losses(run))[-2:] == [STEPS + 1, STEPS + 2]
 
 
+
+def test_another_batch_size_resumes_and_restarts_the_interrupted_epoch(shards, reference, tmp_path, capsys):
+    """optim.batch_size changed between starts (same world): the weights and optimizer resume, the
+    loader says so and starts the saved epoch again at the new batch size (its state after two
+    more steps: the saved epoch, 2 batches in, batch size 8)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    saved = torch.load(max((run / "checkpoints").glob("step_*")) / "rank_00000.pt", weights_only=True)["loader"]
+    assert saved["batch_size"] == 4 and saved["batches"] > 0
+    assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}", "optim.batch_size=8")) == 0
+    out = capsys.readouterr().out
+    assert "with another data layout (optim.batch_size 4 -> 8)" in out and "restarts the interrupted epoch" in out
+    assert sorted(_losses(run))[-2:] == [STEPS + 1, STEPS + 2]
+    now = torch.load(max((run / "checkpoints").glob("step_*")) / "rank_00000.pt", weights_only=True)["loader"]
+    assert (now["epoch"], now["batches"], now["batch_size"]) == (saved["epoch"], 2, 8)
+
+
 def test_deepspeed_checkpoint_under_torch_is_refused_naming_the_way_out(shards, reference, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
