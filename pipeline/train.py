@@ -77,6 +77,7 @@ STEP_DELAY_ENV = "PROSECO_STEP_DELAY_S"  # fault-injection tests: sleep this lon
 SAVE_DELAY_ENV = "PROSECO_SAVE_DELAY_S"  # fault-injection tests: sleep inside a save, files half-written
 # the loader state's reader layout, by the setting that sets it: resuming under another restarts the epoch
 READER_LAYOUT = {"world_size": "world size", "num_workers": "data.loader_workers", "batch_size": "optim.batch_size"}
+RESUME_NOTED = ("diffusion", "optim", "data")  # sections that may change between starts: said in one line
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -268,6 +269,10 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
                             if saved_reader.get(k) != v)
         print(f"resuming {latest.name} with another data layout ({changes}): the data loader restarts the "
               "interrupted epoch from its beginning", flush=True)
+    changed = _changed_since(meta.get("config", {}), to_dict(cfg))
+    if changed and rank == 0:
+        print(f"resuming {latest.name} with settings changed since it was saved (they apply from here on): "
+              f"{'; '.join(changed)}", flush=True)
     if same_layout:
         set_rng_state(mine["rng"])
         local_tokens = int(mine["local_tokens"])
@@ -279,6 +284,16 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
             print(f"resuming {latest.name} under another layout ({saved} -> {now}): weights and optimizer "
                   "resharded; the data loader restarts the interrupted epoch", flush=True)
     return int(meta["step"]), local_tokens
+
+
+def _changed_since(saved: dict, now: dict) -> list[str]:
+    """``key old -> new`` for the training settings (RESUME_NOTED sections and run.seed) that differ
+    between a checkpoint's config and this start's."""
+    pairs = [(f"{section}.{key}", saved.get(section, {}).get(key), now[section].get(key))
+             for section in RESUME_NOTED for key in sorted(set(saved.get(section, {})) | set(now[section]))]
+    pairs.append(("run.seed", saved.get("run", {}).get("seed"), now["run"]["seed"]))
+    return [f"{key} {old!r} -> {new!r}" + (" (the data order keeps the checkpoint's seed)" if key == "run.seed" else "")
+            for key, old, new in pairs if old != new]
 
 
 def _throughput(tokens_per_s: float, world: int, cfg: Config, vocab: int, seq: int, passes: int,

@@ -168,14 +168,19 @@ def test_full_state_checkpoint_resumes_under_another_layout(shards, reference, t
 def test_another_batch_size_resumes_and_restarts_the_interrupted_epoch(shards, reference, tmp_path, capsys):
     """optim.batch_size changed between starts (same world): the weights and optimizer resume, the
     loader says so and starts the saved epoch again at the new batch size (its state after two
-    more steps: the saved epoch, 2 batches in, batch size 8)."""
+    more steps: the saved epoch, 2 batches in, batch size 8). Every training setting that changed
+    is named in one line, and only those."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     saved = torch.load(max((run / "checkpoints").glob("step_*")) / "rank_00000.pt", weights_only=True)["loader"]
     assert saved["batch_size"] == 4 and saved["batches"] > 0
-    assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}", "optim.batch_size=8")) == 0
+    assert cli.main(_args(shards, run, f"optim.steps={STEPS + 2}", "optim.batch_size=8", "optim.lr=0.001",
+                          "run.seed=7")) == 0
     out = capsys.readouterr().out
     assert "with another data layout (optim.batch_size 4 -> 8)" in out and "restarts the interrupted epoch" in out
+    assert ("with settings changed since it was saved (they apply from here on): optim.batch_size 4 -> 8; "
+            f"optim.lr 0.0003 -> 0.001; optim.steps {STEPS} -> {STEPS + 2}; run.seed 0 -> 7 (the data order keeps "
+            "the checkpoint's seed)\n") in out, out
     assert sorted(_losses(run))[-2:] == [STEPS + 1, STEPS + 2]
     now = torch.load(max((run / "checkpoints").glob("step_*")) / "rank_00000.pt", weights_only=True)["loader"]
     assert (now["epoch"], now["batches"], now["batch_size"]) == (saved["epoch"], 2, 8)
