@@ -288,7 +288,9 @@ def _resume(cfg: Config, engine: Engine, data: Manifest | MemoryData, loader: Sh
 
 def _changed_since(saved: dict, now: dict) -> list[str]:
     """``key old -> new`` for the training settings (RESUME_NOTED sections and run.seed) that differ
-    between a checkpoint's config and this start's."""
+    between a checkpoint's config and this start's (none when the checkpoint kept no config)."""
+    if not saved:
+        return []
     pairs = [(f"{section}.{key}", saved.get(section, {}).get(key), now[section].get(key))
              for section in RESUME_NOTED for key in sorted(set(saved.get(section, {})) | set(now[section]))]
     pairs.append(("run.seed", saved.get("run", {}).get("seed"), now["run"]["seed"]))
