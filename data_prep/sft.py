@@ -103,7 +103,12 @@ def _read_samples(files: list[Path], tok, seq_len: int, val_fraction: float, mas
     samples: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     skipped = {"bad_json": 0, "missing_field": 0, "too_long": 0}
     for file in files:
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProsecoError(f"{file} is not UTF-8 text (byte {exc.start}: {exc.reason}); JSONL inputs must be "
+                               "UTF-8") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

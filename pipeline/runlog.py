@@ -58,7 +58,7 @@ _TAIL_BYTES = 1 << 16  # enough to hold the last few rows of metrics.jsonl
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Rows of a metrics.jsonl (a line that does not parse, e.g. cut by a crash, is skipped)."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(errors="replace").splitlines():  # damaged bytes: that line is skipped
         with contextlib.suppress(ValueError):
             row = json.loads(line)
             if isinstance(row, dict):

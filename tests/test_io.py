@@ -94,3 +94,46 @@ def test_files_of_prep_train_and_export_follow_the_umask(shards, tmp_path):
     files = [p for root in (tok, run_dir, export) for p in root.rglob("*") if p.is_file()]
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert len(files) > 8 and set(modes.values()) == {"0o664"}, modes
+
+
+def test_bytes_that_are_not_utf8_give_one_line_errors_or_a_skip(tmp_path, capsys):
+    """Every text file the pipeline reads back, or takes from a user, with a byte that is not
+    UTF-8 (a flipped bit, a file in another encoding): a one-line error naming it, or, for a log
+    line, a skip; never a UnicodeDecodeError."""
+    from data_prep.sft import _read_samples
+    from pipeline import cli
+    from pipeline.checkpoint.manager import MARKER, CheckpointManager
+    from pipeline.errors import ProsecoError
+    from pipeline.runlog import read_metrics
+    from pipeline.tasks.arrays import _read_manifest
+
+    bad = b"\xff\xfe"
+    (tmp_path / "preset.yaml").write_bytes(b"optim:\n  lr: 1" + bad + b"\n")
+    assert cli.main(["config", "--config", str(tmp_path / "preset.yaml")]) == cli.EXIT_USER_ERROR
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    (step / MARKER).write_bytes(b"2 " + bad + b"\n")
+    with pytest.raises(ProsecoError, match="fails its sha256 check"):
+        CheckpointManager(tmp_path / "run").read_meta(step)
+
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n{"step": ' + bad + b'}\n{"step": 3}\n')
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 3]
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("a")
+    write_sums(tmp_path / "folder", ["a.txt"])
+    with open(tmp_path / "folder" / "SHA256SUMS", "ab") as f:
+        f.write(bad + b"  b.txt\n")
+    assert check_sums(tmp_path / "folder") == ["b.txt is missing"]
+
+    (tmp_path / "arrays").mkdir()
+    (tmp_path / "arrays" / "manifest.json").write_bytes(b'{"fingerprint": "' + bad + b'"}')
+    with pytest.raises(ProsecoError, match="not a readable manifest"):
+        _read_manifest(tmp_path / "arrays")
+
+    (tmp_path / "chat.jsonl").write_bytes(b'{"prompt": "a' + bad + b'", "response": "b"}\n')
+    with pytest.raises(ProsecoError, match="is not UTF-8 text"):
+        _read_samples([tmp_path / "chat.jsonl"], None, 32, 0.0, 100)

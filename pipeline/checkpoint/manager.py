@@ -296,7 +296,7 @@ class CheckpointManager:
             raise ProsecoError(f"{path} is not a complete checkpoint (no {MARKER} marker): "
                                "its save was interrupted; resume from another one")
         try:
-            marker = (path / MARKER).read_text().split()
+            marker = (path / MARKER).read_text(errors="replace").split()  # damaged bytes: a failed check
             raw = (path / META_FILE).read_bytes()
         except OSError as exc:
             raise ProsecoError(f"{path / META_FILE} is missing or unreadable ({exc})") from exc

@@ -156,7 +156,11 @@ def _file_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict, s
         raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in (*stack, resolved))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = _yaml_load(path.read_text(encoding="utf-8"), source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    data = _yaml_load(text, source)
     data = {} if data is None else data  # a non-mapping is reported by _apply_mapping
     includes = (data.pop("include", None) if isinstance(data, dict) else None) or []
     includes = [includes] if isinstance(includes, str) else includes

@@ -387,7 +387,7 @@ def build(folder: str | Path) -> tuple[Path, Path]:
     if failed:
         blocks += [Block("h2", "Failed items"), Block("list", items=tuple(
             f"`{r['_path']}`: {r.get('error') or 'incomplete result (no task, NFE or metrics)'}" for r in failed))]
-    commands = (folder / "commands.txt").read_text().splitlines() if (folder / "commands.txt").is_file() else []
+    commands = (folder / "commands.txt").read_text(errors="replace").splitlines() if (folder / "commands.txt").is_file() else []
     blocks += [Block("h2", "Commands"), Block("pre", "\n".join([*commands, f"proseco report {folder}"]))]
     md_path, html_path = folder / "report.md", folder / "report.html"
     atomic_write(md_path, to_markdown(blocks))

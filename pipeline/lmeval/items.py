@@ -130,7 +130,7 @@ def _data_files(config: Path) -> list[Path]:
     """The existing local files a task YAML names in ``dataset_kwargs.data_files``."""
     try:
         doc = yaml.load(config.read_text(), Loader=_Lenient)  # a SafeLoader subclass
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: bytes that are not UTF-8
         return []
     spec = ((doc or {}).get("dataset_kwargs") or {}).get("data_files") if isinstance(doc, dict) else None
     values = spec.values() if isinstance(spec, dict) else [spec]

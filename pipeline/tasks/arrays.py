@@ -70,7 +70,7 @@ def _read_manifest(out: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise ProsecoError(f"{path} is not a readable manifest ({exc}); use a new output folder") from exc
     if not isinstance(manifest, dict) or "fingerprint" not in manifest or "files" not in manifest:
         raise ProsecoError(f"{path} is not a data_prep manifest; use a new output folder")
